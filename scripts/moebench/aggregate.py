@@ -1,0 +1,126 @@
+"""Aggregate a run: all rows into metrics.csv, the comparison table (CSV + Markdown) with speedups against the
+baseline arms, and the verdict. Speedups are ratios of medians measured in the same run on the same machine."""
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from . import config as cfgmod
+from .io import atomic_write, read_json, write_json
+from .metrics import Row, read_many, write_rows
+
+COLUMNS = ["run_id", "tier", "model", "arm", "precision", "status", "reason", "draws", "step_s", "step_s_iqr",
+           "draw_range_s", "tokens_per_s", "peak_alloc_gb", "mem_after_load_gb", "load_s", "expert_lora_params",
+           "expert_4bit_fraction"]
+
+
+def _measured(rows, metric):
+    return [r for r in rows if r.metric == metric and r.status == "measured"]
+
+
+def arm_summary(arm: str, rows: list[Row]) -> dict:
+    """One line per arm: medians over draws (each draw's value is itself a median over timed steps)."""
+    mine = [r for r in rows if r.arm == arm and r.stage == "bench"]
+    steps = _measured(mine, "step_s")
+    first = mine[0]
+    out = {"run_id": first.run_id, "tier": first.tier, "model": first.model, "arm": arm, "precision": first.precision}
+    if not steps:
+        bad = next((r for r in mine if r.status != "measured"), first)
+        return {**out, "status": bad.status, "reason": bad.reason, "draws": 0}
+    med = lambda m: statistics.median(r.value for r in _measured(mine, m)) if _measured(mine, m) else None
+    mx = lambda m: max((r.value for r in _measured(mine, m)), default=None)
+    step = statistics.median(r.value for r in steps)
+    tok = med("tokens_per_s")
+    return {**out, "status": "measured", "reason": "", "draws": len(steps), "step_s": step,
+            "step_s_iqr": statistics.median(r.spread or 0.0 for r in steps),
+            "draw_range_s": max(r.value for r in steps) - min(r.value for r in steps),
+            "tokens_per_s": tok, "peak_alloc_gb": mx("peak_alloc_gb") or mx("peak_rss_gb"),
+            "mem_after_load_gb": med("alloc_after_load_gb") or med("rss_after_load_gb"), "load_s": med("load_s"),
+            "expert_lora_params": med("expert_lora_params"), "expert_4bit_fraction": med("expert_weights_4bit_fraction")}
+
+
+def compare(rows: list[Row], arms: list[str], baselines: list[str]) -> tuple[list[dict], list[Row]]:
+    """Comparison lines, plus `compare` rows (speedups) so the provenance holds every derived number too."""
+    lines = [arm_summary(a, rows) for a in arms if any(r.arm == a for r in rows)]
+    by_arm = {l["arm"]: l for l in lines}
+    derived = []
+    for line in lines:
+        for base in baselines:
+            col = f"speedup_vs_{base}"
+            b = by_arm.get(base)
+            if line["status"] != "measured" or not b or b["status"] != "measured":
+                line[col] = None
+                continue
+            line[col] = b["step_s"] / line["step_s"]
+            derived.append(Row(line["run_id"], line["tier"], line["model"], line["arm"], line["precision"], "compare",
+                               col, line[col], "x", line["draws"], None, "measured", "",
+                               "comparison.csv"))
+    return lines, derived
+
+
+def verdict(by_arm: dict, min_speedup: float) -> dict:
+    """The seed notebook's rule: bf16 Split LoRA is worth it when it beats 4-bit QLoRA by min_speedup with
+    expert LoRA present. Training gates join once the validation stage has run."""
+    bf, q = by_arm.get("unsloth_bf16"), by_arm.get("unsloth_4bit")
+    if not bf or not q or bf["status"] != "measured" or q["status"] != "measured":
+        why = "; ".join(f"{a}: {l['status']} ({l['reason']})" for a, l in by_arm.items()
+                        if a in ("unsloth_bf16", "unsloth_4bit") and l["status"] != "measured") or \
+            "unsloth_bf16 or unsloth_4bit not in this run"
+        return {"verdict": "NOT TESTABLE", "reason": why, "speedup": None, "min_speedup": min_speedup}
+    sp = bf.get("speedup_vs_unsloth_4bit")
+    lora_ok = (bf.get("expert_lora_params") or 0) > 0
+    ok = sp is not None and sp >= min_speedup and lora_ok
+    return {"verdict": "VIABLE" if ok else "NOT VIABLE", "speedup": sp, "min_speedup": min_speedup,
+            "expert_lora_present": lora_ok,
+            "reason": f"unsloth_bf16 is {sp:.2f}x unsloth_4bit (rule: >= {min_speedup}x, expert LoRA present)"}
+
+
+def _fmt(v, col):
+    if v is None or v == "":
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.2f}x" if col.startswith("speedup") else (f"{v:.4g}")
+    return str(v)
+
+
+def markdown(lines: list[dict], cols: list[str], verdict_doc: dict) -> str:
+    show = ["arm", "status", "draws", "step_s", "step_s_iqr", "tokens_per_s", "peak_alloc_gb", "mem_after_load_gb",
+            "expert_4bit_fraction"] + [c for c in cols if c.startswith("speedup")] + ["reason"]
+    out = ["| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
+    for l in lines:
+        out.append("| " + " | ".join(_fmt(l.get(c), c) for c in show) + " |")
+    head = f"# {lines[0]['run_id']}: {lines[0]['model']} on {lines[0]['tier']}\n\n" if lines else ""
+    return head + "\n".join(out) + f"\n\n**Verdict: {verdict_doc['verdict']}** — {verdict_doc['reason']}\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--inputs", nargs="+", required=True, help="per-draw metrics.csv files")
+    ap.add_argument("--metrics", required=True)
+    ap.add_argument("--comparison", required=True)
+    ap.add_argument("--markdown", required=True)
+    ap.add_argument("--verdict", required=True)
+    a = ap.parse_args(argv)
+    cfg = cfgmod.load(a.config)
+    rows = read_many(a.inputs)
+    lines, derived = compare(rows, cfg["arms"], cfg.get("baselines", []))
+    cols = COLUMNS + [f"speedup_vs_{b}" for b in cfg.get("baselines", [])]
+    import csv, io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for l in lines:
+        w.writerow({k: ("" if l.get(k) is None else l.get(k)) for k in cols})
+    v = verdict({l["arm"]: l for l in lines}, cfg["verdict"]["min_speedup"])
+    write_rows(a.metrics, rows + derived)
+    atomic_write(a.comparison, buf.getvalue())
+    atomic_write(a.markdown, markdown(lines, cols, v))
+    write_json(a.verdict, v)
+    print(Path(a.markdown).read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""One benchmark draw of one arm, in its own process: load, warm up, time the LoRA training step.
+
+Writes metrics.csv (tidy rows), env.json and run.log into the draw's directory. An arm that cannot run here
+gives `skipped` rows; one that crashes or runs out of memory gives `failed` rows: the workflow goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from . import arms as arm_registry
+from . import config as cfgmod
+from .io import logger, read_json, write_json
+from .metrics import Row, log_row, write_rows
+
+PACKAGES = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "unsloth", "unsloth_zoo", "trl",
+            "experts4bit-qlora", "grouped-nf4-gemm", "triton", "nvidia-ml-py"]
+
+
+@dataclass
+class Ctx:
+    """Everything one draw needs to label its rows."""
+    run_id: str
+    tier: str
+    model: str
+    arm: str
+    precision: str
+    draw: int
+    log_path: str
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, metric, value=None, unit="", status="measured", reason="", n=None, spread=None, stage="bench"):
+        r = Row(self.run_id, self.tier, self.model, self.arm, self.precision, stage, metric, value, unit, n, spread,
+                status, reason, self.log_path, self.draw)
+        self.rows.append(r)
+        return r
+
+
+def versions() -> dict:
+    out = {}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def batches(data_path: str, tokenizer, seq_len: int, batch: int, count: int, seed: int):
+    """Pack the rendered conversations into one token stream and cut it into [batch, seq_len] blocks: every
+    position is a real token (no padding, never zeros). Cycles through the stream when it is short."""
+    import torch
+
+    texts = [json.loads(line)["text"] for line in Path(data_path).read_text().splitlines()]
+    eos = tokenizer.eos_token_id
+    stream = []
+    for t in texts:
+        stream.extend(tokenizer(t)["input_ids"] + [eos])
+    need = seq_len * batch
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor(stream, dtype=torch.long)
+    while ids.numel() < need + 1:
+        ids = torch.cat([ids, ids])
+    for _ in range(count):
+        start = int(torch.randint(0, ids.numel() - need, (1,), generator=g))
+        yield ids[start:start + need].view(batch, seq_len)
+
+
+def unavailable(arm, plan: dict, cuda: bool) -> str | None:
+    reason = arm.unavailable_reason(cuda)
+    if reason is None and arm.precision == "bf16" and not plan.get("bf16_viable", True):
+        reason = f"{arm.name}: bf16 weights do not fit this tier's memory (tier plan: bf16_viable false)"
+    return reason
+
+
+def train_step(model, opt, x):
+    opt.zero_grad(set_to_none=True)  # at the start, so the last step's gradients stay for the expert-LoRA check
+    out = model(input_ids=x, labels=x)
+    out.loss.backward()
+    opt.step()
+    return out.loss.detach()
+
+
+def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, log, bare_loop: bool) -> None:
+    arm.preimport()  # before transformers: Unsloth patches it at import
+    import torch
+
+    from . import measure
+
+    plan, cuda = tier["plan"], torch.cuda.is_available()
+    lora = arm_registry.LoRASpec(cfg["lora"]["r"], cfg["lora"]["alpha"], cfg["lora"].get("dropout", 0.0),
+                                 tuple(cfg["lora"].get("attention", ())), cfg["lora"].get("experts", True))
+    torch.manual_seed(cfg["seed"] + ctx.draw)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    loaded = arm.load(model_dir, lora, plan)
+    if cuda:
+        torch.cuda.synchronize()
+    ctx.add("load_s", time.perf_counter() - t0, "s")
+    model = loaded.model
+    after = measure.memory_now(cuda)
+    for k, v in after.items():
+        ctx.add(f"{k.removesuffix('_gb')}_after_load_gb", v, "GB")
+    census = measure.dtype_census(model)
+    log.info("loaded: %s", json.dumps(loaded.info, default=str))
+    log.info("dtype census after load: %s", json.dumps(census))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ctx.add("trainable_params", sum(p.numel() for p in trainable), "params")
+    for cat in ("expert", "attention"):
+        gb4 = sum(c["gb"] for dt, c in census.get(cat, {}).items() if dt.startswith("nf4") or dt == "uint8")
+        gball = sum(c["gb"] for c in census.get(cat, {}).values())
+        ctx.add(f"{cat}_weights_gb", gball, "GB")
+        ctx.add(f"{cat}_weights_4bit_fraction", gb4 / gball if gball else 0.0, "fraction")
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    seq, bsz = plan["seq_len"], plan["batch"]
+    steps_warm, steps_timed = plan["warmup_steps"], plan["timed_steps"]
+    dev = "cuda" if cuda else "cpu"
+    xs = [x.to(dev) for x in batches(data_path, tok, seq, bsz, steps_warm + steps_timed, cfg["seed"] + ctx.draw)]
+    opt = torch.optim.AdamW(trainable, lr=2e-4)
+    model.train()
+    losses = []
+    for i in range(steps_warm):
+        losses.append(train_step(model, opt, xs[i]))
+        log.info("warm-up step %d/%d", i + 1, steps_warm)
+    timer = measure.StepTimer(cuda)
+    from . import energy
+
+    meter = energy.EnergyMeter(backend="auto")
+    with meter:
+        for i in range(steps_warm, steps_warm + steps_timed):
+            with timer:
+                losses.append(train_step(model, opt, xs[i]))
+            log.info("timed step %d/%d: %.4f s", i - steps_warm + 1, steps_timed, timer.times[-1])
+    s = measure.summary(timer.times)
+    tokens = seq * bsz
+    ctx.add("step_s", s["median"], "s", n=s["n"], spread=s["iqr"])
+    ctx.add("tokens_per_s", tokens / s["median"], "tokens/s", n=s["n"])
+    for k, v in measure.memory_peak(cuda).items():
+        ctx.add(k, v, "GB")
+    loss_vals = [float(v) for v in losses]
+    log.info("losses: %s", [round(v, 4) for v in loss_vals])
+    ctx.add("loss_first", loss_vals[0], "nats")
+    ctx.add("loss_last", loss_vals[-1], "nats")
+    check = measure.expert_lora_check(model)
+    log.info("expert LoRA check: %s", check)
+    for k, v in check.items():
+        ctx.add(k, v, "count" if not k.endswith("params") else "params")
+    ctx.rows.extend(energy.energy_rows(meter.result, None, tokens * steps_timed, **_row_kwargs(ctx)))
+    cfg_model = model.config if hasattr(model, "config") else None
+    if cfg_model is not None and hasattr(cfg_model, "num_local_experts"):
+        fm = measure.FlopModel.from_config(cfg_model, lora.r, lora.experts)
+        flops = fm.step_flops(tokens, seq, recompute=bool(plan.get("gradient_checkpointing")))
+        ctx.add("model_tflop_per_step", flops / 1e12, "TFLOP")
+        if cuda:
+            rate = measure.matmul_tflops()
+            ctx.add("matmul_bf16_tflops", rate, "TFLOP/s")
+            ctx.add("mfu_vs_measured_matmul", flops / s["median"] / 1e12 / rate, "fraction")
+            if plan.get("datasheet_bf16_tflops"):
+                ctx.add("mfu_vs_datasheet", flops / s["median"] / 1e12 / plan["datasheet_bf16_tflops"], "fraction")
+    if bare_loop:
+        bare = bare_loop_step_s(model, opt, xs[steps_warm:], cuda)
+        ctx.add("bare_loop_step_s", bare, "s", n=len(xs) - steps_warm)
+        ctx.add("harness_over_bare", s["median"] / bare, "ratio")
+
+
+def _row_kwargs(ctx: Ctx) -> dict:
+    return {"run_id": ctx.run_id, "tier": ctx.tier, "model": ctx.model, "arm": ctx.arm,
+            "precision": ctx.precision, "source": ctx.log_path, "draw": ctx.draw}
+
+
+def bare_loop_step_s(model, opt, xs, cuda: bool) -> float:
+    """The same steps with no per-step instrumentation: one sync, one clock around the whole loop."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for x in xs:
+        train_step(model, opt, x)
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / len(xs)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--tier", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True, help="train.jsonl")
+    ap.add_argument("--arm", required=True)
+    ap.add_argument("--draw", type=int, required=True)
+    ap.add_argument("--out", required=True, help="metrics.csv of this draw")
+    ap.add_argument("--log", required=True)
+    a = ap.parse_args(argv)
+    log = logger("bench", a.log)
+    cfg, tier = cfgmod.load(a.config), read_json(a.tier)
+    arm = arm_registry.get(a.arm)
+    ctx = Ctx(cfg["run"], tier["tier"], cfg["model"]["name"], arm.name, arm.precision, a.draw, a.log)
+    started = datetime.now(timezone.utc).isoformat()
+    cuda = tier.get("gpu") is not None
+    reason = unavailable(arm, tier["plan"], cuda)
+    if reason:
+        log.info("skipped: %s", reason)
+        ctx.add("step_s", status="skipped", reason=reason)
+    else:
+        try:
+            run(ctx, arm, cfg, tier, a.model, a.data, log, bare_loop=a.arm in cfg.get("bare_loop_arms", []))
+        except Exception as exc:  # OOM or crash: a failed row with the error, and the workflow goes on
+            log.error("failed: %s\n%s", exc, traceback.format_exc())
+            kind = "OOM" if "out of memory" in str(exc).lower() else type(exc).__name__
+            ctx.rows = [r for r in ctx.rows if r.metric in ("load_s",)]
+            ctx.add("step_s", status="failed", reason=f"{kind}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+    for r in ctx.rows:
+        log_row(log, r)
+    env = {"arm": arm.name, "draw": a.draw, "started": started, "ended": datetime.now(timezone.utc).isoformat(),
+           "python": sys.version, "platform": platform.platform(), "packages": versions(),
+           "env": {k: v for k, v in os.environ.items() if k.startswith(("UNSLOTH", "E4B", "CUDA_VISIBLE", "OFFLOAD"))},
+           "plan": tier["plan"], "gpu": tier.get("gpu")}
+    write_json(Path(a.out).parent / "env.json", env)
+    write_rows(a.out, ctx.rows)  # last: its existence marks the draw complete
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Shared measurement: timers, memory, the FLOP model, dtype census and the expert-LoRA check.
+
+Every arm is measured by this code, so arms differ only in how they load and run the model.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+GB = 1e9
+
+
+# ---- timing -----------------------------------------------------------------------------------------------
+class StepTimer:
+    """Times one region: CUDA events on a GPU (no host sync inside the region), perf_counter on CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.times: list[float] = []
+
+    def __enter__(self):
+        if self.cuda:
+            import torch
+
+            self._a, self._b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._a.record()
+        else:
+            self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            import torch
+
+            self._b.record()
+            torch.cuda.synchronize()
+            self.times.append(self._a.elapsed_time(self._b) / 1e3)
+        else:
+            self.times.append(time.perf_counter() - self._t)
+
+
+def summary(xs: list[float]) -> dict:
+    """Median and interquartile range (robust to the odd slow step)."""
+    if not xs:
+        raise ValueError("no samples")
+    s = sorted(xs)
+    q = statistics.quantiles(s, n=4, method="inclusive") if len(s) > 1 else [s[0]] * 3
+    return {"median": statistics.median(s), "iqr": q[2] - q[0], "n": len(s), "min": s[0], "max": s[-1]}
+
+
+# ---- memory -----------------------------------------------------------------------------------------------
+def memory_now(cuda: bool) -> dict:
+    """Allocated/reserved by torch, used on the device by NVML (all processes), or host RSS on CPU."""
+    if cuda:
+        import torch
+
+        out = {"alloc_gb": torch.cuda.memory_allocated() / GB, "reserved_gb": torch.cuda.memory_reserved() / GB}
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            out["nvml_used_gb"] = pynvml.nvmlDeviceGetMemoryInfo(h).used / GB
+        except Exception:
+            pass
+        return out
+    import psutil
+
+    return {"rss_gb": psutil.Process().memory_info().rss / GB}
+
+
+def memory_peak(cuda: bool) -> dict:
+    if cuda:
+        import torch
+
+        return {"peak_alloc_gb": torch.cuda.max_memory_allocated() / GB,
+                "peak_reserved_gb": torch.cuda.max_memory_reserved() / GB}
+    import resource
+
+    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB}
+
+
+# ---- FLOP model -------------------------------------------------------------------------------------------
+@dataclass
+class FlopModel:
+    """FLOPs of one LoRA training step of a GPT-OSS-style MoE, written out so a reader can check it.
+
+    Per token and matmul weight of P parameters: forward 2P; backward 2P for the input gradient; a further
+    2P for the weight gradient only where the weight trains (the LoRA factors). Frozen base weights therefore
+    cost 4P, LoRA weights 6P. Only the top-k routed experts count as active. Attention scores (QK^T and AV)
+    add 4 * ctx * heads * head_dim per token and layer forward and twice that backward, where ctx is the mean
+    causal context (seq/2 for full layers, min(window, seq/2) for sliding ones). Gradient checkpointing
+    recomputes the forward once more.
+    """
+
+    layers: int
+    hidden: int
+    inter: int
+    experts: int
+    top_k: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    window: int
+    sliding_layers: int
+    lora_r: int
+    lora_experts: bool
+
+    @classmethod
+    def from_config(cls, cfg, lora_r: int, lora_experts: bool = True) -> "FlopModel":
+        types = getattr(cfg, "layer_types", None) or []
+        return cls(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts,
+                   cfg.num_experts_per_tok, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                   cfg.vocab_size, getattr(cfg, "sliding_window", 0) or 0,
+                   sum(t == "sliding_attention" for t in types), lora_r, lora_experts)
+
+    def attn_params(self) -> int:
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return self.hidden * q + 2 * self.hidden * kv + q * self.hidden
+
+    def active_expert_params(self) -> int:
+        return self.top_k * (self.hidden * 2 * self.inter + self.inter * self.hidden)
+
+    def frozen_active_params(self) -> int:
+        """Matmul parameters each token passes through (embedding lookup is no matmul; lm_head is)."""
+        per_layer = self.attn_params() + self.active_expert_params() + self.hidden * self.experts
+        return self.layers * per_layer + self.hidden * self.vocab
+
+    def lora_active_params(self) -> int:
+        r, q, kv = self.lora_r, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        attn = r * ((self.hidden + q) + 2 * (self.hidden + kv) + (q + self.hidden))
+        experts = self.top_k * r * ((self.hidden + 2 * self.inter) + (self.inter + self.hidden))
+        return self.layers * (attn + (experts if self.lora_experts else 0))
+
+    def attention_flops_per_token(self, seq: int) -> float:
+        full = self.layers - self.sliding_layers
+        ctx_full, ctx_slide = seq / 2, min(self.window or seq, seq / 2)
+        per = 4 * self.heads * self.head_dim
+        return per * (full * ctx_full + self.sliding_layers * ctx_slide)
+
+    def step_flops(self, tokens: int, seq: int, recompute: bool) -> float:
+        fwd = 2 * self.frozen_active_params() + 2 * self.lora_active_params() + self.attention_flops_per_token(seq)
+        bwd = 2 * self.frozen_active_params() + 4 * self.lora_active_params() + 2 * self.attention_flops_per_token(seq)
+        return tokens * (fwd + bwd + (fwd if recompute else 0))
+
+
+def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
+    """The card's bf16 matmul rate measured now (random inputs, CUDA events, median of reps)."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    t = StepTimer(cuda=True)
+    for _ in range(reps):
+        with t:
+            a @ b
+    return 2 * n**3 / summary(t.times)["median"] / 1e12
+
+
+# ---- what really got loaded -------------------------------------------------------------------------------
+def category(name: str) -> str:
+    if ".experts." in name or name.endswith(".experts") or "experts" in name.split(".")[-2:]:
+        return "expert"
+    if "self_attn" in name:
+        return "attention"
+    if "router" in name or ".gate." in name:
+        return "router"
+    return "other"
+
+
+def dtype_census(model) -> dict:
+    """Bytes and element counts per (category, storage dtype) of every parameter and buffer: shows which
+    weights were really quantized (a 4-bit weight is stored as uint8 with a quant_state), whatever a flag said."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    seen = set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        if "lora_" in name:
+            cat = "lora"
+        else:
+            cat = category(name)
+        dt = str(t.dtype).replace("torch.", "")
+        if getattr(t, "quant_state", None) is not None or type(t).__name__ == "Params4bit":
+            dt = "nf4/" + dt
+        cell = out.setdefault(cat, {}).setdefault(dt, {"tensors": 0, "elements": 0, "gb": 0.0})
+        cell["tensors"] += 1
+        cell["elements"] += t.numel()
+        cell["gb"] += t.numel() * t.element_size() / GB
+    return out
+
+
+def expert_lora_check(model) -> dict:
+    """Do LoRA adapters sit on every expert tensor, and did each get a non-zero gradient? Call after backward."""
+    expert_lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n and "expert" in n]
+    layers = {n.split(".layers.")[1].split(".")[0] for n, _ in expert_lora if ".layers." in n}
+    nonzero = [n for n, p in expert_lora if p.grad is not None and bool(p.grad.abs().sum() > 0)]
+    return {"expert_lora_tensors": len(expert_lora), "expert_lora_params": sum(p.numel() for _, p in expert_lora),
+            "layers_with_expert_lora": len(layers), "expert_lora_nonzero_grad": len(nonzero)}

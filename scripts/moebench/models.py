@@ -1,0 +1,143 @@
+"""Model factory: an architecture-faithful random-init MoE from its published config, or a real checkpoint.
+
+Built once per run and saved; every arm loads it from disk, as users load real checkpoints. Random weights
+change no throughput, memory or energy figure (same shapes, same kernels), but they cannot show quality or the
+skewed expert load of a trained router.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from .io import logger, sha256_file, write_json
+
+SPECIAL = ["<|endoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>",
+           "<|constrain|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+TEMPLATE = Path(__file__).resolve().parents[2] / "config" / "templates" / "harmony.jinja"
+
+
+def model_config(spec: dict, scale: str, num_hidden_layers: int | None = None):
+    """The transformers config for `scale` (tiny/small/full) of a models.yaml entry."""
+    import transformers
+
+    shape = dict(spec[scale])
+    if num_hidden_layers:
+        shape["num_hidden_layers"] = num_hidden_layers
+    n = shape["num_hidden_layers"]
+    # GPT-OSS alternates sliding-window and full attention, starting with sliding.
+    shape["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    cls = getattr(transformers, spec["config_class"])
+    return cls(**shape)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE trained here on the synthetic corpus (no hub), with Harmony's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|return|>", pad_token="<|pad|>")
+    fast.chat_template = TEMPLATE.read_text()
+    return fast
+
+
+def random_init(cfg, seed: int, device: str = "cpu", dtype: str = "bfloat16"):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cls = getattr(transformers, cfg.architectures[0] if cfg.architectures else "GptOssForCausalLM")
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):  # init directly on the GPU for full size: 21B params init in seconds
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model
+
+
+def fingerprint(model_dir: str | Path, hash_weights_below_gb: float = 2.0) -> dict:
+    """Hashes that identify the saved model: config and tokenizer always, weights when small enough."""
+    d = Path(model_dir)
+    files = sorted(p for p in d.iterdir() if p.is_file())
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    total = sum(p.stat().st_size for p in weights)
+    out = {"config_sha256": sha256_file(d / "config.json"), "weights_bytes": total,
+           "files": {p.name: p.stat().st_size for p in files}}
+    if (d / "tokenizer.json").exists():
+        out["tokenizer_sha256"] = sha256_file(d / "tokenizer.json")
+    if total < hash_weights_below_gb * 2**30:
+        out["weights_sha256"] = {p.name: sha256_file(p) for p in weights}
+    return out
+
+
+def build(spec: dict, scale: str, source: str, out_dir: str, seed: int, corpus: list[str], log,
+          device: str = "cpu", num_hidden_layers: int | None = None) -> dict:
+    import torch
+
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    if source == "random-init":
+        cfg = model_config(spec, scale, num_hidden_layers)
+        cfg.architectures = [spec["model_class"]]
+        tok = train_tokenizer(corpus, vocab_size=min(cfg.vocab_size, 8192))
+        cfg.eos_token_id, cfg.pad_token_id = tok.eos_token_id, tok.pad_token_id
+        model = random_init(cfg, seed, device)
+        how = f"random-init {spec['model_class']} ({scale}) seed {seed}"
+    else:  # a real checkpoint: local directory or hub id
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16, device_map=device)
+        except OSError as exc:
+            raise SystemExit(f"model.source={source!r}: cannot load it with from_pretrained ({exc}). "
+                             "Give a local directory with config.json and weights, a reachable hub id, "
+                             "or 'random-init'.") from exc
+        how = f"from_pretrained({source!r})"
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("built %s: %.3fB parameters in %.1f s", how, n_params / 1e9, time.perf_counter() - t0)
+    tmp = out.with_name(out.name + ".partial")  # rename at the end: no half-saved model looks complete
+    model.save_pretrained(tmp, max_shard_size="5GB")
+    tok.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("saved to %s in %.1f s total", out, time.perf_counter() - t0)
+    return {"how": how, "parameters": n_params, "scale": scale if source == "random-init" else "checkpoint"}
+
+
+def main(argv=None):
+    from . import config as cfgmod
+    from . import data
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--tier", required=True, help="tier.json")
+    ap.add_argument("--out", required=True, help="model directory")
+    ap.add_argument("--sha", required=True, help="model.sha256 (JSON fingerprint)")
+    ap.add_argument("--log")
+    a = ap.parse_args(argv)
+    log = logger("model", a.log)
+    cfg = cfgmod.load(a.config)
+    plan = json.loads(Path(a.tier).read_text())["plan"]
+    spec = cfgmod.load_yaml("models.yaml")[cfg["model"]["name"]]
+    device = "cuda" if json.loads(Path(a.tier).read_text())["gpu"] else "cpu"
+    corpus = data.corpus_text(cfg["data"]["conversations"], cfg["data"]["seed"])
+    info = build(spec, plan["model_scale"], cfg["model"]["source"], a.out, cfg["seed"], corpus, log, device,
+                 plan.get("num_hidden_layers"))
+    write_json(a.sha, {**info, **fingerprint(a.out), "model": cfg["model"]})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Helpers the Snakefile calls at parse time (kept here so they are unit-tested, not buried in rules)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from .io import atomic_write
+
+
+def put_package_on_pythonpath() -> str:
+    """Jobs run `python -m moebench.<stage>`: make the package importable in every job, local or on a cluster,
+    keeping whatever PYTHONPATH the user had (e.g. an offline wheel bundle)."""
+    scripts = str(Path(__file__).resolve().parents[1])
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != scripts]
+    os.environ["PYTHONPATH"] = os.pathsep.join([scripts, *parts])
+    return scripts
+
+
+def write_effective_config(config: dict, path: str) -> str:
+    """Write the validated config for the rules to read; leave the file alone when unchanged so a rerun with
+    nothing changed does nothing (Snakemake compares modification times)."""
+    text = yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=True)
+    p = Path(path)
+    if not p.exists() or p.read_text() != text:
+        atomic_write(p, text)
+    return path
+
+
+def gpu_visible() -> bool:
+    return Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
+
+
+def gpu_jobs(config: dict) -> int:
+    """GPU jobs ask for one GPU unless the run is the CPU tier (forced, or auto on a host without one)."""
+    tier = config.get("tier", "auto")
+    if tier == "cpu" or (tier == "auto" and not gpu_visible()):
+        return 0
+    return 1
+
+
+def mem_mb(config: dict, stage: str) -> int:
+    """Host memory a job asks for: a full-size GPT-OSS-20B checkpoint is ~42 GB of bf16 on the host while it
+    loads; the CPU tier's tiny model needs little."""
+    if gpu_jobs(config) == 0:
+        return 4000
+    return 96000 if stage in ("model", "bench") else 8000
+
+
+def draw_targets(tier_json: str, results: str, arms: list[str]) -> list[str]:
+    plan = json.loads(Path(tier_json).read_text())["plan"]
+    return [f"{results}/arms/{arm}/draw{k}/metrics.csv" for arm in arms for k in range(1, plan["draws"] + 1)]

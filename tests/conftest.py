@@ -1,0 +1,43 @@
+"""Shared fixtures: the repository copied to a temp dir and the CPU workflow run there once per session."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+BIN = Path(sys.executable).parent
+# Small but real: the default CPU plan with fewer timed steps, so the suite stays fast on 2 cores.
+QUICK = ["--config", "plan_overrides={timed_steps: 3, warmup_steps: 1, draws: 2}"]
+
+
+def copy_repo(dest: Path) -> Path:
+    """What a fresh clone would hold: tracked files and untracked ones git does not ignore."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        src = ROOT / f
+        if src.is_file() and not f.startswith("results/local"):
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+    return dest
+
+
+def snakemake(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    return subprocess.run([str(BIN / "snakemake"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def cpu_run(tmp_path_factory) -> Path:
+    """The CPU-tier workflow run once from a copy of the repo; returns that copy's root."""
+    root = copy_repo(tmp_path_factory.mktemp("repo"))
+    r = snakemake(root, "--cores", "2", *QUICK)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return root

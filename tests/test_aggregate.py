@@ -1,0 +1,44 @@
+"""Comparison and verdict logic on made-up rows (made up here only, to test the arithmetic)."""
+from moebench import aggregate
+from moebench.metrics import Row
+
+
+def rows_for(arm, steps, status="measured", reason=""):
+    out = []
+    for d, s in enumerate(steps, 1):
+        out.append(Row("r", "h100_80gb", "m", arm, "bf16", "bench", "step_s", s if status == "measured" else None, "s",
+                       20, 0.01 if status == "measured" else None, status, reason, "log", d))
+        if status == "measured":
+            out.append(Row("r", "h100_80gb", "m", arm, "bf16", "bench", "expert_lora_params", 1000, "params",
+                           draw=d, source="log"))
+    return out
+
+
+def test_speedups_against_each_baseline_from_medians():
+    rows = rows_for("hf_bf16", [1.0, 1.2]) + rows_for("unsloth_bf16", [0.5, 0.5]) + rows_for("unsloth_4bit", [5.0, 6.0])
+    lines, derived = aggregate.compare(rows, ["hf_bf16", "unsloth_bf16", "unsloth_4bit"], ["hf_bf16", "unsloth_4bit"])
+    by = {l["arm"]: l for l in lines}
+    assert by["unsloth_bf16"]["speedup_vs_hf_bf16"] == 1.1 / 0.5
+    assert by["unsloth_bf16"]["speedup_vs_unsloth_4bit"] == 5.5 / 0.5
+    assert by["hf_bf16"]["draw_range_s"] == 1.2 - 1.0
+    assert {r.metric for r in derived} == {"speedup_vs_hf_bf16", "speedup_vs_unsloth_4bit"}
+    v = aggregate.verdict(by, 1.5)
+    assert v["verdict"] == "VIABLE" and v["speedup"] == 11.0
+
+
+def test_skipped_arm_has_no_number_and_verdict_not_testable():
+    rows = rows_for("hf_bf16", [1.0]) + rows_for("unsloth_4bit", [None], "skipped", "needs CUDA")
+    lines, derived = aggregate.compare(rows, ["hf_bf16", "unsloth_4bit"], ["hf_bf16"])
+    by = {l["arm"]: l for l in lines}
+    assert by["unsloth_4bit"]["status"] == "skipped" and "step_s" not in by["unsloth_4bit"]
+    assert by["unsloth_4bit"]["speedup_vs_hf_bf16"] is None
+    assert aggregate.verdict(by, 1.5)["verdict"] == "NOT TESTABLE"
+    md = aggregate.markdown(lines, ["speedup_vs_hf_bf16"], aggregate.verdict(by, 1.5))
+    assert "| unsloth_4bit | skipped |" in md and "needs CUDA" in md
+
+
+def test_slow_split_lora_is_not_viable():
+    rows = rows_for("unsloth_bf16", [1.0]) + rows_for("unsloth_4bit", [1.2])
+    lines, _ = aggregate.compare(rows, ["unsloth_bf16", "unsloth_4bit"], ["unsloth_4bit"])
+    v = aggregate.verdict({l["arm"]: l for l in lines}, 1.5)
+    assert v["verdict"] == "NOT VIABLE" and abs(v["speedup"] - 1.2) < 1e-9

@@ -1,0 +1,128 @@
+"""The harness on CPU: a real training step per runnable arm, the skipped and failed paths, the FLOP model."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from moebench import arms, bench, data, measure, models
+from moebench import config as cfgmod
+from moebench.io import logger, write_json
+from moebench.metrics import read_rows, parse_log_rows
+
+SPEC = cfgmod.load_yaml("models.yaml")["gpt-oss-20b"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("b")
+    models.build(SPEC, "tiny", "random-init", str(d / "model"), 42, data.corpus_text(60, 42), logger("t"))
+    data.build(str(d / "model"), 30, 42, 0.1, str(d / "data"), logger("t"))
+    cfg = cfgmod.load(ROOT / "config" / "config.yaml")
+    plan = {**cfgmod.load_yaml("tiers.yaml")["cpu"]["plan"], "seq_len": 64, "warmup_steps": 1, "timed_steps": 2}
+    write_json(d / "tier.json", {"tier": "cpu", "gpu": None, "plan": plan})
+    return d, cfg
+
+
+def run_arm(d, arm, draw=1):
+    out = d / "arms" / arm / f"draw{draw}"
+    r = subprocess.run([sys.executable, "-m", "moebench.bench", "--config", str(ROOT / "config" / "config.yaml"),
+                        "--tier", str(d / "tier.json"), "--model", str(d / "model"), "--data",
+                        str(d / "data" / "train.jsonl"), "--arm", arm, "--draw", str(draw),
+                        "--out", str(out / "metrics.csv"), "--log", str(out / "run.log")],
+                       capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(ROOT / "scripts"),
+                                                                         "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return {x.metric: x for x in read_rows(out / "metrics.csv")}, out
+
+
+def test_registry_knows_every_configured_arm_and_imports_nothing_heavy():
+    assert set(arms.REGISTRY) == {"hf_bf16", "hf_bnb4", "unsloth_bf16", "unsloth_4bit", "e4b_4bit"}
+    for name in arms.REGISTRY:
+        arm = arms.get(name)
+        assert arm.name == name
+    assert "unsloth" not in sys.modules and "bitsandbytes" not in sys.modules
+    with pytest.raises(KeyError, match="known arms"):
+        arms.get("nope")
+
+
+def test_hf_bf16_really_trains_on_cpu_with_expert_lora(setup):
+    d, _ = setup
+    rows, out = run_arm(d, "hf_bf16")
+    assert rows["step_s"].status == "measured" and rows["step_s"].value > 0 and rows["step_s"].n == 2
+    assert rows["tokens_per_s"].value == pytest.approx(64 / rows["step_s"].value)
+    assert rows["expert_lora_params"].value > 0
+    # adapters on every expert tensor of both layers, each with a non-zero gradient after the last step
+    assert rows["layers_with_expert_lora"].value == 2
+    assert rows["expert_lora_nonzero_grad"].value == rows["expert_lora_tensors"].value == 4 * 2
+    assert rows["loss_first"].value > 0 and rows["loss_last"].value > 0
+    # every number of metrics.csv is also a line of the run log (the audit re-derives it from there)
+    logged = {r.metric: r.value for r in parse_log_rows(out / "run.log")}
+    assert logged["step_s"] == rows["step_s"].value
+    env = json.loads((out / "env.json").read_text())
+    assert env["packages"]["transformers"] == "5.17.0"
+
+
+@pytest.mark.parametrize("arm", ["hf_bnb4", "unsloth_bf16", "unsloth_4bit", "e4b_4bit"])
+def test_gpu_arms_are_skipped_with_reason_on_cpu(setup, arm):
+    d, _ = setup
+    rows, _ = run_arm(d, arm)
+    assert rows["step_s"].status == "skipped" and rows["step_s"].value is None
+    assert "CUDA" in rows["step_s"].reason or "failed to import" in rows["step_s"].reason
+
+
+def test_bf16_not_viable_tier_skips_bf16_arm():
+    plan = {"bf16_viable": False}
+    reason = bench.unavailable(arms.get("hf_bf16"), plan, cuda=False)
+    assert "do not fit" in reason
+
+
+def test_a_crashing_arm_is_a_failed_row_and_exit_0(setup, tmp_path):
+    d, _ = setup
+    bad = tmp_path / "model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")  # not a model: the arm's load raises
+    out = tmp_path / "m.csv"
+    r = subprocess.run([sys.executable, "-m", "moebench.bench", "--config", str(ROOT / "config" / "config.yaml"),
+                        "--tier", str(d / "tier.json"), "--model", str(bad), "--data", str(d / "data" / "train.jsonl"),
+                        "--arm", "hf_bf16", "--draw", "1", "--out", str(out), "--log", str(tmp_path / "run.log")],
+                       capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(ROOT / "scripts"),
+                                                                         "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0
+    step = [x for x in read_rows(out) if x.metric == "step_s"][0]
+    assert step.status == "failed" and step.value is None and step.reason
+    assert "Traceback" in (tmp_path / "run.log").read_text()
+
+
+def test_flop_model_by_hand():
+    from transformers import GptOssConfig
+
+    cfg = GptOssConfig(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, hidden_size=8,
+                       intermediate_size=4, num_attention_heads=2, num_key_value_heads=1, head_dim=4, vocab_size=10,
+                       sliding_window=2, layer_types=["sliding_attention", "full_attention"])
+    fm = measure.FlopModel.from_config(cfg, lora_r=1, lora_experts=True)
+    assert fm.attn_params() == 8 * 8 + 2 * 8 * 4 + 8 * 8  # q, k, v, o
+    assert fm.active_expert_params() == 2 * (8 * 8 + 4 * 8)  # top-2 of gate_up (8x2*4) and down (4x8)
+    assert fm.frozen_active_params() == 2 * (192 + 192 + 8 * 4) + 8 * 10
+    assert fm.lora_active_params() == 2 * (1 * ((8 + 8) + 2 * (8 + 4) + (8 + 8)) + 2 * 1 * ((8 + 8) + (4 + 8)))
+    seq = 16
+    attn = 4 * 2 * 4 * (1 * 8 + 1 * 2)  # full layer ctx seq/2 = 8, sliding ctx min(2, 8) = 2
+    assert fm.attention_flops_per_token(seq) == attn
+    P, L = fm.frozen_active_params(), fm.lora_active_params()
+    expected = seq * ((2 * P + 2 * L + attn) + (2 * P + 4 * L + 2 * attn))
+    assert fm.step_flops(seq, seq, recompute=False) == expected
+    assert fm.step_flops(seq, seq, recompute=True) == expected + seq * (2 * P + 2 * L + attn)
+
+
+def test_full_gpt_oss_20b_active_params_are_about_3_6b():
+    fm = measure.FlopModel.from_config(models.model_config(SPEC, "full"), lora_r=64)
+    # the published active-parameter count of gpt-oss-20b is 3.6B (embedding excluded here, lm_head included)
+    assert 3.0e9 < fm.frozen_active_params() < 4.2e9
+
+
+def test_summary_median_and_iqr():
+    s = measure.summary([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert s["median"] == 3.0 and s["iqr"] == 2.0 and s["n"] == 5
+    with pytest.raises(ValueError):
+        measure.summary([])

@@ -1,0 +1,17 @@
+rule aggregate:
+    input:
+        config=CONFIG,
+        draws=draws,
+    output:
+        metrics=f"{R}/metrics.csv",
+        comparison=report(f"{R}/comparison.csv", category="Throughput", caption="../report/comparison.rst",
+                          labels={"run": RUN, "table": "comparison"}),
+        markdown=f"{R}/comparison.md",
+        verdict=f"{R}/verdict.json",
+    conda:
+        "../../environment.yml"
+    log:
+        f"{R}/logs/aggregate.log",
+    shell:
+        "python -m moebench.aggregate --config {input.config} --inputs {input.draws} --metrics {output.metrics}"
+        " --comparison {output.comparison} --markdown {output.markdown} --verdict {output.verdict} > {log}"

@@ -1,0 +1,23 @@
+rule bench:
+    input:
+        config=CONFIG,
+        tier=f"{R}/tier.json",
+        model=f"{R}/model",
+        train=f"{R}/data/train.jsonl",
+    output:
+        metrics=f"{R}/arms/{{arm}}/draw{{draw}}/metrics.csv",
+        env=f"{R}/arms/{{arm}}/draw{{draw}}/env.json",
+    conda:
+        "../../environment.yml"
+    log:
+        f"{R}/arms/{{arm}}/draw{{draw}}/run.log",
+    wildcard_constraints:
+        arm="[a-z0-9_]+",
+        draw=r"\d+",
+    resources:
+        gpu=GPU,
+        mem_mb=wl.mem_mb(config, "bench"),
+        runtime=30,
+    shell:
+        "python -m moebench.bench --config {input.config} --tier {input.tier} --model {input.model} --data {input.train}"
+        " --arm {wildcards.arm} --draw {wildcards.draw} --out {output.metrics} --log {log}"

@@ -1,0 +1,19 @@
+rule data:
+    input:
+        config=CONFIG,
+        model=f"{R}/model",
+    output:
+        train=f"{R}/data/train.jsonl",
+        heldout=f"{R}/data/heldout.jsonl",
+        sha=f"{R}/data/data.sha256",
+    conda:
+        "../../environment.yml"
+    log:
+        f"{R}/logs/data.log",
+    params:
+        outdir=lambda wildcards, output: str(Path(output.sha).parent),
+    resources:
+        runtime=10,
+    shell:
+        "python -m moebench.data --config {input.config} --model {input.model} --out {params.outdir} --sha {output.sha}"
+        " --log {log}"
