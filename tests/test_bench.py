@@ -25,10 +25,10 @@ def setup(tmp_path_factory):
     return d, cfg
 
 
-def run_arm(d, arm, draw=1):
+def run_arm(d, arm, draw=1, config=ROOT / "config" / "config.yaml", tier="tier.json"):
     out = d / "arms" / arm / f"draw{draw}"
-    r = subprocess.run([sys.executable, "-m", "moebench.bench", "--config", str(ROOT / "config" / "config.yaml"),
-                        "--tier", str(d / "tier.json"), "--model", str(d / "model"), "--data",
+    r = subprocess.run([sys.executable, "-m", "moebench.bench", "--config", str(config),
+                        "--tier", str(d / tier), "--model", str(d / "model"), "--data",
                         str(d / "data" / "train.jsonl"), "--arm", arm, "--draw", str(draw),
                         "--out", str(out / "metrics.csv"), "--log", str(out / "run.log")],
                        capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(ROOT / "scripts"),
@@ -126,3 +126,32 @@ def test_summary_median_and_iqr():
     assert s["median"] == 3.0 and s["iqr"] == 2.0 and s["n"] == 5
     with pytest.raises(ValueError):
         measure.summary([])
+
+
+def variant(d, name, cfg_change=None, plan_change=None):
+    """A config and tier file with some keys changed, for one test."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg.update(cfg_change or {})
+    (d / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    tier = json.loads((d / "tier.json").read_text())
+    tier["plan"].update(plan_change or {})
+    write_json(d / f"{name}.tier.json", tier)
+    return d / f"{name}.yaml", f"{name}.tier.json"
+
+
+def test_bare_loop_check_runs_in_the_same_process(setup):
+    d, _ = setup
+    cfg, tier = variant(d, "bare", {"bare_loop_arms": ["hf_bf16"]})
+    rows, _ = run_arm(d, "hf_bf16", draw=7, config=cfg, tier=tier)
+    assert rows["bare_loop_step_s"].value > 0
+    assert rows["harness_over_bare"].value == pytest.approx(rows["step_s"].value / rows["bare_loop_step_s"].value)
+
+
+def test_overrunning_draw_becomes_failed_row(setup):
+    d, _ = setup
+    cfg, tier = variant(d, "slow", {"arm_timeout_s": 10}, {"timed_steps": 5000})
+    rows, out = run_arm(d, "hf_bf16", draw=8, config=cfg, tier=tier)
+    assert rows["step_s"].status == "failed" and "arm_timeout_s=10" in rows["step_s"].reason
+    assert rows["load_s"].status == "measured"  # what was measured before the overrun stays

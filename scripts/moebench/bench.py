@@ -9,9 +9,11 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -99,7 +101,13 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, lo
     plan, cuda = tier["plan"], torch.cuda.is_available()
     lora = arm_registry.LoRASpec(cfg["lora"]["r"], cfg["lora"]["alpha"], cfg["lora"].get("dropout", 0.0),
                                  tuple(cfg["lora"].get("attention", ())), cfg["lora"].get("experts", True))
+    from . import energy
+
     torch.manual_seed(cfg["seed"] + ctx.draw)
+    idle = None
+    if cuda and cfg.get("idle_baseline_s"):  # before this process puts anything on the GPU
+        idle = energy.idle_baseline(cfg["idle_baseline_s"], backend="auto")
+        log.info("idle baseline over %.1f s: %s W", cfg["idle_baseline_s"], idle.mean_w)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -136,8 +144,6 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, lo
         losses.append(train_step(model, opt, xs[i]))
         log.info("warm-up step %d/%d", i + 1, steps_warm)
     timer = measure.StepTimer(cuda)
-    from . import energy
-
     meter = energy.EnergyMeter(backend="auto")
     with meter:
         for i in range(steps_warm, steps_warm + steps_timed):
@@ -158,7 +164,9 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, lo
     log.info("expert LoRA check: %s", check)
     for k, v in check.items():
         ctx.add(k, v, "count" if not k.endswith("params") else "params")
-    ctx.rows.extend(energy.energy_rows(meter.result, None, tokens * steps_timed, **_row_kwargs(ctx)))
+    ctx.rows.extend(energy.energy_rows(meter.result, idle, tokens * steps_timed, **_row_kwargs(ctx)))
+    if meter.result.trace:
+        energy.write_trace(Path(ctx.log_path).with_name("power.csv"), meter.result)
     cfg_model = model.config if hasattr(model, "config") else None
     if cfg_model is not None and hasattr(cfg_model, "num_local_experts"):
         fm = measure.FlopModel.from_config(cfg_model, lora.r, lora.experts)
@@ -195,6 +203,25 @@ def bare_loop_step_s(model, opt, xs, cuda: bool) -> float:
     return (time.perf_counter() - t) / len(xs)
 
 
+class ArmTimeout(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds: int):
+    """Stop a draw that overruns (a slow load can eat a GPU lease); it becomes a failed row."""
+    def fire(signum, frame):
+        raise ArmTimeout(f"draw exceeded arm_timeout_s={seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True)
@@ -218,12 +245,15 @@ def main(argv=None):
         ctx.add("step_s", status="skipped", reason=reason)
     else:
         try:
-            run(ctx, arm, cfg, tier, a.model, a.data, log, bare_loop=a.arm in cfg.get("bare_loop_arms", []))
+            with time_limit(cfg["arm_timeout_s"]):
+                run(ctx, arm, cfg, tier, a.model, a.data, log, bare_loop=a.arm in cfg["bare_loop_arms"])
         except Exception as exc:  # OOM or crash: a failed row with the error, and the workflow goes on
             log.error("failed: %s\n%s", exc, traceback.format_exc())
             kind = "OOM" if "out of memory" in str(exc).lower() else type(exc).__name__
-            ctx.rows = [r for r in ctx.rows if r.metric in ("load_s",)]
-            ctx.add("step_s", status="failed", reason=f"{kind}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            reason = f"{kind}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            # rows measured before the failure stay (memory after load is telling when a step OOMs)
+            timed = any(r.metric == "step_s" for r in ctx.rows)
+            ctx.add("error" if timed else "step_s", status="failed", reason=reason)
     for r in ctx.rows:
         log_row(log, r)
     env = {"arm": arm.name, "draw": a.draw, "started": started, "ended": datetime.now(timezone.utc).isoformat(),
