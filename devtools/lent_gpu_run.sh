@@ -10,6 +10,7 @@ if [ ! -d /tmp/site ]; then
   mkdir -p /tmp/site && tar xzf .gpu-bundle/site.tgz -C /tmp/site
 fi
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+command -v python >/dev/null || ln -sf "$(command -v python3)" /tmp/site/bin/python  # rules call `python`
 log=/tmp/snakemake-$run.log
 if ! pgrep -f "snakemake.*run=$run" >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,power.draw,temperature.gpu --format=csv | tee -a "$log"

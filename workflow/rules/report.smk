@@ -13,6 +13,9 @@ REPORT_RUNS = sorted(({_REPORT_RUN} | {_os.path.basename(_os.path.dirname(p))
 _RUN_RE = "|".join(_re.escape(r) for r in REPORT_RUNS)
 _REPORT_RULES = {"report_plots", "report_runs", "report_provenance"}
 _PY_PLOTS = "python -m moebench.plots"
+# Captions of report() items made inside input functions must be resolved here (Snakemake only resolves
+# those written in the rule body).
+_PROV_JSON_CAPTION = workflow.current_basedir.join("../report/provenance_json.rst")
 
 
 def _present_or_made(path):
@@ -33,7 +36,7 @@ def _provenance_input(wildcards):
     """provenance.json is itself a report item (a download); the others are read into the rendered page."""
     r = wildcards.run
     made = _run_files(r, ["provenance.json"])
-    return {"json": [report(p, category="Provenance", subcategory=r, caption="../report/provenance_json.rst",
+    return {"json": [report(p, category="Provenance", subcategory=r, caption=_PROV_JSON_CAPTION,
                             labels={"run": r, "item": "provenance.json"}) for p in made],
             "others": _run_files(r, ["PROVENANCE.md", "provenance_stamp.json", "provenance.json.ots"])}
 
