@@ -2,4 +2,7 @@
 def draws(wildcards):
     """Bench draws of this run: known after detection (the tier plan says how many)."""
     tier = checkpoints.detect.get().output.tier
-    return wl.draw_targets(tier, R, config["arms"])
+    targets = wl.draw_targets(tier, R, config["arms"])
+    if config["sweeps"]:  # capacity sweeps (GPU time): longest sequence and largest batch per arm
+        targets += [f"{R}/sweep/{arm}/{kind}.csv" for arm in config["arms"] for kind in ("seq", "batch")]
+    return targets

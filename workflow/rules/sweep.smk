@@ -1,0 +1,21 @@
+rule sweep:
+    input:
+        config=CONFIG,
+        tier=f"{R}/tier.json",
+        model=f"{R}/model",
+        train=f"{R}/data/train.jsonl",
+    output:
+        f"{R}/sweep/{{arm}}/{{kind}}.csv",
+    conda:
+        "../../environment.yml"
+    log:
+        f"{R}/sweep/{{arm}}/{{kind}}.log",
+    wildcard_constraints:
+        kind="seq|batch",
+    resources:
+        gpu=GPU,
+        mem_mb=wl.mem_mb(config, "bench"),
+        runtime=120,
+    shell:
+        "python -m moebench.sweep --config {input.config} --tier {input.tier} --model {input.model}"
+        " --data {input.train} --arm {wildcards.arm} --kind {wildcards.kind} --out {output} --log {log}"
