@@ -92,51 +92,65 @@ def train_step(model, opt, x):
     return out.loss.detach()
 
 
-def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, log, bare_loop: bool) -> None:
-    arm.preimport()  # before transformers: Unsloth patches it at import
+def lora_spec(cfg: dict) -> arm_registry.LoRASpec:
+    lo = cfg["lora"]
+    return arm_registry.LoRASpec(lo["r"], lo["alpha"], lo.get("dropout", 0.0), tuple(lo.get("attention", ())),
+                                 lo.get("experts", True))
+
+
+def load_model(ctx: Ctx, arm, cfg: dict, plan: dict, model_dir: str, log, cuda: bool):
+    """Load through the arm (timed), then record memory after load and what really got loaded."""
     import torch
 
     from . import measure
 
-    plan, cuda = tier["plan"], torch.cuda.is_available()
-    lora = arm_registry.LoRASpec(cfg["lora"]["r"], cfg["lora"]["alpha"], cfg["lora"].get("dropout", 0.0),
-                                 tuple(cfg["lora"].get("attention", ())), cfg["lora"].get("experts", True))
-    from . import energy
-
-    torch.manual_seed(cfg["seed"] + ctx.draw)
-    idle = None
-    if cuda and cfg.get("idle_baseline_s"):  # before this process puts anything on the GPU
-        idle = energy.idle_baseline(cfg["idle_baseline_s"], backend="auto")
-        log.info("idle baseline over %.1f s: %s W", cfg["idle_baseline_s"], idle.mean_w)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    loaded = arm.load(model_dir, lora, plan)
+    loaded = arm.load(model_dir, lora_spec(cfg), plan)
     if cuda:
         torch.cuda.synchronize()
     ctx.add("load_s", time.perf_counter() - t0, "s")
     model = loaded.model
-    after = measure.memory_now(cuda)
-    for k, v in after.items():
+    for k, v in measure.memory_now(cuda).items():
         ctx.add(f"{k.removesuffix('_gb')}_after_load_gb", v, "GB")
     census = measure.dtype_census(model)
     log.info("loaded: %s", json.dumps(loaded.info, default=str))
     log.info("dtype census after load: %s", json.dumps(census))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    ctx.add("trainable_params", sum(p.numel() for p in trainable), "params")
+    ctx.add("trainable_params", sum(p.numel() for p in model.parameters() if p.requires_grad), "params")
     for cat in ("expert", "attention"):
         gb4 = sum(c["gb"] for dt, c in census.get(cat, {}).items() if dt.startswith("nf4") or dt == "uint8")
         gball = sum(c["gb"] for c in census.get(cat, {}).values())
         ctx.add(f"{cat}_weights_gb", gball, "GB")
         ctx.add(f"{cat}_weights_4bit_fraction", gb4 / gball if gball else 0.0, "fraction")
+    return model
 
+
+def make_inputs(model_dir: str, data_path: str, plan: dict, count: int, seed: int, cuda: bool) -> list:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
+    return [x.to("cuda" if cuda else "cpu") for x in batches(data_path, tok, plan["seq_len"], plan["batch"], count, seed)]
+
+
+def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, log, bare_loop: bool) -> None:
+    arm.preimport()  # before transformers: Unsloth patches it at import
+    import torch
+
+    from . import energy, measure
+
+    plan, cuda = tier["plan"], torch.cuda.is_available()
+    lora = lora_spec(cfg)
+    torch.manual_seed(cfg["seed"] + ctx.draw)
+    idle = None
+    if cuda and cfg.get("idle_baseline_s"):  # before this process puts anything on the GPU
+        idle = energy.idle_baseline(cfg["idle_baseline_s"], backend="auto")
+        log.info("idle baseline over %.1f s: %s W", cfg["idle_baseline_s"], idle.mean_w)
+    model = load_model(ctx, arm, cfg, plan, model_dir, log, cuda)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     seq, bsz = plan["seq_len"], plan["batch"]
     steps_warm, steps_timed = plan["warmup_steps"], plan["timed_steps"]
-    dev = "cuda" if cuda else "cpu"
-    xs = [x.to(dev) for x in batches(data_path, tok, seq, bsz, steps_warm + steps_timed, cfg["seed"] + ctx.draw)]
+    xs = make_inputs(model_dir, data_path, plan, steps_warm + steps_timed, cfg["seed"] + ctx.draw, cuda)
     opt = torch.optim.AdamW(trainable, lr=2e-4)
     model.train()
     losses = []

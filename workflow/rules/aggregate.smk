@@ -4,7 +4,7 @@ rule aggregate:
         draws=draws,
     output:
         metrics=f"{R}/metrics.csv",
-        comparison=report(f"{R}/comparison.csv", category="Throughput", caption="../report/comparison.rst",
+        comparison=report(f"{R}/comparison.csv", category="Throughput", subcategory=RUN, caption="../report/comparison.rst",
                           labels={"run": RUN, "table": "comparison"}),
         markdown=f"{R}/comparison.md",
         verdict=f"{R}/verdict.json",

@@ -6,3 +6,52 @@ def draws(wildcards):
     if config["sweeps"]:  # capacity sweeps (GPU time): longest sequence and largest batch per arm
         targets += [f"{R}/sweep/{arm}/{kind}.csv" for arm in config["arms"] for kind in ("seq", "batch")]
     return targets
+
+
+# The report: figures, tables and captions for every run in results/ (this run plus committed GPU runs, whose
+# files are static), so `snakemake --report report.html` builds on a machine without a GPU.
+# REPORT_TARGETS go into the default target. Each figure has sidecars, <name>.json (numbers + provenance ids) and
+# <name>.caption.rst (the same as an rst table), which the caption in workflow/report/ includes.
+import glob as _glob
+import os as _os
+import re as _re
+
+_REPORT_RUN = config.get("run", "local")
+# Runs found at parse time; `_report` holds the cross-run views and is no run.
+REPORT_RUNS = sorted(({_REPORT_RUN} | {_os.path.basename(_os.path.dirname(p))
+                                      for p in _glob.glob("results/*/metrics.csv")}) - {"_report"})
+_RUN_RE = "|".join(_re.escape(r) for r in REPORT_RUNS)
+_REPORT_RULES = {"report_plots", "report_runs", "report_provenance"}
+# Captions of report() items made inside input functions must be resolved here (Snakemake only resolves
+# those written in the rule body).
+_PROV_JSON_CAPTION = workflow.current_basedir.join("../report/provenance_json.rst")
+
+
+def _present_or_made(path):
+    """A committed run's file counts when it is on disk; this run's also when some rule makes it."""
+    return _os.path.exists(path) or any(
+        r.is_producer(path) for r in workflow.rules if r.name not in _REPORT_RULES)
+
+
+def _run_files(run, names):
+    return [f"results/{run}/{n}" for n in names if _present_or_made(f"results/{run}/{n}")]
+
+
+def _plots_input(wildcards):
+    return _run_files(wildcards.run, ["metrics.csv", "tier.json", "verdict.json"])
+
+
+def _provenance_input(wildcards):
+    """provenance.json is itself a report item (a download); the others are read into the rendered page."""
+    r = wildcards.run
+    made = _run_files(r, ["provenance.json"])
+    return {"json": [report(p, category="Provenance", subcategory=r, caption=_PROV_JSON_CAPTION,
+                            labels={"run": r, "item": "provenance.json"}) for p in made],
+            "others": _run_files(r, ["PROVENANCE.md", "provenance_stamp.json", "provenance.json.ots"])}
+
+
+def _plot(run_cat, name, caption, label):
+    return report(f"results/{{run}}/plots/{name}", category=run_cat, subcategory="{run}",
+                  caption=f"../report/{caption}.rst", labels={"run": "{run}", "figure": label})
+
+

@@ -1,0 +1,426 @@
+"""What memory costs in time: memory caps ("does it fit on my card?"), expert offload, checkpointing modes.
+
+Memory caps. `torch.cuda.set_per_process_memory_fraction` limits what PyTorch's caching allocator may hold, so a
+run under a 24 GiB cap on an 80 GiB card OOMs where a 24 GiB card would. Caps are GiB, the unit cards are sold
+in; the CUDA context and non-PyTorch allocations sit outside the cap, so a fit under a cap is slightly
+optimistic. A cap above the card is a `skipped` row ("card has only X GiB"); a cap within `CAP_TOLERANCE` above
+it (80 on an H100 with 79.2 GiB usable) is run as the whole card and the rows say so.
+
+Expert offload (`ExpertOffloader`). GPT-OSS keeps every expert of a layer in two fused 3-D parameters
+(`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), about 95% of the weights. Frozen under LoRA, they can
+live in pinned host memory and be copied to the GPU one decoder layer at a time: a forward pre-hook makes
+layer i resident (waiting on a copy started earlier on a side CUDA stream) and starts the copy of the next
+layer; a forward hook drops layer i again. For backward:
+  - with gradient checkpointing (recommended) the layer's forward is re-run in backward, the same pre-hook
+    fetches the layer again (prefetching i-1 this time), and nothing large is kept between layers;
+  - without checkpointing (or with reentrant checkpointing, whose recompute runs hook-free), saved-tensor hooks
+    replace every saved expert weight (grouped_mm saves the Parameter itself, whose data we swap back to the
+    host; eager saves per-expert views) by a reference into the host copy, and backward copies back just
+    that tensor from pinned memory, synchronously on the compute stream.
+Limitation under PEFT `target_parameters` (the hf_bf16 arm): PEFT folds the LoRA delta into a full-size merged
+tensor W+BA on every forward, and autograd saves that merged tensor, not the base weight. Without
+checkpointing the merged tensors of every layer stay on the GPU until backward, so offload then frees the base
+weights only (about half of the expert memory), not all of it. The hooks cannot stream the merged tensor
+without re-implementing PEFT's fold, which we do not do. Pair offload with checkpointing "plain".
+Only dense floating-point parameters are handled (bf16 arm); quantised (nf4) experts are not offloaded.
+
+Checkpointing modes: "none", "plain" (HF non-reentrant checkpointing, applied here) and "unsloth" (Unsloth's
+offloaded-activation checkpointing, applied by the Unsloth arm at load time through
+`FastLanguageModel.get_peft_model(..., use_gradient_checkpointing="unsloth")`, not here).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from .metrics import Row
+
+GIB = 2**30
+DEFAULT_CAPS_GB = (24, 40, 48, 80)
+CAP_TOLERANCE = 0.03  # a cap at most 3% above the card runs as the whole card (sold "80 GB" vs 79.2 GiB usable)
+
+
+# ---------------------------------------------------------------- memory caps
+class CapTooLarge(ValueError):
+    """The cap asks for more memory than the card has."""
+
+
+def caps_from_config(config: dict | None) -> list[float]:
+    caps = ((config or {}).get("offload") or {}).get("caps_gb", DEFAULT_CAPS_GB)
+    return sorted(float(c) for c in caps)
+
+
+def cap_fraction(cap_gb: float, total_bytes: int, tolerance: float = CAP_TOLERANCE) -> float:
+    """Fraction of the card for `set_per_process_memory_fraction` that gives `cap_gb` GiB."""
+    if cap_gb <= 0:
+        raise ValueError(f"cap must be positive, got {cap_gb} GiB")
+    if total_bytes <= 0:
+        raise ValueError(f"card size must be positive, got {total_bytes} bytes")
+    frac = cap_gb * GIB / total_bytes
+    if frac > 1 + tolerance:
+        raise CapTooLarge(f"cap {cap_gb:g} GiB is above this card: card has only {total_bytes / GIB:.1f} GiB")
+    return min(frac, 1.0)
+
+
+def apply_cap(cap_gb: float, device: int = 0, cuda=None) -> float:
+    """Cap this process's allocator on `device`; returns the fraction used. Raises CapTooLarge."""
+    cuda = cuda or _torch_cuda()
+    frac = cap_fraction(cap_gb, cuda.get_device_properties(device).total_memory)
+    cuda.set_per_process_memory_fraction(frac, device)
+    return frac
+
+
+def _torch_cuda():
+    import torch
+
+    return torch.cuda
+
+
+def is_oom(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError, or an allocator error that only says so in its message (bitsandbytes, triton)."""
+    try:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+    except ImportError:
+        pass
+    return "out of memory" in str(exc).lower()
+
+
+@dataclass
+class Attempt:
+    """The outcome of one training run under one cap: fits / oom / error / skipped."""
+
+    cap_gb: float
+    outcome: str
+    tokens_per_s: float | None = None
+    peak_alloc_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    reason: str = ""  # why it did not fit / was skipped, or a note on a fitting run
+    variant: str = ""  # e.g. "offload=experts,ckpt=plain"
+
+    OUTCOMES = ("fits", "oom", "error", "skipped")
+
+    def __post_init__(self):
+        if self.outcome not in self.OUTCOMES:
+            raise ValueError(f"outcome {self.outcome!r} is not one of {self.OUTCOMES}")
+
+
+def try_at_cap(cap_gb: float, run: Callable[[], float], device: int = 0, variant: str = "", cuda=None) -> Attempt:
+    """Run `run()` (returns tokens/s of the timed window) under the cap; an OOM is an outcome, not a crash.
+    The cap is lifted afterwards so the next attempt starts clean."""
+    cuda = cuda or _torch_cuda()
+    total = cuda.get_device_properties(device).total_memory
+    try:
+        frac = cap_fraction(cap_gb, total)
+    except CapTooLarge as e:
+        return Attempt(cap_gb, "skipped", reason=str(e).split(": ", 1)[1], variant=variant)
+    note = f"cap {cap_gb:g} GiB run as the whole card ({total / GIB:.1f} GiB)" if frac == 1.0 else ""
+    cuda.empty_cache()
+    cuda.reset_peak_memory_stats(device)
+    cuda.set_per_process_memory_fraction(frac, device)
+    try:
+        tps = run()
+        return Attempt(cap_gb, "fits", float(tps), cuda.max_memory_allocated(device),
+                       cuda.max_memory_reserved(device), note, variant)
+    except Exception as e:  # the run failed under the cap: say how, keep going with the next cap
+        kind = "oom" if is_oom(e) else "error"
+        why = f"OOM at cap {cap_gb:g} GiB" if kind == "oom" else f"error at cap {cap_gb:g} GiB: {e}"
+        return Attempt(cap_gb, kind, reason=why, variant=variant)
+    finally:
+        cuda.set_per_process_memory_fraction(1.0, device)
+        cuda.empty_cache()
+
+
+_CAP_METRIC = re.compile(r"^(?P<metric>[a-z_]+)@cap(?P<cap>[0-9.]+)(?:\[(?P<variant>[^\]]*)\])?$")
+
+
+def cap_metric(metric: str, cap_gb: float, variant: str = "") -> str:
+    """Rows have no cap column: the cap (and variant) ride in the metric name, e.g. `fits@cap24[ckpt=plain]`."""
+    return f"{metric}@cap{cap_gb:g}" + (f"[{variant}]" if variant else "")
+
+
+def parse_cap_metric(name: str) -> tuple[str, float, str] | None:
+    m = _CAP_METRIC.match(name)
+    return (m["metric"], float(m["cap"]), m["variant"] or "") if m else None
+
+
+def fit_rows(attempt: Attempt, **row_kwargs) -> list[Row]:
+    """`fits` (1/0, a measured outcome) plus tokens/s and peak memory when it fits. An OOM gives fits=0 and
+    `failed` speed/memory rows "OOM at cap 24 GiB"; an error or a skipped cap gives no fits value at all."""
+    kw = dict(row_kwargs, stage="offload")
+    a = attempt
+
+    def row(metric, unit, value=None, status="measured", reason=""):
+        return Row(metric=cap_metric(metric, a.cap_gb, a.variant), unit=unit, value=value, status=status,
+                   reason=reason, **kw)
+
+    if a.outcome == "fits":
+        if a.tokens_per_s is None:
+            raise ValueError(f"a fitting run at cap {a.cap_gb:g} GiB needs its tokens/s")
+        out = [row("fits", "bool", 1.0, reason=a.reason), row("tokens_per_s", "tokens/s", a.tokens_per_s)]
+        for m, b in (("peak_alloc_gb", a.peak_alloc_bytes), ("peak_reserved_gb", a.peak_reserved_bytes)):
+            out.append(row(m, "GiB", b / GIB) if b is not None else
+                       row(m, "GiB", status="unavailable", reason="peak memory not recorded"))
+        return out
+    status = {"oom": "failed", "error": "failed", "skipped": "skipped"}[a.outcome]
+    why = a.reason or f"{a.outcome} at cap {a.cap_gb:g} GiB"
+    fits = row("fits", "bool", 0.0, reason=why) if a.outcome == "oom" else row("fits", "bool", None, status, why)
+    rest = [row(m, u, status=status, reason=why)
+            for m, u in (("tokens_per_s", "tokens/s"), ("peak_alloc_gb", "GiB"), ("peak_reserved_gb", "GiB"))]
+    return [fits, *rest]
+
+
+# ---------------------------------------------------------------- checkpointing modes
+CHECKPOINT_MODES = ("none", "plain", "unsloth")
+
+
+def checkpoint_modes() -> list[str]:
+    return list(CHECKPOINT_MODES)
+
+
+def apply_checkpointing(model, mode: str):
+    """Apply "none"/"plain" to an HF (or PEFT-wrapped HF) model. "unsloth" is chosen at load time by the
+    Unsloth arm (`use_gradient_checkpointing="unsloth"`) and cannot be applied afterwards."""
+    if mode == "plain":
+        # non-reentrant: works with frozen inputs and keeps module hooks (expert offload) in the recompute
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False  # a KV cache is incompatible with recompute
+    elif mode == "none":
+        if getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
+    elif mode == "unsloth":
+        raise ValueError('checkpointing "unsloth" is applied by the Unsloth arm at load '
+                         '(use_gradient_checkpointing="unsloth"), not to a loaded HF model')
+    else:
+        raise ValueError(f"unknown checkpointing mode {mode!r}; one of {CHECKPOINT_MODES}")
+    return model
+
+
+# ---------------------------------------------------------------- expert offload
+_EXPERT = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:.+\.)?experts\.(?:.+\.)?(gate_up_proj|down_proj)$")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)$")
+
+
+def find_expert_params(model) -> dict[int, list[tuple[str, object]]]:
+    """Expert weight tensors by layer index, matched by name so PEFT's `base_layer.` nesting is found too
+    (biases and LoRA factors do not match: they end in `_bias` / `.weight`)."""
+    out: dict[int, list] = {}
+    for name, p in model.named_parameters():
+        m = _EXPERT.search(name)
+        if m:
+            out.setdefault(int(m[1]), []).append((name, p))
+    return out
+
+
+def find_layers(model) -> dict[int, object]:
+    return {int(m[1]): mod for name, mod in model.named_modules() if (m := _LAYER.search(name))}
+
+
+class _Ref:
+    """What a saved expert-weight view becomes while it waits for backward: its place in the host copy."""
+
+    __slots__ = ("name", "size", "stride", "offset")
+
+    def __init__(self, name, t):
+        self.name, self.size, self.stride, self.offset = name, t.size(), t.stride(), t.storage_offset()
+
+
+def _checkpoint_saves(layer) -> bool:
+    """True when non-reentrant checkpointing runs this layer: its own saved-tensor hooks (which detach, so a
+    swapped Parameter is harmless) must stay innermost. Reentrant checkpointing saves nothing in the first
+    forward and recomputes in backward with no hooks of its own, so ours apply there."""
+    if not (getattr(layer, "gradient_checkpointing", False) and layer.training):
+        return False
+    kw = getattr(getattr(layer, "_gradient_checkpointing_func", None), "keywords", None) or {}
+    return kw.get("use_reentrant") is False
+
+
+class ExpertOffloader:
+    """Keep frozen expert weights in (pinned) host memory and stream them to `device` layer by layer.
+
+    `attach()` moves the expert weights to the host and, with `move_rest`, everything else to `device`, so a
+    model loaded on the CPU never needs to fit on the GPU whole. `detach()` puts the experts back on `device`.
+    On a CPU device the same bookkeeping runs with plain copies and no stream, which is what the tests use.
+    """
+
+    def __init__(self, model, device, prefetch: bool = True, move_rest: bool = True):
+        import torch
+
+        self.torch, self.model = torch, model
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:  # "cuda" != "cuda:0" when comparing tensor devices
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.prefetch, self.move_rest = prefetch, move_rest
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.params: dict[int, list[tuple[str, object]]] = {}
+        self.home: dict[str, object] = {}  # name -> host copy
+        self.resident: dict[int, list] = {}  # layer -> device copies now in the params
+        self.pending: dict[int, tuple[list, object]] = {}  # layer -> (device copies, event) being copied
+        self._ptr: dict[int, str] = {}  # storage pointer of a resident copy -> param name
+        self._handles: list = []
+        self._ctx = None
+        self._queued_task = None
+        self.stats = dict(fetches=0, prefetches=0, h2d_bytes=0, refetches=0, max_resident_layers=0)
+
+    # -- attach / detach
+    def attach(self) -> "ExpertOffloader":
+        torch = self.torch
+        self.params = find_expert_params(self.model)
+        layers = find_layers(self.model)
+        if not self.params:
+            raise ValueError("no expert weights (layers.N...experts.gate_up_proj/down_proj) in this model")
+        for idx, plist in self.params.items():
+            if idx not in layers:
+                raise ValueError(f"expert weights of layer {idx} but no module named layers.{idx}")
+            for name, p in plist:
+                if p.requires_grad or not p.is_floating_point():
+                    raise ValueError(f"{name}: only frozen floating-point expert weights can be offloaded")
+                home = p.data.detach().to("cpu").contiguous()
+                self.home[name] = home.pin_memory() if self.cuda else home  # pinned: async H2D copies
+                p.data = self.home[name]
+        if self.move_rest:
+            self._move_rest()
+        for idx in self.params:
+            layer = layers[idx]
+            self._handles.append(layer.register_forward_pre_hook(lambda mod, args, i=idx: self._pre(i, mod)))
+            self._handles.append(layer.register_forward_hook(lambda mod, args, out, i=idx: self._post(i)))
+        torch.cuda.empty_cache() if self.cuda else None
+        return self
+
+    def _move_rest(self) -> None:
+        offloaded = {id(p) for plist in self.params.values() for _, p in plist}
+        for p in self.model.parameters():
+            if id(p) not in offloaded:
+                p.data = p.data.to(self.device)
+        for mod in self.model.modules():
+            for k, b in mod._buffers.items():
+                if b is not None:
+                    mod._buffers[k] = b.to(self.device)
+
+    def detach(self) -> None:
+        self._exit_saved_hooks()
+        self.release_all()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for plist in self.params.values():
+            for name, p in plist:
+                p.data = self.home[name].to(self.device)
+        self.home.clear()
+
+    # -- moving layers
+    def _copy(self, idx: int) -> list:
+        """Device copies of layer idx's expert weights (on the side stream when there is one)."""
+        torch = self.torch
+        out = []
+        for name, _ in self.params[idx]:
+            home = self.home[name]
+            dev = torch.empty(home.shape, dtype=home.dtype, device=self.device)
+            dev.copy_(home, non_blocking=self.cuda)  # on CPU a real copy too, so the bookkeeping is exercised
+            out.append(dev)
+            self.stats["h2d_bytes"] += home.numel() * home.element_size()
+        return out
+
+    def _start_prefetch(self, idx: int) -> None:
+        if idx not in self.params or idx in self.resident or idx in self.pending:
+            return
+        if self.stream is None:
+            self.pending[idx] = (self._copy(idx), None)
+        else:
+            # no wait on the compute stream: host copies never change, and the allocator keeps freed blocks
+            # (record_stream) until their last use is done, so the copy may overlap the current layer
+            with self.torch.cuda.stream(self.stream):
+                copies = self._copy(idx)
+                ev = self.torch.cuda.Event()
+                ev.record(self.stream)
+            self.pending[idx] = (copies, ev)
+        self.stats["prefetches"] += 1
+
+    def _make_resident(self, idx: int) -> None:
+        if idx in self.resident:
+            return
+        copies, ev = self.pending.pop(idx, (None, None))
+        if copies is None:
+            copies = self._copy(idx)  # nothing prefetched (first layer, or prefetch off)
+        if ev is not None:
+            cur = self.torch.cuda.current_stream(self.device)
+            cur.wait_event(ev)
+            for c in copies:
+                c.record_stream(cur)  # allocated on the side stream, used on this one: free only after use
+        for (name, p), c in zip(self.params[idx], copies):
+            p.data = c
+            self._ptr[c.untyped_storage().data_ptr()] = name
+        self.resident[idx] = copies
+        self.stats["fetches"] += 1
+
+    def release(self, idx: int) -> None:
+        """Point layer idx's params back at the host copies; the device memory goes once nothing holds it."""
+        for c in self.resident.pop(idx, []):
+            self._ptr.pop(c.untyped_storage().data_ptr(), None)
+        for name, p in self.params.get(idx, []):
+            p.data = self.home[name]
+
+    def release_all(self) -> None:
+        for idx in list(self.resident):
+            self.release(idx)
+        self.pending.clear()
+
+    # -- hooks
+    def _in_backward(self) -> bool:
+        return self.torch._C._current_graph_task_id() != -1
+
+    def _pre(self, idx: int, layer) -> None:
+        self._exit_saved_hooks()  # a previous layer that raised (OOM) never reached its post hook
+        # a checkpoint recompute can stop early without running the post hook: drop anything left behind
+        for other in [i for i in self.resident if i != idx]:
+            self.release(other)
+        backward = self._in_backward()
+        self._make_resident(idx)
+        if self.prefetch:
+            self._start_prefetch(idx - 1 if backward else idx + 1)
+        live = len(self.resident) + len(self.pending)  # layers holding device memory for experts right now
+        self.stats["max_resident_layers"] = max(self.stats["max_resident_layers"], live)
+        if backward:
+            self._release_after_backward()
+        if self.torch.is_grad_enabled() and not _checkpoint_saves(layer):
+            # autograd saves the weight Parameter itself (grouped_mm) or views of it (eager): a saved Parameter
+            # would see its data swapped back to the host copy before backward, a saved view would pin the device
+            # copy until backward. The pack hook stores a reference into the host copy instead.
+            self._ctx = self.torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            self._ctx.__enter__()
+
+    def _post(self, idx: int) -> None:
+        self._exit_saved_hooks()
+        self.release(idx)
+
+    def _exit_saved_hooks(self) -> None:
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            ctx.__exit__(None, None, None)
+
+    def _release_after_backward(self) -> None:
+        task = self.torch._C._current_graph_task_id()
+        if task != self._queued_task:
+            self._queued_task = task
+            self.torch.autograd.Variable._execution_engine.queue_callback(self.release_all)
+
+    def _pack(self, t):
+        try:
+            name = self._ptr.get(t.untyped_storage().data_ptr()) if t.device.type == self.device.type else None
+        except (RuntimeError, NotImplementedError):  # tensors without a plain storage (subclasses, sparse)
+            return t
+        if name is None or t.dtype != self.home[name].dtype:
+            return t
+        return _Ref(name, t)
+
+    def _unpack(self, x):
+        if not isinstance(x, _Ref):
+            return x
+        self.stats["refetches"] += 1
+        view = self.home[x.name].as_strided(x.size, x.stride, x.offset)
+        return view.to(self.device, non_blocking=self.cuda)

@@ -1,0 +1,323 @@
+"""OpenTimestamps proof of provenance.json, made with the real `ots` client (opentimestamps-client 0.7.2).
+
+`stamp` submits the file's digest to the calendars (`ots stamp -c URL ... -m M --timeout S`) and writes
+provenance.json.ots when enough answered. With no network it gives up within the timeout and records the stamp as
+`unreachable` with the client's reason: the run completes and `upgrade` finishes the job later. `upgrade` asks the
+calendars for the Bitcoin attestation (`ots upgrade`, bounded by a subprocess timeout since the client has none)
+and stamps first when no proof exists yet. Every proof is also kept as <history>/<run>/<sha256>.json.ots beside the
+revision it proves; provenance_stamp.json (and <sha256>.stamp.json in the history) records the state.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .io import logger, read_json, sha256_file, write_json
+from .provenance import DEFAULT_HISTORY, history_dir
+
+# The client's own defaults (otsclient/cmds.py stamp_command, opentimestamps.calendar.DEFAULT_AGGREGATORS).
+DEFAULT_CALENDARS = ["https://a.pool.opentimestamps.org", "https://b.pool.opentimestamps.org",
+                     "https://a.pool.eternitywall.com", "https://ots.btc.catallaxy.com"]
+DEFAULTS = {"calendars": DEFAULT_CALENDARS, "min_calendars": 2, "timeout_s": 5, "whitelist": [],
+            "bitcoin_node": "", "history": DEFAULT_HISTORY, "require_stamp": True}
+
+
+class StampError(Exception):
+    pass
+
+
+def settings(config_path: str | None, **overrides) -> dict:
+    """The `provenance:` block of the run's config over the defaults, then command-line overrides."""
+    import yaml
+
+    cfg = {}
+    if config_path:
+        cfg = (yaml.safe_load(Path(config_path).read_text()) or {}).get("provenance") or {}
+    out = {**DEFAULTS, **cfg}
+    out.update({k: v for k, v in overrides.items() if v not in (None, [])})
+    # a node URL holds credentials: better in the environment than in a committed config
+    out["bitcoin_node"] = out.get("bitcoin_node") or os.environ.get("MOEBENCH_BITCOIN_NODE", "")
+    return out
+
+
+def ots_binary() -> str:
+    """The `ots` of this interpreter's environment, else the one on PATH."""
+    here = Path(sys.executable).parent / "ots"
+    found = str(here) if here.exists() else shutil.which("ots")
+    if not found:
+        raise StampError("the `ots` command is not installed: pip install opentimestamps-client==0.7.2")
+    return found
+
+
+def run_ots(args: list[str], timeout: float, cwd=None) -> tuple[int, str]:
+    """Run the client, killing its whole process group past `timeout`; returns (exit code, output)."""
+    cmd = [ots_binary(), *args]
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return 124, (out or "") + f"\n(ots {args[-2] if len(args) > 1 else ''} killed after {timeout:.0f} s)"
+
+
+# ---- reading proofs ------------------------------------------------------------------------------------------
+def read_proof(path: str | Path):
+    """The DetachedTimestampFile in an .ots file; StampError when it is not one."""
+    from opentimestamps.core.serialize import DeserializationError, StreamDeserializationContext
+    from opentimestamps.core.timestamp import DetachedTimestampFile
+
+    try:
+        with open(path, "rb") as fh:
+            return DetachedTimestampFile.deserialize(StreamDeserializationContext(fh))
+    except (DeserializationError, OSError, ValueError) as exc:
+        raise StampError(f"{path} is not a readable OpenTimestamps proof: {exc}") from exc
+
+
+def proof_state(path: str | Path) -> dict:
+    """What a proof holds: the digest it proves, calendars still pending, Bitcoin attestations."""
+    from opentimestamps.core.notary import BitcoinBlockHeaderAttestation, PendingAttestation
+
+    proof = read_proof(path)
+    pending, bitcoin = set(), []
+    for msg, att in proof.timestamp.all_attestations():
+        if isinstance(att, PendingAttestation):
+            pending.add(att.uri)
+        elif isinstance(att, BitcoinBlockHeaderAttestation):
+            bitcoin.append({"height": att.height, "merkle_root": msg[::-1].hex()})
+    return {"digest": proof.file_digest.hex(), "hash": proof.file_hash_op.TAG_NAME, "pending": sorted(pending),
+            "bitcoin": sorted(bitcoin, key=lambda b: b["height"]),
+            "status": "complete" if bitcoin else "pending"}
+
+
+def _archive(proof: Path, hist: Path, log) -> None:
+    """Keep a proof in the history under the digest it proves (never overwriting a different one)."""
+    try:
+        digest = proof_state(proof)["digest"]
+        dest = hist / f"{digest}.json.ots"
+    except StampError as exc:
+        log.warning("%s", exc)
+        dest = hist / f"unreadable-{sha256_file(proof)}.ots"
+    if dest.exists() and dest.read_bytes() != proof.read_bytes():
+        dest = dest.with_name(f"{dest.name}.{sha256_file(proof)[:12]}")
+    if not dest.exists():
+        hist.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(proof, dest)
+        log.info("kept %s as %s", proof, dest)
+
+
+# ---- stamp ---------------------------------------------------------------------------------------------------
+def _reason(output: str, n_calendars: int, timeout_s) -> str:
+    """The client's error lines, each once with a count, and how many calendars said nothing in time (the client
+    prints one line per calendar that failed; a calendar still silent at the timeout prints none)."""
+    lines = [l.strip() for l in output.splitlines() if l.strip() and not l.startswith(("Submitting", "Doing", "("))]
+    errors = [l for l in lines if not l.startswith("Failed to create")]
+    seen: dict[str, int] = {}
+    for l in lines:
+        seen[l] = seen.get(l, 0) + 1
+    text = "; ".join(f"{l} (x{n})" if n > 1 else l for l, n in seen.items())
+    silent = n_calendars - len(errors)
+    if silent > 0:
+        text = f"{silent} of {n_calendars} calendar(s) timed out (no answer within {timeout_s} s); " + text
+    return text[:1500] or "no output from ots"
+
+
+def stamp_file(target: Path, dest: Path, s: dict, log) -> tuple[str, str]:
+    """`ots stamp` a copy of target in a temp dir; on success the proof goes to dest. Returns (status, reason)."""
+    cals = list(s["calendars"])
+    if not cals:
+        return "failed", "no calendars configured (provenance.calendars is empty)"
+    m = min(int(s["min_calendars"]), len(cals))
+    tmp = Path(tempfile.mkdtemp(prefix="moebench-ots-"))
+    try:
+        shutil.copy2(target, tmp / target.name)
+        wait = str(max(1, round(float(s["timeout_s"]))))  # the client takes whole seconds
+        args = ["-v", *_cache_args(s), "stamp", "--timeout", wait, "-m", str(m)]
+        for c in cals:
+            args += ["-c", c]
+        log.info("ots %s %s", " ".join(args), target)
+        rc, out = run_ots(args + [target.name], timeout=float(s["timeout_s"]) + 20, cwd=tmp)
+        log.info("ots stamp exit %d:\n%s", rc, out.strip())
+        proof = tmp / f"{target.name}.ots"
+        if rc == 0 and proof.is_file():
+            atomic_copy(proof, dest)
+            return "stamped", ""
+        unreachable = rc == 124 or "within timeout" in out or "urlopen error" in out or "timed out" in out
+        return "unreachable" if unreachable else "failed", _reason(out, len(cals), s["timeout_s"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cache_args(s: dict) -> list[str]:
+    return ["--cache", s["cache"]] if s.get("cache") else []
+
+
+def _whitelist_args(s: dict) -> list[str]:
+    out = []
+    for url in dict.fromkeys(list(s["calendars"]) + list(s["whitelist"])):  # calendars you stamp with are trusted
+        out += ["-l", url]
+    return out
+
+
+def ensure_stamp(prov: Path, s: dict, log, try_stamp: bool = True) -> dict:
+    """Make sure provenance.json has a proof: reuse the one for this exact content, else stamp it."""
+    sha = sha256_file(prov)
+    run = read_json(prov)["run"]
+    hist = history_dir(s["history"], run)
+    here, kept = Path(f"{prov}.ots"), hist / f"{sha}.json.ots"
+    record = {"run": run, "provenance": str(prov), "provenance_sha256": sha, "ots": None, "history_ots": None,
+              "calendars": list(s["calendars"]), "min_calendars": int(s["min_calendars"]),
+              "timeout_s": s["timeout_s"], "attempted": None, "status": "unstamped", "reason": "no proof yet"}
+    if here.exists():
+        if _proves(here, sha):
+            _merge_into(kept, here, log)  # the history keeps the more complete of the two
+        else:
+            _archive(here, hist, log)  # the proof of an earlier revision: kept in the history, then out of the way
+            here.unlink()
+    if not kept.exists() and try_stamp:
+        record["attempted"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        record["status"], record["reason"] = stamp_file(prov, kept, s, log)
+    if kept.exists():
+        if not here.exists() or here.read_bytes() != kept.read_bytes():
+            atomic_copy(kept, here)
+        st = proof_state(kept)
+        record.update(ots=str(here), history_ots=str(kept), status=st["status"], pending_calendars=st["pending"],
+                      bitcoin=st["bitcoin"], reason="")
+    record["check"] = describe(record)
+    return record
+
+
+def _proves(proof: Path, sha: str) -> bool:
+    try:
+        return proof_state(proof)["digest"] == sha
+    except StampError:
+        return False
+
+
+def _merge_into(kept: Path, here: Path, log) -> None:
+    """Two proofs of the same digest (history copy and the one beside the file): the history keeps the more
+    complete one under the plain name and the other one beside it (nothing is lost)."""
+    if not kept.exists():
+        atomic_copy(here, kept)
+        return
+    if kept.read_bytes() == here.read_bytes():
+        return
+    a, b = proof_state(kept), proof_state(here)
+    if (len(b["bitcoin"]), len(b["pending"])) > (len(a["bitcoin"]), len(a["pending"])):
+        shutil.copy2(kept, kept.with_name(f"{kept.name}.{sha256_file(kept)[:12]}"))
+        atomic_copy(here, kept)
+    else:
+        _archive(here, kept.parent, log)
+
+
+def atomic_copy(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
+def describe(record: dict) -> str:
+    """One plain sentence for the report."""
+    st = record.get("status")
+    if st == "complete":
+        b = record["bitcoin"][0]
+        return (f"Timestamped in Bitcoin block {b['height']}; check with `ots verify {record['ots']}` "
+                "(needs a Bitcoin node, or use --no-bitcoin and compare the block's merkle root by hand).")
+    if st == "pending":
+        return (f"Submitted to {len(record.get('pending_calendars', []))} calendar(s); waiting for the Bitcoin "
+                "attestation (a few hours). Run `snakemake ots_upgrade` later to complete the proof.")
+    return (f"NOT timestamped: {st} — {record.get('reason') or 'no proof'}. The numbers are not yet anchored in "
+            "time; run `snakemake ots_upgrade` on a machine with internet to stamp them.")
+
+
+# ---- upgrade -------------------------------------------------------------------------------------------------
+def upgrade_proof(proof: Path, s: dict, log) -> str:
+    """`ots upgrade` a copy of the proof; replace the proof only with a valid, more complete one."""
+    before = proof_state(proof)
+    if before["status"] == "complete":
+        return "complete"
+    tmp = Path(tempfile.mkdtemp(prefix="moebench-ots-"))
+    try:
+        work = tmp / proof.name
+        shutil.copy2(proof, work)
+        args = ["-v", *_cache_args(s), *_whitelist_args(s), "upgrade", work.name]
+        rc, out = run_ots(args, timeout=3 * float(s["timeout_s"]) + 10, cwd=tmp)
+        log.info("ots upgrade %s exit %d:\n%s", proof, rc, out.strip())
+        try:
+            after = proof_state(work)
+        except StampError as exc:
+            log.warning("upgrade of %s gave no valid proof (%s); kept the old one", proof, exc)
+            return before["status"]
+        if after["digest"] == before["digest"] and len(after["bitcoin"]) > len(before["bitcoin"]):
+            atomic_copy(work, proof)
+            return "complete"
+        if rc == 124:
+            log.warning("calendar(s) of %s did not answer within %s s", proof, 3 * float(s["timeout_s"]) + 10)
+        return before["status"]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def upgrade(prov: Path, s: dict, log) -> dict:
+    """Stamp the newest revision if it has no proof yet, then upgrade every pending proof of the run's history."""
+    first = ensure_stamp(prov, s, log)
+    for proof in sorted(history_dir(s["history"], first["run"]).glob("*.json.ots")):
+        try:
+            log.info("%s: %s", proof.name, upgrade_proof(proof, s, log))
+        except StampError as exc:
+            log.error("%s", exc)
+    record = ensure_stamp(prov, s, log, try_stamp=False)
+    if record["status"] == "unstamped":  # the stamp attempt above failed: say why
+        record.update(status=first["status"], reason=first["reason"], attempted=first["attempted"])
+        record["check"] = describe(record)
+    return record
+
+
+def write_record(record: dict, out: Path, s: dict) -> None:
+    write_json(out, record)
+    write_json(history_dir(s["history"], record["run"]) / f"{record['provenance_sha256']}.stamp.json", record)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=["stamp", "upgrade"])
+    ap.add_argument("--provenance", required=True, help="results/<run>/provenance.json")
+    ap.add_argument("--out", required=True, help="results/<run>/provenance_stamp.json")
+    ap.add_argument("--config", help="the run's config.yaml (its `provenance:` block)")
+    ap.add_argument("--calendar", "-c", action="append", help="calendar URL (repeat); overrides the config")
+    ap.add_argument("--whitelist", "-l", action="append", help="extra calendar trusted when upgrading")
+    ap.add_argument("--min-calendars", "-m", type=int)
+    ap.add_argument("--timeout", type=float, dest="timeout_s")
+    ap.add_argument("--history")
+    ap.add_argument("--cache", help="ots timestamp cache directory (default: the client's)")
+    ap.add_argument("--log")
+    a = ap.parse_args(argv)
+    log = logger("stamp", a.log)
+    prov = Path(a.provenance)
+    try:
+        s = settings(a.config, calendars=a.calendar, whitelist=a.whitelist, min_calendars=a.min_calendars,
+                     timeout_s=a.timeout_s, history=a.history, cache=a.cache)
+        if not prov.is_file():
+            raise StampError(f"{prov} does not exist: run `snakemake provenance` first")
+        record = ensure_stamp(prov, s, log) if a.action == "stamp" else upgrade(prov, s, log)
+    except (StampError, KeyError, ValueError, OSError) as exc:
+        log.error("stamp: %s", exc)
+        return 1
+    write_record(record, Path(a.out), s)
+    (log.info if record["status"] in ("pending", "complete") else log.warning)("%s", record["check"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""A small but complete results/<run> in a temp directory, laid out as the workflow writes it: per-draw metrics.csv,
+run.log (with MOEBENCH_ROW lines written by metrics.log_row) and env.json, then aggregate.py's metrics.csv,
+comparison.csv and verdict.json. The provenance, stamp and audit run on it as on a real run."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ROOT / "scripts"
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
+
+from moebench import aggregate  # noqa: E402
+from moebench.io import write_json  # noqa: E402
+from moebench.metrics import Row, log_row, write_rows  # noqa: E402
+
+RUN = "fake-h100"
+# arm -> (precision, step_s per draw); None: skipped on this tier
+ARMS = {"hf_bf16": ("bf16", [0.90, 0.94]), "unsloth_bf16": ("bf16", [0.30, 0.32]),
+        "unsloth_4bit": ("nf4", [0.61, 0.63]), "hf_bnb4": ("nf4", None)}
+
+
+def _draw_rows(run_dir: Path, arm: str, precision: str, draw: int, step) -> tuple[list[Row], Path]:
+    log_path = run_dir / "arms" / arm / f"draw{draw}" / "run.log"
+    src = str(log_path.relative_to(run_dir.parent.parent))
+    base = dict(run_id=RUN, tier="h100", model="gpt-oss-20b", arm=arm, precision=precision, source=src, draw=draw)
+    if step is None:
+        return [Row(**base, stage="bench", metric="step_s", unit="s", status="skipped",
+                    reason=f"{arm} needs bitsandbytes (not installed)")], log_path
+    return [Row(**base, stage="bench", metric="step_s", value=step, unit="s", n=6, spread=step / 50),
+            Row(**base, stage="bench", metric="tokens_per_s", value=4096 / step, unit="tokens/s", n=6),
+            Row(**base, stage="bench", metric="peak_alloc_gb", value=40.5 + draw / 10, unit="GB"),
+            Row(**base, stage="bench", metric="expert_lora_params", value=655360.0, unit="params"),
+            Row(**base, stage="bench", metric="load_s", value=12.25 + draw, unit="s"),
+            Row(**base, stage="energy", metric="energy_j", unit="J", status="unavailable",
+                reason="NVML energy counter not supported on this GPU")], log_path
+
+
+def _write_log(path: Path, rows: list[Row]) -> None:
+    log = logging.getLogger(f"fakebench.{path}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h = logging.FileHandler(path, mode="w")
+    h.setFormatter(logging.Formatter("%(asctime)s bench %(levelname)s %(message)s"))
+    log.addHandler(h)
+    log.info("loading model")
+    for r in rows:
+        log_row(log, r)
+    log.info("done")
+    h.close()
+    log.removeHandler(h)
+
+
+def make_run(root: Path, run: str = RUN) -> Path:
+    """Write root/results/<run>/ and the config copy; returns the run directory."""
+    import yaml
+
+    assert run == RUN
+    run_dir = root / "results" / run
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg.update(run=run, arms=list(ARMS), baselines=["hf_bf16", "unsloth_4bit"])
+    (run_dir / "data").mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=True))
+    write_json(run_dir / "tier.json", {
+        "tier": "h100", "gpu": {"name": "NVIDIA H100 80GB HBM3", "driver": "570.86.15", "cuda": "12.8",
+                                "memory_gb": 79.1}, "gpu_count": 1,
+        "host": {"hostname": "node7", "cores": 16, "ram_gb": 128}, "plan": {"draws": 2, "seq_len": 1024}})
+    for name, text in (("train.jsonl", '{"text": "a"}\n'), ("heldout.jsonl", '{"text": "b"}\n')):
+        (run_dir / "data" / name).write_text(text)
+    import hashlib
+
+    (run_dir / "data" / "data.sha256").write_text("".join(
+        f"{hashlib.sha256((run_dir / 'data' / n).read_bytes()).hexdigest()}  {n}\n"
+        for n in ("heldout.jsonl", "train.jsonl")))
+    write_json(run_dir / "model.sha256", {"config_sha256": "ab" * 32,
+                                          "weights_sha256": {"model.safetensors": "cd" * 32},
+                                          "model": {"name": "gpt-oss-20b", "source": "random-init"}})
+    draws = []
+    for arm, (precision, steps) in ARMS.items():
+        for k in (1, 2):
+            rows, log_path = _draw_rows(run_dir, arm, precision, k, steps[k - 1] if steps else None)
+            _write_log(log_path, rows)
+            write_rows(log_path.parent / "metrics.csv", rows)
+            write_json(log_path.parent / "env.json", {
+                "arm": arm, "draw": k, "started": f"2026-01-02T10:0{k}:00+00:00",
+                "ended": f"2026-01-02T10:0{k}:30+00:00", "python": "3.11.7", "packages": {"torch": "2.9.0"}})
+            draws.append(str(log_path.parent / "metrics.csv"))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        aggregate.main(["--config", str(run_dir / "config.yaml"), "--inputs", *draws,
+                        "--metrics", str(run_dir / "metrics.csv"), "--comparison", str(run_dir / "comparison.csv"),
+                        "--markdown", str(run_dir / "comparison.md"), "--verdict", str(run_dir / "verdict.json")])
+    finally:
+        os.chdir(cwd)
+    return run_dir
+
+
+def env(root: Path) -> dict:
+    """Environment for subprocesses: the package on the path, the venv's bin first, the ots cache in root."""
+    return {**os.environ, "PYTHONPATH": str(SCRIPTS), "XDG_CACHE_HOME": str(root / ".cache"),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def provenance_args(run_dir: Path, history: str = "audits/.ots-history") -> list[str]:
+    r = f"results/{run_dir.name}"
+    return ["--run-dir", r, "--config", f"{r}/config.yaml", "--metrics", f"{r}/metrics.csv", "--tier",
+            f"{r}/tier.json", "--data-sha", f"{r}/data/data.sha256", "--model-sha", f"{r}/model.sha256",
+            "--comparison", f"{r}/comparison.csv", "--verdict", f"{r}/verdict.json", "--history", history,
+            "--out-json", f"{r}/provenance.json", "--out-md", f"{r}/PROVENANCE.md"]
+
+
+def moebench(root: Path, module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"moebench.{module}", *args], cwd=root, env=env(root),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

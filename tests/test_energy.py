@@ -1,0 +1,289 @@
+"""Energy meter: counter reading with a fake NVML, RAPL wrap, the sampler thread, the unavailable path on
+this GPU-less VM, and the row math (gross/net J per token, never a zero for a missing number)."""
+import csv
+import importlib.util
+import os
+import threading
+import time
+
+import pytest
+
+from moebench import energy as E
+from moebench.metrics import read_rows, write_rows
+
+ROW = dict(run_id="t", tier="cpu", model="tiny", arm="hf_bf16", precision="bf16")
+
+
+class NotSupported(Exception):
+    pass
+
+
+class FakeNvml:
+    """Just the pynvml calls the meter makes: a scripted energy counter (mJ) and power readings (mW)."""
+
+    NVMLError_NotSupported = NotSupported
+
+    def __init__(self, energy_mj=None, power_mw=200_000, counter=True):
+        self.energy_mj = list(energy_mj or [])
+        self.power_mw, self.counter = power_mw, counter
+        self.power_calls = 0
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return ("handle", i)
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, h):
+        if not self.counter:
+            raise NotSupported("Not Supported")
+        return self.energy_mj.pop(0)
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        self.power_calls += 1
+        return self.power_mw
+
+
+def test_nvml_counter_delta_gives_joules():
+    fake = FakeNvml(energy_mj=[5_000_000, 5_250_500], power_mw=180_000)
+    with E.EnergyMeter(backend="nvml", nvml=fake, hz=100) as m:
+        time.sleep(0.15)
+    r = m.result
+    assert r.status == "measured" and r.backend == "nvml"
+    assert r.joules == pytest.approx(250.5)
+    assert r.method == "nvml energy counter"
+    assert r.peak_w == pytest.approx(180.0)
+    assert len(r.trace) >= 3 and all(w == 180.0 for _, w in r.trace)
+    assert r.mean_w == pytest.approx(250.5 / r.seconds)
+
+
+def test_unsupported_counter_integrates_power_and_says_so():
+    fake = FakeNvml(counter=False, power_mw=200_000)
+    with E.EnergyMeter(backend="nvml", nvml=fake, hz=100) as m:
+        time.sleep(0.2)
+    r = m.result
+    assert r.status == "measured"
+    assert "integrated sampled power" in r.method and "not supported" in r.method
+    span = r.trace[-1][0] - r.trace[0][0]
+    assert r.joules == pytest.approx(200.0 * span)  # constant power: trapezoid is exact
+    assert r.joules == pytest.approx(200.0 * r.seconds, rel=0.3)
+
+
+def test_integrate_w_trapezoid():
+    assert E.integrate_w([(0.0, 100.0), (1.0, 200.0), (3.0, 200.0)]) == pytest.approx(150.0 + 400.0)
+    assert E.integrate_w([(0.0, 100.0)]) is None
+
+
+def _write(path, text):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)  # atomic, so the sampler thread never reads a half-written counter
+
+
+def _rapl_tree(root, energy, max_range=1_000_000):
+    for zone in ("intel-rapl:0", "intel-rapl:0:0"):  # the sub-zone must be ignored (double count)
+        d = root / zone
+        d.mkdir(parents=True, exist_ok=True)
+        _write(d / "energy_uj", str(energy))
+        _write(d / "max_energy_range_uj", str(max_range))
+
+
+def test_rapl_delta_wraps():
+    assert E.rapl_delta_uj(100, 400, 1000) == 300
+    assert E.rapl_delta_uj(900, 100, 1000) == 200
+
+
+def test_rapl_source_unwraps_and_ignores_subzones(tmp_path):
+    _rapl_tree(tmp_path, 900_000)
+    src = E.RaplSource(str(tmp_path))
+    assert [os.path.basename(z) for z in src.zones] == ["intel-rapl:0"]
+    e0 = src.energy_j()
+    _write(tmp_path / "intel-rapl:0" / "energy_uj", "100000")  # wrapped past 1_000_000
+    assert src.energy_j() - e0 == pytest.approx(0.2)
+
+
+def test_rapl_meter_over_a_wrap(tmp_path):
+    _rapl_tree(tmp_path, 950_000)
+    with E.EnergyMeter(backend="rapl", rapl_root=str(tmp_path), hz=50) as m:
+        time.sleep(0.05)
+        _write(tmp_path / "intel-rapl:0" / "energy_uj", "50000")
+        time.sleep(0.05)
+    assert m.result.status == "measured" and m.result.method == "rapl energy counter"
+    assert m.result.joules == pytest.approx(0.1)
+
+
+def test_sampler_stops_promptly_and_collects():
+    s = E.PowerSampler(lambda: 42.0, hz=200)
+    s.start(time.monotonic())
+    time.sleep(0.1)
+    s.stop()
+    assert not s.alive
+    n = len(s.samples)
+    assert n >= 5 and all(w == 42.0 for _, w in s.samples)
+    time.sleep(0.05)
+    assert len(s.samples) == n  # nothing is appended after stop()
+    assert "moebench-power" not in [t.name for t in threading.enumerate()]
+
+
+def test_sampler_stop_does_not_wait_a_long_period():
+    s = E.PowerSampler(lambda: 1.0, hz=0.2)  # 5 s between samples
+    s.start(time.monotonic())
+    t = time.monotonic()
+    s.stop()
+    assert time.monotonic() - t < 1.0 and not s.alive
+
+
+def test_sampler_survives_a_failed_read():
+    calls = iter([RuntimeError("gpu busy")] + [7.0] * 1000)
+
+    def read():
+        v = next(calls)
+        if isinstance(v, Exception):
+            raise v
+        return v
+
+    s = E.PowerSampler(read, hz=200)
+    s.start(time.monotonic())
+    time.sleep(0.05)
+    s.stop()
+    assert s.errors == ["gpu busy"] and len(s.samples) >= 2
+
+
+def _rapl_readable():
+    return bool(E._rapl_zones(E.RAPL_ROOT))
+
+
+@pytest.mark.skipif(_rapl_readable(), reason="this host has a readable RAPL counter")
+def test_unavailable_on_this_machine_gives_reason_not_zero(tmp_path):
+    with E.EnergyMeter(backend="rapl") as m:
+        pass
+    r = m.result
+    assert r.status == "unavailable" and r.joules is None
+    assert r.reason == "no readable RAPL counter under /sys/class/powercap"
+    rows = E.energy_rows(r, None, tokens=1000, **ROW)
+    assert rows and all(x.status == "unavailable" and x.value is None for x in rows)
+    assert all(x.stage == "energy" and x.reason for x in rows)
+    assert "energy_method" not in {x.metric for x in rows}
+    write_rows(tmp_path / "m.csv", rows)
+    with open(tmp_path / "m.csv") as fh:
+        assert all(rec["value"] == "" for rec in csv.DictReader(fh))
+
+
+@pytest.mark.skipif(_rapl_readable() or E._cuda_present(), reason="host has an energy source")
+def test_auto_without_gpu_names_both_reasons():
+    with E.EnergyMeter(backend="auto") as m:
+        pass
+    assert m.result.status == "unavailable"
+    assert "no CUDA GPU" in m.result.reason and "RAPL" in m.result.reason
+
+
+def test_nvml_that_cannot_open_is_unavailable():
+    class Broken(FakeNvml):
+        def nvmlInit(self):
+            raise RuntimeError("Driver Not Loaded")
+
+    with E.EnergyMeter(backend="nvml", nvml=Broken()) as m:
+        pass
+    assert m.result.status == "unavailable" and "Driver Not Loaded" in m.result.reason
+
+
+def _res(joules, seconds, peak=None):
+    return E.EnergyResult("measured", backend="nvml", method="nvml energy counter", joules=joules,
+                          seconds=seconds, peak_w=peak)
+
+
+def _by_metric(rows):
+    return {r.metric: r for r in rows}
+
+
+def test_row_math():
+    rows = _by_metric(E.energy_rows(_res(1000.0, 10.0, peak=250.0), _res(300.0, 10.0), tokens=500, **ROW))
+    v = {k: r.value for k, r in rows.items()}
+    assert v["energy_j"] == 1000.0
+    assert v["j_per_token"] == pytest.approx(2.0)
+    assert v["tokens_per_kj"] == pytest.approx(500.0)
+    assert v["mean_w"] == pytest.approx(100.0)
+    assert v["peak_w"] == pytest.approx(250.0)
+    assert v["idle_w"] == pytest.approx(30.0)
+    assert v["j_per_token_net"] == pytest.approx((1000 - 30 * 10) / 500)
+    assert v["tokens_per_kj_net"] == pytest.approx(500 / 0.7)
+    assert v["kwh_per_mtok"] == pytest.approx(2.0 * 1e6 / 3.6e6)
+    assert v["kwh_per_mtok_net"] == pytest.approx(1.4 * 1e6 / 3.6e6)
+    assert v["energy_method"] == "nvml energy counter"
+    assert all(r.status == "measured" and r.stage == "energy" and r.arm == "hf_bf16" for r in rows.values())
+
+
+def test_missing_numbers_are_never_zero(tmp_path):
+    """No idle baseline and no power samples: those rows must be unavailable with no value (a 0 would read as
+    'free'), while the gross numbers stay measured."""
+    rows = _by_metric(E.energy_rows(_res(1000.0, 10.0, peak=None), None, tokens=500, **ROW))
+    for m in ("j_per_token_net", "tokens_per_kj_net", "kwh_per_mtok_net", "idle_w", "peak_w"):
+        assert rows[m].status == "unavailable" and rows[m].value is None and rows[m].reason, m
+    assert rows["j_per_token"].value == pytest.approx(2.0)
+    back = _by_metric(read_rows(write_rows(tmp_path / "m.csv", rows.values())))
+    assert back["j_per_token_net"].value is None and back["idle_w"].status == "unavailable"
+
+
+def test_no_tokens_or_no_energy_is_unavailable():
+    for res, tokens in ((_res(1000.0, 10.0), 0), (_res(0.0, 10.0), 500)):
+        rows = _by_metric(E.energy_rows(res, None, tokens=tokens, **ROW))
+        assert rows["j_per_token"].status == "unavailable" and rows["j_per_token"].value is None
+
+
+def test_net_below_idle_is_not_a_negative_number():
+    rows = _by_metric(E.energy_rows(_res(100.0, 10.0), _res(300.0, 10.0), tokens=500, **ROW))
+    assert rows["j_per_token_net"].status == "unavailable" and "idle" in rows["j_per_token_net"].reason
+
+
+def test_idle_baseline_uses_same_meter():
+    fake = FakeNvml(energy_mj=[0, 60_000], power_mw=60_000)
+    idle = E.idle_baseline(3.0, sleep=lambda s: time.sleep(0.02), backend="nvml", nvml=fake, hz=200)
+    assert idle.status == "measured" and idle.joules == pytest.approx(60.0)
+    assert fake.power_calls >= 1
+
+
+def test_write_trace(tmp_path):
+    r = _res(10.0, 1.0)
+    r.trace = [(0.0, 100.0), (0.5, 150.25)]
+    p = E.write_trace(tmp_path / "trace.csv", r)
+    with open(p) as fh:
+        recs = list(csv.DictReader(fh))
+    assert [(float(x["t_s"]), float(x["watts"])) for x in recs] == r.trace
+
+
+@pytest.mark.skipif(importlib.util.find_spec("zeus") is not None, reason="zeus installed")
+def test_zeus_crosscheck_optional():
+    ran = []
+    out = E.zeus_crosscheck(lambda: ran.append(1))
+    assert out["status"] == "unavailable" and "zeus" in out["reason"] and not ran
+
+
+def _gpu():
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU with NVML")
+def test_real_nvml_measures_a_busy_gpu(tmp_path):
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    idle = E.idle_baseline(1.0, backend="nvml")
+    with E.EnergyMeter(backend="auto") as m:
+        t = time.monotonic()
+        while time.monotonic() - t < 2.0:
+            a @ a
+        torch.cuda.synchronize()
+    r = m.result
+    print(f"method={r.method} J={r.joules:.1f} s={r.seconds:.2f} mean={r.mean_w:.1f} W peak={r.peak_w} W "
+          f"idle={idle.mean_w:.1f} W samples={len(r.trace)}")
+    assert r.status == "measured" and r.backend == "nvml" and r.joules > 0
+    assert 20 < r.mean_w < 1500 and r.peak_w >= idle.mean_w * 0.5 and len(r.trace) >= 10
+    rows = {x.metric: x for x in E.energy_rows(r, idle, tokens=1000, **ROW)}
+    assert rows["j_per_token"].status == "measured" and rows["j_per_token"].value > 0
+    E.write_trace(tmp_path / "trace.csv", r)

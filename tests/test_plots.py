@@ -1,0 +1,185 @@
+"""plots.py draws measured rows only: gaps carry reasons, medians match the rows, captions cite provenance ids.
+
+All values below are made up for the tests (never results).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+from PIL import Image
+
+from moebench import plots
+from moebench.io import write_json
+from moebench.metrics import Row, write_rows
+
+GPU_TPS = {"hf_bf16": [1000.0, 1040.0], "hf_bnb4": [400.0, 420.0], "unsloth_bf16": [3000.0, 3100.0],
+           "unsloth_4bit": [1500.0, 1450.0]}
+SKIP_REASON = "experts4bit-qlora needs a CUDA card with compute capability >= 8.0"
+
+
+def _r(run, arm, stage, metric, value=None, unit="", draw=None, status="measured", reason="", **kw):
+    prec = "nf4" if ("4" in arm) else "bf16"
+    return Row(run, "h100", "gpt-oss-20b", arm, prec, stage, metric, value, unit, status=status, reason=reason,
+               draw=draw, source=f"results/{run}/arms/{arm}/draw{draw}/run.log", **kw)
+
+
+def write_fixture(root, run="fx-gpu", gpu=True, energy=True, loss=True):
+    """A made-up run directory in the results layout: one skipped arm, offload and energy rows, loss curves."""
+    d = root / run
+    rows = []
+    for arm, tps in GPU_TPS.items():
+        for k, t in enumerate(tps):
+            mem = "peak_alloc_gb" if gpu else "peak_rss_gb"
+            rows += [_r(run, arm, "bench", "tokens_per_s", t, "tokens/s", k, n=20),
+                     _r(run, arm, "bench", "step_s", 4096 / t, "s", k, n=20, spread=0.01),
+                     _r(run, arm, "bench", mem, 30.0 + 10 * ("bf16" in arm) + k, "GB", k)]
+    rows.append(_r(run, "e4b_4bit", "bench", "step_s", status="skipped", reason=SKIP_REASON, draw=0))
+    for arm in GPU_TPS:
+        if arm != "hf_bf16":
+            base, mine = statistics.median(4096 / t for t in GPU_TPS["hf_bf16"]), \
+                statistics.median(4096 / t for t in GPU_TPS[arm])
+            rows.append(_r(run, arm, "compare", "speedup_vs_hf_bf16", base / mine, "x"))
+    rows += [_r(run, "hf_bf16+expert_offload", "offload", "tokens_per_s", 300.0, "tokens/s", 0),
+             _r(run, "hf_bf16+expert_offload", "offload", "peak_alloc_gb", 12.0, "GB", 0),
+             _r(run, "unsloth_bf16+expert_offload", "offload", "tokens_per_s", status="failed",
+                reason="OOM at step 1", draw=0)]
+    if energy:
+        rows += [_r(run, "hf_bf16", "energy", "j_per_token", 0.5, "J/token", 0),
+                 _r(run, "hf_bf16", "energy", "j_per_token_net", 0.4, "J/token", 0),
+                 _r(run, "unsloth_bf16", "energy", "j_per_token", status="unavailable", reason="NVML energy "
+                    "counter not supported", draw=0)]
+    rows += [_r(run, "hf_bf16", "validate", "gate_loss_decreases", 1.0, "bool"),
+             _r(run, "unsloth_bf16", "validate", "gate_loss_decreases", status="skipped", reason="no GPU")]
+    write_rows(d / "metrics.csv", rows)
+    tier = {"tier": "h100" if gpu else "cpu", "host": {"cores": 2},
+            "gpu": {"name": "NVIDIA H100 80GB HBM3", "memory_gb": 79.2} if gpu else None, "plan": {}}
+    write_json(d / "tier.json", tier)
+    write_json(d / "verdict.json", {"verdict": "VIABLE", "reason": "made-up fixture verdict", "speedup": 2.07})
+    if loss:
+        for arm in ("hf_bf16", "unsloth_bf16"):
+            (d / "validate" / arm).mkdir(parents=True)
+            (d / "validate" / arm / "loss.csv").write_text("step,loss\n" + "".join(
+                f"{i},{5 - 0.1 * i}\n" for i in range(20)))
+    return d
+
+
+@pytest.fixture
+def gpu_run(tmp_path):
+    d = write_fixture(tmp_path)
+    plots.render_run(d, d / "plots")
+    return d
+
+
+def _side(d, name):
+    return json.loads((d / "plots" / f"{name}.json").read_text())
+
+
+def test_every_view_written_and_readable(gpu_run):
+    for name in plots.RUN_FIGURES:
+        img = Image.open(gpu_run / "plots" / f"{name}.png")
+        assert img.size[0] > 400 and img.size[1] > 300
+        assert (gpu_run / "plots" / f"{name}.caption.rst").read_text().strip()
+    for name in plots.RUN_TABLES:
+        assert "<table>" in (gpu_run / "plots" / f"{name}.html").read_text()
+
+
+def test_throughput_medians_and_ids(gpu_run):
+    by_arm = {s["arm"]: s for s in _side(gpu_run, "throughput")["series"]}
+    for arm, tps in GPU_TPS.items():
+        assert by_arm[arm]["median"] == pytest.approx(statistics.median(tps))
+        assert [p["id"] for p in by_arm[arm]["points"]] == [f"fx-gpu/bench/{arm}/d{k}/tokens_per_s"
+                                                           for k in range(len(tps))]
+    cap = (gpu_run / "plots" / "throughput.caption.rst").read_text()
+    assert "fx-gpu/bench/unsloth_bf16/d1/tokens_per_s" in cap and "3050" in cap
+
+
+def test_skipped_arm_is_a_gap_with_reason_not_a_zero(tmp_path):
+    d = write_fixture(tmp_path)
+    run = plots.load_run(d)
+    ss = plots.series(run, "bench", "tokens_per_s", plots.stage_arms(run, "bench"))
+    fig, (ax,) = plots._figure()
+    notes = []
+    plots.dotbar(ax, ss, "tokens/s", "tokens/s", notes)
+    heights = [p.get_height() for p in ax.patches if p.get_height() == p.get_height()]  # drop NaN slots
+    assert len(heights) == len(GPU_TPS) and min(heights) > 0  # one bar per measured arm, none for e4b_4bit
+    assert any("e4b_4bit" in n and SKIP_REASON in n for n in notes)
+    gap = next(s for s in ss if s.arm == "e4b_4bit")
+    assert gap.median is None and gap.gap == f"skipped: {SKIP_REASON}"
+    assert SKIP_REASON in plots.series_caption("fx-gpu", "t", ss)
+
+
+def test_speedup_uses_compare_rows_and_gaps(gpu_run):
+    sp = _side(gpu_run, "speedup")["baselines"]
+    us = next(s for s in sp["hf_bf16"] if s["arm"] == "unsloth_bf16")
+    step = {a: statistics.median(4096 / t for t in tps) for a, tps in GPU_TPS.items()}
+    assert us["median"] == pytest.approx(step["hf_bf16"] / step["unsloth_bf16"])
+    assert us["median_from"] == ["fx-gpu/compare/unsloth_bf16/speedup_vs_hf_bf16"]
+    # no compare row against unsloth_4bit in the fixture: computed from medians and says so
+    hb = next(s for s in sp["unsloth_4bit"] if s["arm"] == "hf_bf16")
+    assert hb["median"] == pytest.approx(step["unsloth_4bit"] / step["hf_bf16"]) and hb["how"].startswith("computed here")
+    assert next(s for s in sp["hf_bf16"] if s["arm"] == "e4b_4bit")["gap"].startswith("skipped")
+
+
+def test_memory_card_line_in_gb(gpu_run):
+    m = _side(gpu_run, "memory")
+    assert m["metric"] == "peak_alloc_gb"
+    assert m["card_gb"] == pytest.approx(79.2 * 2**30 / 1e9)
+
+
+def test_frontier_offload_modes(gpu_run):
+    f = _side(gpu_run, "frontier")
+    modes = {(p["arm"], p["mode"]) for p in f["points"]}
+    assert ("hf_bf16", "expert_offload") in modes and ("hf_bf16", "resident") in modes
+    assert any("unsloth_bf16+expert_offload" in g and "OOM" in g for g in f["gaps"])
+
+
+def test_empty_run_still_renders_and_says_why(tmp_path):
+    d = tmp_path / "cpu-empty"
+    write_rows(d / "metrics.csv", [Row("cpu-empty", "cpu", "m", a, "bf16", "bench", "step_s", status="skipped",
+                                       reason=f"{a} needs CUDA") for a in plots.ARM_ORDER])
+    plots.render_run(d, d / "plots")
+    assert all(s["median"] is None for s in _side(d, "throughput")["series"])
+    assert "needs CUDA" in (d / "plots" / "throughput.caption.rst").read_text()
+    assert _side(d, "loss")["curves"] == {}
+    assert _side(d, "memory")["card_gb"] is None
+    fig, (ax,) = plots._figure()
+    plots.dotbar(ax, plots.series(plots.load_run(d), "bench", "tokens_per_s", ["hf_bf16"]), "y", "tokens/s", [])
+    assert "no measured rows for tokens/s" in " ".join(t.get_text() for t in ax.texts)
+    assert not ax.patches
+
+
+def test_cpu_memory_falls_back_to_rss(tmp_path):
+    d = write_fixture(tmp_path, run="fx-cpu", gpu=False, energy=False, loss=False)
+    plots.render_run(d, d / "plots")
+    m = _side(d, "memory")
+    assert m["metric"] == "peak_rss_gb" and m["card_gb"] is None
+    e = _side(d, "energy")["series"]["j_per_token"]
+    assert all(s["median"] is None and s["gap"] for s in e)
+
+
+def test_tiers_and_summary(tmp_path):
+    a, b = write_fixture(tmp_path), write_fixture(tmp_path, run="fx-cpu", gpu=False)
+    plots.render_runs([a, b], tmp_path / "_report")
+    t = json.loads((tmp_path / "_report" / "tiers.json").read_text())
+    assert {bar["run"].split()[0] for bar in t["bars"]} == {"fx-gpu", "fx-cpu"}
+    s = (tmp_path / "_report" / "summary.rst").read_text()
+    assert "**VIABLE**" in s and "fx-cpu" in s
+
+
+def test_provenance_page_states_status(tmp_path):
+    d = write_fixture(tmp_path)
+    plots.provenance_page(d, d / "report")
+    assert "absent" in (d / "report" / "provenance.html").read_text()
+    write_json(d / "provenance_stamp.json", {"status": "pending", "calendars": ["a"]})
+    plots.provenance_page(d, d / "report")
+    assert "Stamp status: pending" in (d / "report" / "provenance.html").read_text()
+    assert "ots verify results/fx-gpu/provenance.json.ots" in (d / "report" / "provenance.html").read_text()
+
+
+def test_captions_are_valid_rst(gpu_run):
+    from docutils.core import publish_parts
+    for f in (gpu_run / "plots").glob("*.caption.rst"):
+        out = publish_parts(f.read_text(), writer_name="html", settings_overrides={"halt_level": 2})["body"]
+        assert "System Message" not in out, f.name

@@ -1,0 +1,87 @@
+# Provenance: every number of the run under a stable id with its source log's sha256, in a hash chain of
+# revisions (kept in the history dir), stamped with OpenTimestamps. `stamp` finishes within its timeout offline
+# and records the stamp as unreachable; `ots_upgrade` and `audit` are run by name (`snakemake ots_upgrade`).
+# All four run on the submitting host: cluster nodes often have no internet for the calendars.
+import os
+
+OTS_HISTORY = config.get("provenance", {}).get("history", "audits/.ots-history")
+
+
+localrules:
+    provenance,
+    stamp,
+    ots_upgrade,
+    audit,
+
+
+rule provenance:
+    input:
+        config=CONFIG,
+        metrics=f"{R}/metrics.csv",
+        tier=f"{R}/tier.json",
+        data=f"{R}/data/data.sha256",
+        model=f"{R}/model.sha256",
+        comparison=f"{R}/comparison.csv",
+        verdict=f"{R}/verdict.json",
+    output:
+        json=f"{R}/provenance.json",
+        md=f"{R}/PROVENANCE.md",
+    conda:
+        "../../environment.yml"
+    log:
+        f"{R}/logs/provenance.log",
+    params:
+        run_dir=lambda wildcards, input: os.path.dirname(input.metrics),
+        history=OTS_HISTORY,
+    shell:
+        "python -m moebench.provenance --run-dir {params.run_dir} --config {input.config}"
+        " --metrics {input.metrics} --tier {input.tier} --data-sha {input.data} --model-sha {input.model}"
+        " --comparison {input.comparison} --verdict {input.verdict} --history {params.history}"
+        " --out-json {output.json} --out-md {output.md} --log {log}"
+
+
+rule stamp:
+    input:
+        config=CONFIG,
+        provenance=f"{R}/provenance.json",
+    output:
+        f"{R}/provenance_stamp.json",
+    conda:
+        "../../environment.yml"
+    log:
+        f"{R}/logs/stamp.log",
+    shell:
+        "python -m moebench.stamp stamp --provenance {input.provenance} --config {input.config} --out {output}"
+        " --log {log}"
+
+
+# Run by name, later and online: fetches the Bitcoin attestations of every pending proof of this run (and stamps
+# the newest revision first when the calendars were unreachable before).
+rule ots_upgrade:
+    input:
+        config=CONFIG,
+        provenance=f"{R}/provenance.json",
+    conda:
+        "../../environment.yml"
+    log:
+        f"{R}/logs/ots_upgrade.log",
+    params:
+        record=f"{R}/provenance_stamp.json",
+    shell:
+        "python -m moebench.stamp upgrade --provenance {input.provenance} --config {input.config} --out {params.record}"
+        " --log {log}"
+
+
+# Run by name: re-derives every number of every run under results/ from its logs, checks the hash chains and the
+# proofs; writes audits/AUDIT-<date>.md and fails when anything does not check out.
+rule audit:
+    input:
+        config=CONFIG,
+        provenance=f"{R}/provenance.json",
+        stamp=f"{R}/provenance_stamp.json",
+    conda:
+        "../../environment.yml"
+    log:
+        f"{R}/logs/audit.log",
+    shell:
+        "python -m moebench.audit --results results --config {input.config} --out-dir audits --log {log}"
