@@ -41,7 +41,7 @@ def test_registry_knows_every_configured_arm_and_imports_nothing_heavy():
     assert set(arms.REGISTRY) == {"hf_bf16", "hf_bnb4", "unsloth_bf16", "unsloth_4bit", "e4b_4bit"}
     for name in arms.REGISTRY:
         arm = arms.get(name)
-        assert arm.name == name
+        assert arm.name == name and not isinstance(arm, arms.Broken), getattr(arm, "error", "")
     assert "unsloth" not in sys.modules and "bitsandbytes" not in sys.modules
     with pytest.raises(KeyError, match="known arms"):
         arms.get("nope")

@@ -116,6 +116,10 @@ def load_model(ctx: Ctx, arm, cfg: dict, plan: dict, model_dir: str, log, cuda: 
         ctx.add(f"{k.removesuffix('_gb')}_after_load_gb", v, "GB")
     census = measure.dtype_census(model)
     log.info("loaded: %s", json.dumps(loaded.info, default=str))
+    backend = loaded.info.get("moe_backend_gpt_oss") or loaded.info.get("moe_backend") or \
+        loaded.info.get("experts_implementation")
+    if backend:  # what really ran, not what was asked for
+        ctx.add("moe_backend", str(backend), "")
     log.info("dtype census after load: %s", json.dumps(census))
     ctx.add("trainable_params", sum(p.numel() for p in model.parameters() if p.requires_grad), "params")
     for cat in ("expert", "attention"):
@@ -261,6 +265,9 @@ def main(argv=None):
         try:
             with time_limit(cfg["arm_timeout_s"]):
                 run(ctx, arm, cfg, tier, a.model, a.data, log, bare_loop=a.arm in cfg["bare_loop_arms"])
+        except arm_registry.ArmUnavailable as exc:  # the arm itself found it cannot run here: say why
+            log.info("skipped at load: %s", exc)
+            ctx.add("step_s", status="skipped", reason=str(exc)[:600])
         except Exception as exc:  # OOM or crash: a failed row with the error, and the workflow goes on
             log.error("failed: %s\n%s", exc, traceback.format_exc())
             kind = "OOM" if "out of memory" in str(exc).lower() else type(exc).__name__

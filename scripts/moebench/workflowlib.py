@@ -53,3 +53,20 @@ def mem_mb(config: dict, stage: str) -> int:
 def draw_targets(tier_json: str, results: str, arms: list[str]) -> list[str]:
     plan = json.loads(Path(tier_json).read_text())["plan"]
     return [f"{results}/arms/{arm}/draw{k}/metrics.csv" for arm in arms for k in range(1, plan["draws"] + 1)]
+
+
+# Which config keys each stage's results depend on. Rules pass `settings(config, stage)` as a param, so
+# Snakemake reruns a job only when its own settings change (adding an arm reruns no other arm's draws).
+STAGE_KEYS = {
+    "detect": ["tier", "plan_overrides"],
+    "model": ["model", "seed", "data"],
+    "data": ["data"],
+    "bench": ["model", "lora", "seed", "arm_timeout_s", "idle_baseline_s", "bare_loop_arms"],
+    "aggregate": ["arms", "baselines", "verdict"],
+    "stamp": ["provenance"],
+}
+
+
+def settings(config: dict, stage: str) -> str:
+    keys = STAGE_KEYS.get(stage) or sorted(config)
+    return json.dumps({k: config.get(k) for k in keys}, sort_keys=True)

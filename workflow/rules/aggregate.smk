@@ -1,6 +1,5 @@
 rule aggregate:
     input:
-        config=CONFIG,
         draws=draws,
     output:
         metrics=f"{R}/metrics.csv",
@@ -8,10 +7,13 @@ rule aggregate:
                           labels={"run": RUN, "table": "comparison"}),
         markdown=f"{R}/comparison.md",
         verdict=f"{R}/verdict.json",
+    params:
+        config=CONFIG,
+        settings=wl.settings(config, "aggregate"),  # rerun when these settings change
     conda:
         "../../environment.yml"
     log:
         f"{R}/logs/aggregate.log",
     shell:
-        "python -m moebench.aggregate --config {input.config} --inputs {input.draws} --metrics {output.metrics}"
+        "python -m moebench.aggregate --config {params.config} --inputs {input.draws} --metrics {output.metrics}"
         " --comparison {output.comparison} --markdown {output.markdown} --verdict {output.verdict} > {log}"

@@ -1,12 +1,14 @@
 rule bench:
     input:
-        config=CONFIG,
         tier=f"{R}/tier.json",
         model=f"{R}/model",
         train=f"{R}/data/train.jsonl",
     output:
         metrics=f"{R}/arms/{{arm}}/draw{{draw}}/metrics.csv",
         env=f"{R}/arms/{{arm}}/draw{{draw}}/env.json",
+    params:
+        config=CONFIG,
+        settings=wl.settings(config, "bench"),  # rerun when these settings change
     conda:
         "../../environment.yml"
     log:
@@ -19,5 +21,5 @@ rule bench:
         mem_mb=wl.mem_mb(config, "bench"),
         runtime=30,
     shell:
-        "python -m moebench.bench --config {input.config} --tier {input.tier} --model {input.model} --data {input.train}"
+        "python -m moebench.bench --config {params.config} --tier {input.tier} --model {input.model} --data {input.train}"
         " --arm {wildcards.arm} --draw {wildcards.draw} --out {output.metrics} --log {log}"

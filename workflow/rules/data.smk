@@ -1,6 +1,5 @@
 rule data:
     input:
-        config=CONFIG,
         model=f"{R}/model",
     output:
         train=f"{R}/data/train.jsonl",
@@ -11,9 +10,11 @@ rule data:
     log:
         f"{R}/logs/data.log",
     params:
+        config=CONFIG,
+        settings=wl.settings(config, "data"),  # rerun when these settings change
         outdir=lambda wildcards, output: str(Path(output.sha).parent),
     resources:
         runtime=10,
     shell:
-        "python -m moebench.data --config {input.config} --model {input.model} --out {params.outdir} --sha {output.sha}"
+        "python -m moebench.data --config {params.config} --model {input.model} --out {params.outdir} --sha {output.sha}"
         " --log {log}"

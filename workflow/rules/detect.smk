@@ -1,8 +1,9 @@
 checkpoint detect:
-    input:
-        config=CONFIG,
     output:
         tier=f"{R}/tier.json",
+    params:
+        config=CONFIG,
+        settings=wl.settings(config, "detect"),  # rerun when these settings change
     conda:
         "../../environment.yml"
     log:
@@ -11,4 +12,4 @@ checkpoint detect:
         gpu=GPU,
         runtime=10,
     shell:
-        "python -m moebench.detect --config {input.config} --out {output.tier} --log {log}"
+        "python -m moebench.detect --config {params.config} --out {output.tier} --log {log}"

@@ -1,10 +1,12 @@
 rule model:
     input:
-        config=CONFIG,
         tier=f"{R}/tier.json",
     output:
         model=directory(f"{R}/model"),
         sha=f"{R}/model.sha256",
+    params:
+        config=CONFIG,
+        settings=wl.settings(config, "model"),  # rerun when these settings change
     conda:
         "../../environment.yml"
     log:
@@ -14,5 +16,5 @@ rule model:
         mem_mb=wl.mem_mb(config, "model"),
         runtime=60,
     shell:
-        "python -m moebench.models --config {input.config} --tier {input.tier} --out {output.model} --sha {output.sha}"
+        "python -m moebench.models --config {params.config} --tier {input.tier} --out {output.model} --sha {output.sha}"
         " --log {log}"

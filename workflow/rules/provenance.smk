@@ -16,7 +16,6 @@ localrules:
 
 rule provenance:
     input:
-        config=CONFIG,
         metrics=f"{R}/metrics.csv",
         tier=f"{R}/tier.json",
         data=f"{R}/data/data.sha256",
@@ -31,10 +30,12 @@ rule provenance:
     log:
         f"{R}/logs/provenance.log",
     params:
+        config=CONFIG,
+        settings=wl.settings(config, "all"),  # rerun when these settings change
         run_dir=lambda wildcards, input: os.path.dirname(input.metrics),
         history=OTS_HISTORY,
     shell:
-        "python -m moebench.provenance --run-dir {params.run_dir} --config {input.config}"
+        "python -m moebench.provenance --run-dir {params.run_dir} --config {params.config}"
         " --metrics {input.metrics} --tier {input.tier} --data-sha {input.data} --model-sha {input.model}"
         " --comparison {input.comparison} --verdict {input.verdict} --history {params.history}"
         " --out-json {output.json} --out-md {output.md} --log {log}"
@@ -42,16 +43,18 @@ rule provenance:
 
 rule stamp:
     input:
-        config=CONFIG,
         provenance=f"{R}/provenance.json",
     output:
         f"{R}/provenance_stamp.json",
+    params:
+        config=CONFIG,
+        settings=wl.settings(config, "stamp"),  # rerun when these settings change
     conda:
         "../../environment.yml"
     log:
         f"{R}/logs/stamp.log",
     shell:
-        "python -m moebench.stamp stamp --provenance {input.provenance} --config {input.config} --out {output}"
+        "python -m moebench.stamp stamp --provenance {input.provenance} --config {params.config} --out {output}"
         " --log {log}"
 
 
@@ -59,16 +62,17 @@ rule stamp:
 # the newest revision first when the calendars were unreachable before).
 rule ots_upgrade:
     input:
-        config=CONFIG,
         provenance=f"{R}/provenance.json",
     conda:
         "../../environment.yml"
     log:
         f"{R}/logs/ots_upgrade.log",
     params:
+        config=CONFIG,
+        settings=wl.settings(config, "stamp"),  # rerun when these settings change
         record=f"{R}/provenance_stamp.json",
     shell:
-        "python -m moebench.stamp upgrade --provenance {input.provenance} --config {input.config} --out {params.record}"
+        "python -m moebench.stamp upgrade --provenance {input.provenance} --config {params.config} --out {params.record}"
         " --log {log}"
 
 
@@ -76,12 +80,14 @@ rule ots_upgrade:
 # proofs; writes audits/AUDIT-<date>.md and fails when anything does not check out.
 rule audit:
     input:
-        config=CONFIG,
         provenance=f"{R}/provenance.json",
         stamp=f"{R}/provenance_stamp.json",
+    params:
+        config=CONFIG,
+        settings=wl.settings(config, "all"),  # rerun when these settings change
     conda:
         "../../environment.yml"
     log:
         f"{R}/logs/audit.log",
     shell:
-        "python -m moebench.audit --results results --config {input.config} --out-dir audits --log {log}"
+        "python -m moebench.audit --results results --config {params.config} --out-dir audits --log {log}"

@@ -1,11 +1,13 @@
 rule sweep:
     input:
-        config=CONFIG,
         tier=f"{R}/tier.json",
         model=f"{R}/model",
         train=f"{R}/data/train.jsonl",
     output:
         f"{R}/sweep/{{arm}}/{{kind}}.csv",
+    params:
+        config=CONFIG,
+        settings=wl.settings(config, "bench"),  # rerun when these settings change
     conda:
         "../../environment.yml"
     log:
@@ -17,5 +19,5 @@ rule sweep:
         mem_mb=wl.mem_mb(config, "bench"),
         runtime=120,
     shell:
-        "python -m moebench.sweep --config {input.config} --tier {input.tier} --model {input.model}"
+        "python -m moebench.sweep --config {params.config} --tier {input.tier} --model {input.model}"
         " --data {input.train} --arm {wildcards.arm} --kind {wildcards.kind} --out {output} --log {log}"

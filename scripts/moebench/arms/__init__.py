@@ -9,7 +9,7 @@ from .base import Arm, ArmUnavailable, Loaded, LoRASpec
 REGISTRY: dict[str, str] = {
     "hf_bf16": "hf:HFBf16",
     "hf_bnb4": "hf:HFBnb4",
-    "unsloth_bf16": "unsloth:UnslothBf16",
+    "unsloth_bf16": "unsloth:UnslothBF16",
     "unsloth_4bit": "unsloth:Unsloth4bit",
     "e4b_4bit": "e4b:E4B4bit",
 }

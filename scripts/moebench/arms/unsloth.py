@@ -1,0 +1,334 @@
+"""Unsloth arms: Split LoRA on bf16 grouped experts (`unsloth_bf16`) and QLoRA on bnb nf4 (`unsloth_4bit`).
+
+Loaded the way Unsloth's users load them: `FastLanguageModel.from_pretrained` then `get_peft_model` with
+the usual target_modules list; Unsloth itself turns gate/up/down into PEFT `target_parameters` on the fused
+expert tensors (bf16) or into per-expert Linear4bit targets (its bnb GPT-OSS layout). Nothing here imports
+unsloth at module level: importing it patches transformers, so it happens in `preimport` in the arm's own
+process, before the harness imports transformers.
+
+What really ran is recorded, not assumed: the MoE backend Unsloth selected (GPT-OSS's interleaved gate/up
+cannot run on the `unsloth_triton` kernels; unsloth_zoo maps that request to `grouped_mm`), and a dtype
+census of the weights after load (on a bf16 checkpoint `load_in_4bit` may leave the experts in bf16).
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections import defaultdict
+
+from .base import Arm, ArmUnavailable, Loaded, LoRASpec
+
+# Unsloth's own default; get_peft_model maps gate/up/down onto the expert tensors of a MoE.
+EXPERT_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+# ---------------------------------------------------------------- census (shared with the e4b arm)
+def _category(name: str) -> str:
+    if "lora_" in name or "_lora_" in name or "lora_A" in name or "lora_B" in name:
+        return "lora"
+    if ".experts." in name or name.endswith(".experts") or "experts" in name.split("."):
+        return "expert"
+    if "self_attn" in name:
+        return "attention"
+    return "other"
+
+
+def _storage(t, name: str = "") -> str:
+    """How a tensor is stored: 'nf4'/'fp4' for a quantized bnb weight, `quant-meta` for absmax/quant maps
+    (fp32 statistics beside packed 4-bit codes), else its torch dtype."""
+    if "absmax" in name or "quant_map" in name:
+        return "quant-meta"
+    cls = type(t).__name__
+    if cls == "Params4bit":
+        qs = getattr(t, "quant_state", None)
+        if qs is None:
+            return f"Params4bit-without-quant_state({str(t.dtype).replace('torch.', '')})"
+        return getattr(qs, "quant_type", "4bit")
+    return str(t.dtype).replace("torch.", "")
+
+
+def census(model) -> dict:
+    """Storage of every parameter and buffer by category (expert/attention/other/lora) and dtype.
+
+    Returns {"by_category": {cat: {storage: {"tensors", "numel", "bytes"}}}, "experts_4bit": bool,
+    "expert_bf16_bytes": int, "notes": [...]}. A packed 4-bit tensor is uint8 in torch terms: bnb's
+    Params4bit is named by its quant_type; e4b's packed expert buffers are reported as `uint8` under
+    `expert` beside their fp32 absmax."""
+    by = defaultdict(lambda: defaultdict(lambda: {"tensors": 0, "numel": 0, "bytes": 0}))
+    notes = []
+    seen = set()
+    named = [(n, t) for n, t in model.named_parameters(remove_duplicate=False)]
+    named += [(n, t) for n, t in model.named_buffers(remove_duplicate=False)]
+    for name, t in named:
+        if id(t) in seen or t is None:
+            continue
+        seen.add(id(t))
+        st = _storage(t, name)
+        if st.startswith("Params4bit-without"):
+            notes.append(f"no quant_state: {name}")
+        cell = by[_category(name)][st]
+        cell["tensors"] += 1
+        cell["numel"] += t.numel()
+        cell["bytes"] += t.numel() * t.element_size()
+    exp = by.get("expert", {})
+    big_float = {k: v for k, v in exp.items() if k in ("bfloat16", "float16", "float32") and v["numel"] > 1_000_000}
+    four = {k: v for k, v in exp.items() if k in ("nf4", "fp4", "uint8")}
+    return {
+        "by_category": {c: dict(v) for c, v in by.items()},
+        "experts_4bit": bool(four) and not big_float,
+        "expert_float_bytes": sum(v["bytes"] for v in big_float.values()),
+        "expert_4bit_bytes": sum(v["bytes"] for v in four.values()),
+        "notes": notes[:20] + ([f"... {len(notes) - 20} more"] if len(notes) > 20 else []),
+    }
+
+
+def expert_lora_coverage(model, num_layers: int) -> dict:
+    """Which decoder layers carry trainable LoRA tensors on their experts, and on which projections."""
+    # PEFT's target_parameters wrappers nest (experts.base_layer.lora_A...), so the name alone does not say
+    # which tensor an adapter belongs to: read the wrapper's own `parameter_name`.
+    owner = {}
+    for mname, mod in model.named_modules():
+        pname = getattr(mod, "parameter_name", None)
+        if isinstance(pname, str):
+            for n, _ in mod.named_parameters(prefix=mname):
+                if n.startswith(mname + ".lora_"):
+                    owner[n] = pname
+    layers, per_expert = defaultdict(set), defaultdict(set)
+    names = []
+    for n, p in model.named_parameters():
+        if not p.requires_grad or _category(n) != "lora" or "experts" not in n:
+            continue
+        names.append(n)
+        m = re.search(r"layers\.(\d+)\.", n)
+        if m:
+            src = owner.get(n, n)
+            proj = "gate_up" if "gate_up" in src else "down" if "down" in src else "?"
+            layers[int(m.group(1))].add(proj)
+            e = re.search(r"(gate_up_projs|down_projs)\.(\d+)\.", n)
+            if e:  # Unsloth's per-expert Linear layout: one adapter per expert
+                per_expert[(int(m.group(1)), proj)].add(int(e.group(2)))
+    covered = sorted(i for i, s in layers.items() if {"gate_up", "down"} <= s)
+    out = {"layers_with_expert_lora": covered, "all_layers": covered == list(range(num_layers)),
+           "projections": {i: sorted(s) for i, s in layers.items()}, "n_tensors": len(names),
+           "example_names": names[:6]}
+    if per_expert:
+        out["experts_per_layer_proj"] = {f"{k[0]}.{k[1]}": len(v) for k, v in sorted(per_expert.items())}
+    return out
+
+
+def versions(*dists: str) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for d in dists:
+        try:
+            out[d] = version(d)
+        except PackageNotFoundError:
+            out[d] = None
+    return out
+
+
+def trainable_summary(model) -> dict:
+    tr = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    non_lora = [n for n, _ in tr if _category(n) != "lora"]
+    return {"trainable_tensors": len(tr), "trainable_numel": sum(p.numel() for _, p in tr),
+            "trainable_dtypes": sorted({str(p.dtype) for _, p in tr}), "non_lora_trainable": non_lora[:10]}
+
+
+# ---------------------------------------------------------------- the arms
+class _UnslothArm(Arm):
+    stack = "unsloth"
+    needs_cuda = True
+    packages = ("unsloth", "unsloth_zoo", "peft")
+    four_bit = False
+
+    def preimport(self) -> None:
+        # Unsloth must be imported before transformers/peft to patch them; offline: no stats ping.
+        os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # its compiled kernels go to a cache dir, not into the working directory (the repo under Snakemake)
+        os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", os.path.join(tempfile.gettempdir(), "unsloth_compiled_cache"))
+        import unsloth  # noqa: F401
+
+    def load(self, model_dir: str, lora: LoRASpec, plan: dict) -> Loaded:
+        import torch
+
+        requested = plan.get("moe_backend") or "grouped_mm"
+        # Read lazily by unsloth_zoo at the first MoE call, so setting it here (after import) is in time.
+        os.environ["UNSLOTH_MOE_BACKEND"] = requested
+        from unsloth import FastLanguageModel
+
+        kw = dict(load_in_4bit=True) if self.four_bit else dict(load_in_4bit=False, load_in_16bit=True)
+        source = model_dir
+        if self.four_bit and has_fused_gptoss_experts(model_dir):
+            source = plan.get("unsloth_bnb4_dir") or bnb4_dir_for(model_dir)
+            if plan.get("unsloth_4bit_from_fused_bf16"):
+                source = model_dir  # reproduces the failure on purpose (experts/router newly initialized)
+            elif not has_any_weights(source):
+                raise ArmUnavailable(
+                    f"{self.name}: {model_dir} stores GPT-OSS experts fused (transformers layout); Unsloth's 4-bit "
+                    "GPT-OSS class reads per-expert Linear keys, so load_in_4bit=True on it leaves every expert and "
+                    "the router newly initialized (bf16, 'no quant_state found', NaN loss). Make the pre-quantized "
+                    f"checkpoint first: python -m moebench.arms.unsloth make-bnb4 {model_dir} {source}")
+        model, _tok = FastLanguageModel.from_pretrained(
+            model_name=source, max_seq_length=int(plan.get("seq_len", 2048)), dtype=torch.bfloat16,
+            full_finetuning=False, local_files_only=True, **kw)
+        info = {"loader": f"FastLanguageModel.from_pretrained({kw})", "moe_backend_requested": requested,
+                "checkpoint": source}
+        info["census_after_load"] = census(model)
+        gc = plan.get("gradient_checkpointing", "unsloth")
+        targets = list(lora.attention) + (list(EXPERT_TARGETS) if lora.experts else [])
+        model = FastLanguageModel.get_peft_model(
+            model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+            bias="none", use_gradient_checkpointing=(gc if gc else False), random_state=3407)
+        info["target_modules"] = targets
+        info["target_parameters"] = list(getattr(model.peft_config["default"], "target_parameters", None) or [])
+        info.update(observe_backend())
+        info["census_after_peft"] = census(model)
+        n_layers = int(getattr(model.config, "num_hidden_layers", 0))
+        info["expert_lora"] = expert_lora_coverage(model, n_layers)
+        info["trainable"] = trainable_summary(model)
+        info["versions"] = versions("unsloth", "unsloth_zoo", "transformers", "peft", "torch", "bitsandbytes",
+                                    "triton")
+        if self.four_bit and not info["census_after_load"]["experts_4bit"]:
+            info.setdefault("warnings", []).append(
+                "experts are NOT 4-bit after load_in_4bit=True (see census_after_load)")
+        return Loaded(model, info)
+
+
+def observe_backend() -> dict:
+    """The MoE backend unsloth_zoo selected, and its GPT-OSS view (interleaved gate/up). Call after a step too:
+    the grouped-QLoRA counters say whether the bnb experts ran grouped or fell back to the per-expert loop."""
+    out = {}
+    try:
+        from unsloth_zoo.temporary_patches import moe_utils
+
+        out["moe_backend_selected"] = moe_utils.select_moe_backend()
+        out["moe_backend_gpt_oss"] = moe_utils.select_moe_backend_for_interleaved_gate_up()
+    except Exception as exc:  # report, never guess
+        out["moe_backend_error"] = repr(exc)
+    try:
+        from unsloth_zoo.temporary_patches import gpt_oss_grouped_qlora as gq
+
+        out["grouped_qlora_calls"] = dict(gq.CALLS)
+        out["grouped_qlora_last_decline"] = gq.LAST_DECLINE.get("reason")
+    except Exception:
+        pass
+    return out
+
+
+# ---------------------------------------------------------------- the pre-quantized GPT-OSS checkpoint
+def _weight_keys(model_dir) -> list[str]:
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    keys = []
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            keys += list(h.keys())
+    return keys
+
+
+def has_any_weights(model_dir) -> bool:
+    from pathlib import Path
+
+    return Path(model_dir).is_dir() and any(Path(model_dir).glob("*.safetensors"))
+
+
+def has_fused_gptoss_experts(model_dir) -> bool:
+    return any(k.endswith("mlp.experts.gate_up_proj") for k in _weight_keys(model_dir))
+
+
+def bnb4_dir_for(model_dir) -> str:
+    return str(model_dir).rstrip("/") + "-unsloth-bnb4"
+
+
+def make_bnb4_checkpoint(src: str, dst: str, max_seq_length: int = 2048) -> dict:
+    """Quantize once and save, in the layout of Unsloth's published `-unsloth-bnb-4bit` GPT-OSS checkpoints.
+
+    Unsloth's 4-bit GPT-OSS class keeps each expert as its own Linear (`experts.gate_up_projs.<e>`,
+    `down_projs.<e>`) and the router as `router.linear`, so transformers' fused checkpoint does not fill it.
+    This loads the model the way Unsloth does (load_in_4bit=True), fills those modules from the fused tensors
+    (expert e's Linear weight is the transpose of gate_up_proj[e] / down_proj[e]; biases as stored), quantizes
+    each expert with the same bitsandbytes Params4bit settings Unsloth's own Linear4bit modules carry, and
+    saves with save_pretrained: no bf16 per-expert copy on disk. Needs CUDA and unsloth (imported first)."""
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    import unsloth  # noqa: F401
+    import torch
+    from bitsandbytes.nn import Params4bit
+    from safetensors import safe_open
+    from unsloth import FastLanguageModel
+    from pathlib import Path
+
+    model, tok = FastLanguageModel.from_pretrained(model_name=src, max_seq_length=max_seq_length, dtype=torch.bfloat16,
+                                                   load_in_4bit=True, local_files_only=True)
+    where = {}
+    for f in sorted(Path(src).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                where[k] = f
+
+    def get(key):
+        with safe_open(str(where[key]), framework="pt", device="cuda") as h:
+            return h.get_tensor(key)
+
+    n = 0
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            pre = f"model.layers.{i}.mlp."
+            ex, router = layer.mlp.experts, layer.mlp.router
+            router.linear.weight.data = get(pre + "router.weight").to(router.linear.weight.dtype)
+            router.linear.bias.data = get(pre + "router.bias").to(router.linear.bias.dtype)
+            for leaf, fused in (("gate_up_projs", "gate_up_proj"), ("down_projs", "down_proj")):
+                w_all, b_all = get(pre + "experts." + fused), get(pre + "experts." + fused + "_bias")
+                for e, lin in enumerate(getattr(ex, leaf)):
+                    old = lin.weight
+                    p = Params4bit(w_all[e].t().contiguous().to(torch.bfloat16), requires_grad=False,
+                                   quant_type=getattr(old, "quant_type", "nf4"),
+                                   compress_statistics=getattr(old, "compress_statistics", True),
+                                   blocksize=getattr(old, "blocksize", 64),
+                                   quant_storage=getattr(old, "quant_storage", torch.uint8), module=lin)
+                    lin.weight = p._quantize("cuda")
+                    lin.bias.data = b_all[e].to(lin.bias.dtype)
+                    n += 1
+                del w_all, b_all
+    torch.cuda.empty_cache()
+    report = {"experts_quantized": n, "census": census(model), "src": src}
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    return report
+
+
+class UnslothBF16(_UnslothArm):
+    name = "unsloth_bf16"
+    precision = "bf16"
+
+
+class Unsloth4bit(_UnslothArm):
+    name = "unsloth_4bit"
+    precision = "nf4"
+    packages = _UnslothArm.packages + ("bitsandbytes",)
+    four_bit = True
+
+
+ARMS = (UnslothBF16, Unsloth4bit)
+__all__ = ["UnslothBF16", "Unsloth4bit", "census", "expert_lora_coverage", "observe_backend", "ArmUnavailable"]
+
+
+def main(argv=None):
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="Make the pre-quantized Unsloth bnb-4bit GPT-OSS checkpoint.")
+    ap.add_argument("cmd", choices=["make-bnb4"])
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    ap.add_argument("--max-seq-length", type=int, default=2048)
+    a = ap.parse_args(argv)
+    print(json.dumps(make_bnb4_checkpoint(a.src, a.dst, a.max_seq_length), indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
