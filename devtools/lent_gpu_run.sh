@@ -14,7 +14,7 @@ command -v python >/dev/null || ln -sf "$(command -v python3)" /tmp/site/bin/pyt
 log=/tmp/snakemake-$run.log
 if ! pgrep -f "snakemake.*runs/$run.yaml" >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,power.draw,temperature.gpu --format=csv | tee -a "$log"
-  setsid nohup snakemake --cores 8 --resources gpu=1 --configfile "config/runs/$run.yaml" "$@" >>"$log" 2>&1 < /dev/null &
+  setsid nohup snakemake "$@" --cores 8 --resources gpu=1 --configfile "config/runs/$run.yaml" --rerun-triggers params input code software-env >>"$log" 2>&1 < /dev/null &
   echo "started snakemake for $run (pid $!)"
 fi
 end=$((SECONDS + wait_s))

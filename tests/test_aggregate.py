@@ -42,3 +42,16 @@ def test_slow_split_lora_is_not_viable():
     lines, _ = aggregate.compare(rows, ["unsloth_bf16", "unsloth_4bit"], ["unsloth_4bit"])
     v = aggregate.verdict({l["arm"]: l for l in lines}, 1.5)
     assert v["verdict"] == "NOT VIABLE" and abs(v["speedup"] - 1.2) < 1e-9
+
+
+def test_without_unsloth_4bit_the_reference_is_a_really_4bit_arm():
+    rows = rows_for("unsloth_bf16", [0.5]) + rows_for("unsloth_4bit", [None], "skipped", "needs a bnb4 checkpoint")
+    for arm, step, frac in (("hf_bnb4", 1.0, 0.0), ("e4b_4bit", 4.0, 0.9)):
+        rows += rows_for(arm, [step])
+        rows.append(Row("r", "h100_80gb", "m", arm, "nf4", "bench", "expert_weights_4bit_fraction", frac, "fraction",
+                        draw=1, source="log"))
+    lines, _ = aggregate.compare(rows, ["unsloth_bf16", "unsloth_4bit", "hf_bnb4", "e4b_4bit"], [])
+    v = aggregate.verdict({l["arm"]: l for l in lines}, 1.5)
+    # hf_bnb4 is faster but its experts stayed bf16: it is no 4-bit reference
+    assert v["reference"] == "e4b_4bit" and v["speedup"] == 8.0 and v["verdict"] == "VIABLE"
+    assert "needs a bnb4 checkpoint" in v["reason"]

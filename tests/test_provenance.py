@@ -239,7 +239,12 @@ def test_stamp_offline_finishes_quickly_and_says_why(run):
 
 
 HARNESS = '''# Test harness: the main Snakefile defines RUN, R, CONFIG, then includes rules/provenance.smk.
+import sys
+from pathlib import Path
+
 configfile: "config/test.yaml"
+sys.path.insert(0, str(Path(workflow.basedir).parent / "scripts"))
+from moebench import workflowlib as wl  # noqa: E402
 
 RUN = config["run"]
 R = f"results/{RUN}"

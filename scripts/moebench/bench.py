@@ -279,7 +279,8 @@ def main(argv=None):
         log_row(log, r)
     env = {"arm": arm.name, "draw": a.draw, "started": started, "ended": datetime.now(timezone.utc).isoformat(),
            "python": sys.version, "platform": platform.platform(), "packages": versions(),
-           "env": {k: v for k, v in os.environ.items() if k.startswith(("UNSLOTH", "E4B", "CUDA_VISIBLE", "OFFLOAD"))},
+           "env": {k: v for k, v in os.environ.items() if k.startswith(("UNSLOTH", "E4B", "CUDA_VISIBLE", "OFFLOAD", "SLURM_JOB_ID", "SLURM_JOB_PARTITION",
+                                                                  "SLURMD_NODENAME"))},
            "plan": tier["plan"], "gpu": tier.get("gpu")}
     write_json(Path(a.out).parent / "env.json", env)
     write_rows(a.out, ctx.rows)  # last: its existence marks the draw complete

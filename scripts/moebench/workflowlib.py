@@ -20,6 +20,14 @@ def put_package_on_pythonpath() -> str:
     return scripts
 
 
+def check_executor(workflow) -> None:
+    """A Slurm run needs Slurm's commands here; the plugin would otherwise fail on a missing `sacct`."""
+    plugin = workflow.executor_plugin
+    if plugin is not None and plugin.name == "slurm" and shutil.which("sbatch") is None:
+        raise RuntimeError("--profile slurm-gpu submits jobs with `sbatch`, which is not on PATH here. Run on the "
+                           "cluster's login node (or load its Slurm module), or run locally: snakemake --cores 2")
+
+
 def write_effective_config(config: dict, path: str) -> str:
     """Write the validated config for the rules to read; leave the file alone when unchanged so a rerun with
     nothing changed does nothing (Snakemake compares modification times)."""

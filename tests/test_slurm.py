@@ -1,0 +1,236 @@
+"""`snakemake --profile slurm-gpu` against a real Slurm: tests/slurm/start.sh brings up a single-node cluster
+(Debian's Slurm 22.05, no accounting storage, CPU partitions `cpu` and `cpu2` standing in for GPU ones).
+
+Checks: the jobs went through sbatch (Slurm's own controller log and the per-job Slurm logs), the results have a
+local run's shape (same files, same model/data hashes, same metric rows), failures name the job's log, and the
+profile does not hang where `sacct` has nothing to say (the plugin's default does: shown, bounded by SIGKILL).
+Skips only when Slurm cannot be had here (not root, or apt cannot install it). Every step is bounded.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import BIN, QUICK, ROOT, copy_repo
+from moebench.metrics import read_rows
+
+SLURM = ROOT / "tests" / "slurm"
+STATE = Path(os.environ.get("MOEBENCH_SLURM_DIR", "/tmp/moebench-slurm"))
+PROFILES = ["--profile", "slurm-gpu", "--profile", "tests/slurm/profile"]  # literal, from the repo root
+ABS_PROFILES = ["--profile", str(ROOT / "slurm-gpu"), "--profile", str(SLURM / "profile")]
+# The plugin's own line per submission: "Job 3 has been submitted with SLURM jobid 12 (log: /…/12.log)."
+SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.")
+CLUSTER_RULES = {"detect", "model", "bench", "sweep"}  # need the GPU node; every other rule is a localrule
+# Two arms (one measured on CPU, one skipped there) keep the cluster run short; the local run has them all.
+ARMS = ["hf_bf16", "unsloth_4bit"]
+
+
+def bounded(cmd: list[str], cwd: Path, env: dict, limit: float) -> tuple[int | None, str]:
+    """Run in its own process group; SIGKILL the group on overrun (a hung Snakemake ignores SIGTERM).
+    Returns (exit code or None when killed, stdout+stderr)."""
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=limit)
+        return p.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        return None, out
+
+
+def ctld_log() -> str:
+    return (STATE / "log" / "slurmctld.log").read_text(errors="replace")
+
+
+def submissions(out: str) -> dict[str, list[tuple[int, Path]]]:
+    """Rule -> [(Slurm job id, Slurm log)] as the plugin reported them (the log dir is rule_<name>/...)."""
+    by_rule: dict[str, list[tuple[int, Path]]] = {}
+    for jobid, log in SUBMITTED.findall(out):
+        rule = next(p for p in Path(log).parts if p.startswith("rule_"))[len("rule_"):]
+        by_rule.setdefault(rule, []).append((int(jobid), Path(log)))
+    return by_rule
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    if os.geteuid() != 0:
+        pytest.skip("needs root: installs Slurm with apt and starts munged/slurmctld/slurmd")
+    try:
+        r = subprocess.run([str(SLURM / "start.sh")], capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("tests/slurm/start.sh took over 240 s")
+    if r.returncode == 77:
+        pytest.skip(f"no Slurm here: {r.stderr.strip()[-500:]}")
+    assert r.returncode == 0, f"start.sh failed:\n{r.stderr[-3000:]}"
+    conf = re.search(r"export SLURM_CONF=(\S+)", r.stdout).group(1)
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "SLURM_CONF": conf}
+    env.pop("SLURM_JOB_ID", None)  # pytest itself inside a Slurm job must not confuse the plugin
+    yield env
+    subprocess.run([str(SLURM / "stop.sh")], timeout=60)
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm_env, tmp_path_factory):
+    """The CPU-tier workflow through the profile, from a fresh copy of the repo, as a cluster user runs it."""
+    root = copy_repo(tmp_path_factory.mktemp("slurm-repo"))
+    mark = len(ctld_log())
+    t0 = time.time()
+    cmd = [str(BIN / "snakemake"), *PROFILES, *QUICK, f"arms=[{', '.join(ARMS)}]"]  # QUICK ends in --config
+    rc, out = bounded(cmd, root, slurm_env, limit=300)
+    return root, rc, out, ctld_log()[mark:], time.time() - t0
+
+
+def test_profile_is_found_from_repo_root_and_avoids_the_sacct_hang():
+    from snakemake.cli import get_profile_dir
+
+    cwd = os.getcwd()
+    try:  # snakemake resolves a bare profile name against the working directory first
+        os.chdir(ROOT)
+        assert get_profile_dir("slurm-gpu")[1].resolve() == ROOT / "slurm-gpu" / "config.yaml"
+    finally:
+        os.chdir(cwd)
+    prof = yaml.safe_load((ROOT / "slurm-gpu" / "config.yaml").read_text())
+    assert prof["executor"] == "slurm"
+    assert prof["slurm-status-command"] == "squeue"
+    assert {r for r, res in prof["set-resources"].items() if res.get("gpu") == 1} == CLUSTER_RULES
+    # The workflow profile (workflow/profiles/default, loaded by every run) overrides this one key by key and
+    # wipes its default-resources: it must hold nothing that would redirect or re-size cluster jobs.
+    for wp in (ROOT / "workflow" / "profiles" / "default", ROOT / "profiles" / "default"):
+        for f in wp.glob("*.yaml"):
+            keys = set(yaml.safe_load(f.read_text()) or {})
+            clash = {k for k in keys if k in ("executor", "default-resources", "set-resources", "jobs")
+                     or k.startswith("slurm")}
+            assert not clash, f"{f} sets {sorted(clash)}"
+
+
+def test_profile_names_only_rules_the_workflow_has():
+    """set-resources for a renamed rule is silently ignored: its jobs would then ask for no GPU."""
+    r = subprocess.run([str(BIN / "snakemake"), "--list-rules"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rules = set(r.stdout.split())
+    for prof in (ROOT / "slurm-gpu" / "config.yaml", SLURM / "profile" / "config.yaml"):
+        assert set(yaml.safe_load(prof.read_text())["set-resources"]) <= rules, prof
+    assert CLUSTER_RULES <= rules
+
+
+def test_workflow_runs_through_sbatch(slurm_run):
+    root, rc, out, ctld, took = slurm_run
+    assert rc is not None, f"killed after {took:.0f} s: the run hung\n{out[-4000:]}"
+    assert rc == 0, out[-6000:]
+    subs = submissions(out)
+    assert {"detect", "model", "bench"} <= set(subs), f"submitted rules: {sorted(subs)}"
+    assert set(subs) <= CLUSTER_RULES, f"light rules went to Slurm: {sorted(set(subs) - CLUSTER_RULES)}"
+    # Slurm's own records of every job the plugin says it submitted: accepted, placed, exited 0.
+    for rule, jobs in subs.items():
+        for jobid, log in jobs:
+            assert f"_slurm_rpc_submit_batch_job: JobId={jobid} " in ctld, (rule, jobid)
+            assert re.search(rf"sched: Allocate JobId={jobid} NodeList=\S+ #CPUs=\d+ Partition=cpu\b", ctld)
+            assert f"_job_complete: JobId={jobid} WEXITSTATUS 0" in ctld, (rule, jobid)
+            text = log.read_text()  # the profile keeps successful jobs' logs
+            assert re.search(rf"^(rule|checkpoint) {rule}:$", text, re.M) and "--mode remote" in text, log
+    n_bench = len(list((root / "results" / "local" / "arms").glob("*/draw*/metrics.csv")))
+    assert len(subs["bench"]) == n_bench > 0
+    # A measured number records the Slurm job it came from.
+    for jobid, log in subs["bench"]:
+        arm, draw = re.fullmatch(r"(.+)_(\d+)", log.parent.name).groups()
+        env = yaml.safe_load((root / "results" / "local" / "arms" / arm / f"draw{draw}" / "env.json").read_text())
+        assert str(env["env"].get("SLURM_JOB_ID")) == str(jobid), (arm, draw, env["env"])
+
+
+def test_slurm_results_have_the_local_runs_shape(slurm_run, cpu_run):
+    root, rc, out, _, _ = slurm_run
+    assert rc == 0, out[-3000:]
+    local, slurm = cpu_run / "results" / "local", root / "results" / "local"
+
+    def files(d: Path) -> set[str]:  # the local run's extra arms left out
+        rel = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
+        return {f for f in rel if not re.match(r"(arms|sweep)/", f) or f.split("/")[1] in ARMS}
+
+    assert files(slurm) == files(local)
+    for f in ("model.sha256", "data/data.sha256"):  # same seed, same bytes, wherever it ran
+        assert (slurm / f).read_text() == (local / f).read_text(), f
+
+    def shape(d: Path) -> set[tuple]:
+        return {(x.arm, x.metric, x.status, x.unit, x.draw) for x in read_rows(d / "metrics.csv") if x.arm in ARMS}
+
+    assert shape(slurm) == shape(local)
+    assert any(x.status == "measured" and x.value > 0 for x in read_rows(slurm / "metrics.csv"))
+
+
+TOY = """
+rule all:
+    input: "ok.txt", "fails.txt", "nopart.txt", "gpu.txt"
+rule ok:
+    output: "ok.txt"
+    shell: "echo $SLURM_JOB_ID > {output}"
+rule fails:
+    output: "fails.txt"
+    shell: "echo 'moebench-test: deliberate failure' >&2; exit 3"
+rule nopart:
+    output: "nopart.txt"
+    resources: slurm_partition="no_such_partition"
+    shell: "touch {output}"
+rule gpu:
+    output: "gpu.txt"
+    resources: gpu=1
+    shell: "touch {output}"
+"""
+
+
+def test_failures_name_the_cause_and_the_log(slurm_env, tmp_path):
+    (tmp_path / "Snakefile").write_text(TOY)
+    rc, out = bounded([str(BIN / "snakemake"), *ABS_PROFILES], tmp_path, slurm_env, limit=120)
+    assert rc not in (None, 0), out[-4000:]
+    assert (tmp_path / "ok.txt").is_file()  # keep-going: the other jobs still ran
+    # a failed job: Slurm's state and the path of its log, which holds the job's own error
+    block = out[out.index("Error in rule fails:"):]
+    assert "SLURM status is: 'FAILED'" in block[:600]
+    log = Path(re.search(r"log: (\S+\.log)", block).group(1))
+    assert "deliberate failure" in log.read_text()
+    # an unknown partition and a GPU request the cluster cannot serve: sbatch's own words and the call
+    assert "Invalid partition name specified" in out and "-p no_such_partition" in out
+    assert "Requested node configuration is not available" in out and "--gpus=1" in out
+
+
+def test_missing_sbatch_says_so(tmp_path):
+    """Submitting from a host without Slurm's commands: a plain message, not a traceback about `sacct`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    slurm_cmds = {"sbatch", "squeue", "sinfo", "sacct", "sacctmgr", "scontrol", "srun", "scancel", "sshare"}
+    for d in os.environ["PATH"].split(os.pathsep):
+        for f in Path(d).glob("*") if Path(d).is_dir() else []:
+            if f.name not in slurm_cmds and not (bin_dir / f.name).exists():
+                (bin_dir / f.name).symlink_to(f)
+    root = copy_repo(tmp_path / "repo")
+    env = {**os.environ, "PATH": f"{BIN}:{bin_dir}"}
+    assert shutil.which("sbatch", path=env["PATH"]) is None
+    cmd = [str(BIN / "snakemake"), "--profile", "slurm-gpu", "--slurm-init-seconds-before-status-checks", "2"]
+    rc, out = bounded(cmd, root, env, limit=120)
+    assert rc not in (None, 0), out[-3000:]
+    tail = out[-1500:]
+    assert "sbatch" in tail and "not on PATH" in tail, tail
+    assert "No such file or directory: 'sacct'" not in out
+
+
+def test_default_status_command_hangs_without_accounting(slurm_env, tmp_path):
+    """Why the profile says `slurm-status-command: squeue`: with the plugin's default (`sacct`, because the
+    binary exists) on a cluster without accounting, the job completes in Slurm and Snakemake never notices.
+    If this starts passing through, the plugin learnt to cope and the profile setting is belt and braces."""
+    (tmp_path / "Snakefile").write_text("rule ok:\n    output: 'ok.txt'\n    shell: 'touch {output}'\n")
+    cmd = [str(BIN / "snakemake"), *ABS_PROFILES, "--slurm-status-command", "sacct"]
+    rc, out = bounded(cmd, tmp_path, slurm_env, limit=35)  # squeue finishes this in ~15 s (polls at 2, 14 s)
+    jobid = SUBMITTED.search(out).group(1)
+    state = subprocess.run(["scontrol", "show", "job", jobid], capture_output=True, text=True, env=slurm_env,
+                           timeout=30).stdout
+    assert "JobState=COMPLETED" in state and (tmp_path / "ok.txt").exists()
+    assert rc is None, f"finished (rc={rc}) despite sacct answering nothing:\n{out[-2000:]}"
