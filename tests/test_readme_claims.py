@@ -1,0 +1,53 @@
+"""Every H100 figure the README quotes is checked against the committed run's tables (no number drifts)."""
+import csv
+import re
+
+from conftest import ROOT
+
+RUN = ROOT / "results" / "h100-gptoss20b"
+
+
+def comparison():
+    return {r["arm"]: r for r in csv.DictReader((RUN / "comparison.csv").open())}
+
+
+def readme_rows():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Results so far", 1)[1].split("\n## ", 1)[0]
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and cells[0] in comparison() and cells[1] != "skipped":
+            yield cells
+
+
+def test_readme_table_matches_comparison_csv():
+    comp, seen = comparison(), 0
+    for arm, step, tps, peak, _four, _j, speed in readme_rows():
+        c = comp[arm]
+        assert f"{float(c['step_s']):.3f}" == step, arm
+        assert f"{float(c['tokens_per_s']):.0f}" == tps, arm
+        assert f"{float(c['peak_alloc_gb']):.1f}" == peak, arm
+        assert f"{float(c['speedup_vs_hf_bf16']):.2f}x" == speed, arm
+        seen += 1
+    assert seen == 4
+
+
+def test_readme_headline_ratio_is_the_verdicts():
+    import json
+
+    v = json.loads((RUN / "verdict.json").read_text())
+    assert v["reference"] == "e4b_4bit" and f"{v['speedup']:.1f}x faster" in (ROOT / "README.md").read_text()
+
+
+def test_readme_energy_and_draw_figures_are_in_the_metrics():
+    rows = list(csv.DictReader((RUN / "metrics.csv").open()))
+    text = (ROOT / "README.md").read_text()
+    for arm in ("unsloth_bf16", "hf_bf16", "e4b_4bit"):
+        for r in rows:
+            if r["arm"] == arm and r["metric"] == "j_per_token":
+                assert f"{float(r['value']):.3f}" in text, (arm, r["draw"])
+    steps = [float(r["value"]) for r in rows if r["arm"] == "unsloth_bf16" and r["metric"] == "step_s"]
+    assert all(f"{s:.3f} s" in text for s in steps)
+    ratios = [float(r["value"]) for r in rows if r["metric"] == "harness_over_bare"]
+    assert sorted(f"{x:.2f}" for x in ratios) == sorted(re.findall(r"ratio was ([0-9.]+) in one draw and ([0-9.]+)",
+                                                                 text)[0])
