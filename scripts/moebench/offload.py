@@ -424,3 +424,119 @@ class ExpertOffloader:
         self.stats["refetches"] += 1
         view = self.home[x.name].as_strided(x.size, x.stride, x.offset)
         return view.to(self.device, non_blocking=self.cuda)
+
+
+# ---------------------------------------------------------------- the offload stage (one arm x mode a process)
+MODES = ("none", "plain", "unsloth", "expert_offload")
+
+
+def mode_plan(arm, mode: str, plan: dict) -> tuple[dict, str | None]:
+    """The arm's plan for one offload mode, or a reason why the arm cannot run in that mode."""
+    p = dict(plan)
+    if mode == "unsloth":
+        if arm.stack != "unsloth":
+            return p, f"{arm.name}: Unsloth's offloaded-activation checkpointing needs an Unsloth arm"
+        p["gradient_checkpointing"] = "unsloth"
+    elif mode == "expert_offload":
+        if arm.stack != "hf" or arm.precision != "bf16":
+            return p, (f"{arm.name}: expert offload is implemented for hf_bf16 (ExpertOffloader); "
+                       "experts4bit-qlora's OFFLOAD_EXPERTS refuses expert LoRA")
+        p.update(gradient_checkpointing=True, load_on="cpu")  # the whole model never has to fit on the GPU
+    else:
+        p["gradient_checkpointing"] = mode == "plain"
+    return p, None
+
+
+def _timed_tokens_per_s(model, opt, xs, cuda, warm: int = 1) -> tuple[float, list[float]]:
+    from . import bench, measure
+
+    for x in xs[:warm]:
+        bench.train_step(model, opt, x)
+    timer = measure.StepTimer(cuda)
+    for x in xs[warm:]:
+        with timer:
+            bench.train_step(model, opt, x)
+    s = measure.summary(timer.times)
+    return xs[0].numel() / s["median"], timer.times
+
+
+def run_mode(ctx, arm, cfg: dict, tier: dict, mode: str, model_dir: str, data_path: str, log) -> None:
+    """Load the arm in this mode, time it uncapped (speed, peak memory, energy), then under each memory cap."""
+    from . import bench, energy, measure
+
+    arm.preimport()
+    import torch
+
+    cuda = torch.cuda.is_available()
+    plan, _ = mode_plan(arm, mode, tier["plan"])
+    model = bench.load_model(ctx, arm, cfg, plan, model_dir, log, cuda)
+    offloader = ExpertOffloader(model, "cuda").attach() if mode == "expert_offload" else None
+    if offloader:
+        ctx.add("alloc_after_offload_gb", torch.cuda.memory_allocated() / 1e9, "GB")
+    steps = cfg["offload"]["steps"]
+    xs = bench.make_inputs(model_dir, data_path, plan, steps + 1, cfg["seed"], cuda)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    model.train()
+    torch.cuda.reset_peak_memory_stats()
+    meter = energy.EnergyMeter(backend="auto")
+    with meter:
+        tps, times = _timed_tokens_per_s(model, opt, xs, cuda)
+    s = measure.summary(times)
+    ctx.add("step_s", s["median"], "s", n=s["n"], spread=s["iqr"], stage="offload")
+    ctx.add("tokens_per_s", tps, "tokens/s", n=s["n"], stage="offload")
+    for k, v in measure.memory_peak(cuda).items():
+        ctx.add(k, v, "GB", stage="offload")
+    ctx.rows.extend(energy.energy_rows(meter.result, None, xs[0].numel() * s["n"], **bench._row_kwargs(ctx)))
+    if offloader:
+        log.info("offloader stats: %s", offloader.stats)
+    for cap in sorted(caps_from_config(cfg), reverse=True):
+        att = try_at_cap(cap, lambda: _timed_tokens_per_s(model, opt, xs[: min(len(xs), 4)], cuda)[0])
+        log.info("cap %s GiB: %s %s", cap, att.outcome, att.reason)
+        ctx.rows.extend(fit_rows(att, **bench._row_kwargs(ctx)))
+
+
+def main(argv=None):
+    import argparse
+
+    from . import arms as registry
+    from . import bench
+    from . import config as cfgmod
+    from .io import logger, read_json
+    from .metrics import log_row, write_rows
+
+    ap = argparse.ArgumentParser(description="One arm in one offload mode: speed, memory, energy, memory caps.")
+    for a in ("--config", "--tier", "--model", "--data", "--arm", "--mode", "--out", "--log"):
+        ap.add_argument(a, required=True)
+    a = ap.parse_args(argv)
+    log = logger("offload", a.log)
+    cfg, tier = cfgmod.load(a.config), read_json(a.tier)
+    arm = registry.get(a.arm)
+    ctx = bench.Ctx(cfg["run"], tier["tier"], cfg["model"]["name"], f"{arm.name}+{a.mode}", arm.precision, 1, a.log)
+    _, reason = mode_plan(arm, a.mode, tier["plan"])
+    reason = reason or bench.unavailable(arm, tier["plan"], tier.get("gpu") is not None)
+    if reason is None and tier.get("gpu") is None:
+        reason = "offload and memory caps measure GPU memory; the CPU tier has none"
+    if reason:
+        ctx.add("step_s", status="skipped", reason=reason, stage="offload")
+    else:
+        try:
+            with bench.time_limit(cfg["arm_timeout_s"]):
+                run_mode(ctx, arm, cfg, tier, a.mode, a.model, a.data, log)
+        except registry.ArmUnavailable as exc:
+            ctx.add("step_s", status="skipped", reason=str(exc)[:600], stage="offload")
+        except Exception as exc:  # noqa: BLE001 - a failed mode is a row, the workflow goes on
+            import traceback
+
+            log.error("failed: %s\n%s", exc, traceback.format_exc())
+            kind = "OOM" if is_oom(exc) else type(exc).__name__
+            ctx.add("step_s", status="failed", reason=f"{kind}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+                    stage="offload")
+    for r in ctx.rows:
+        if r.stage == "bench":  # load-time rows of this process belong to the offload stage
+            r.stage = "offload"
+        log_row(log, r)
+    write_rows(a.out, ctx.rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -70,6 +70,7 @@ STAGE_KEYS = {
     "model": ["model", "seed", "data"],
     "data": ["data"],
     "bench": ["model", "lora", "seed", "arm_timeout_s", "idle_baseline_s", "bare_loop_arms"],
+    "offload": ["model", "lora", "seed", "offload", "arm_timeout_s"],
     "aggregate": ["arms", "baselines", "verdict"],
     "stamp": ["provenance"],
 }

@@ -28,7 +28,8 @@ class HFBf16(Arm):
         from transformers import AutoModelForCausalLM
 
         cuda = torch.cuda.is_available()
-        kwargs = {"dtype": torch.bfloat16, "device_map": "cuda" if cuda else "cpu"}
+        # load_on="cpu": the expert-offload mode streams experts from host memory, so load there first
+        kwargs = {"dtype": torch.bfloat16, "device_map": plan.get("load_on") or ("cuda" if cuda else "cpu")}
         if self.quantization() is not None:
             kwargs["quantization_config"] = self.quantization()
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)

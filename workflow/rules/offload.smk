@@ -1,0 +1,23 @@
+rule offload:
+    input:
+        tier=f"{R}/tier.json",
+        model=f"{R}/model",
+        train=f"{R}/data/train.jsonl",
+    output:
+        f"{R}/offload/{{arm}}/{{mode}}/metrics.csv",
+    params:
+        config=CONFIG,
+        settings=wl.settings(config, "offload"),  # rerun when these settings change
+    conda:
+        "../../environment.yml"
+    log:
+        f"{R}/offload/{{arm}}/{{mode}}/run.log",
+    wildcard_constraints:
+        mode="none|plain|unsloth|expert_offload",
+    resources:
+        gpu=GPU,
+        mem_mb=wl.mem_mb(config, "bench"),
+        runtime=30,
+    shell:
+        "python -m moebench.offload --config {params.config} --tier {input.tier} --model {input.model}"
+        " --data {input.train} --arm {wildcards.arm} --mode {wildcards.mode} --out {output} --log {log}"
