@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CORES ?= all
 GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
+# Rules call `python -m moebench...`: the venv's python must come first on PATH for every job.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup run test report lint clean
 setup: $(VENV)/.installed

@@ -447,15 +447,19 @@ def mode_plan(arm, mode: str, plan: dict) -> tuple[dict, str | None]:
     return p, None
 
 
-def _timed_tokens_per_s(model, opt, xs, cuda, warm: int = 1) -> tuple[float, list[float]]:
+def _timed_tokens_per_s(model, opt, xs, cuda, warm: int = 1, meter=None) -> tuple[float, list[float]]:
+    """Warm up, then time; the energy meter (when given) covers the timed steps only."""
+    from contextlib import nullcontext
+
     from . import bench, measure
 
     for x in xs[:warm]:
         bench.train_step(model, opt, x)
     timer = measure.StepTimer(cuda)
-    for x in xs[warm:]:
-        with timer:
-            bench.train_step(model, opt, x)
+    with meter or nullcontext():
+        for x in xs[warm:]:
+            with timer:
+                bench.train_step(model, opt, x)
     s = measure.summary(timer.times)
     return xs[0].numel() / s["median"], timer.times
 
@@ -479,8 +483,7 @@ def run_mode(ctx, arm, cfg: dict, tier: dict, mode: str, model_dir: str, data_pa
     model.train()
     torch.cuda.reset_peak_memory_stats()
     meter = energy.EnergyMeter(backend="auto")
-    with meter:
-        tps, times = _timed_tokens_per_s(model, opt, xs, cuda)
+    tps, times = _timed_tokens_per_s(model, opt, xs, cuda, meter=meter)
     s = measure.summary(times)
     ctx.add("step_s", s["median"], "s", n=s["n"], spread=s["iqr"], stage="offload")
     ctx.add("tokens_per_s", tps, "tokens/s", n=s["n"], stage="offload")

@@ -235,8 +235,13 @@ def build(a, root: Path = Path(".")) -> dict:
     counts = {}
     for n in nums:
         counts[n["status"]] = counts.get(n["status"], 0) + 1
-    return {"schema": SCHEMA, "run": run, "project": git_state(root), "times": times, "inputs": inputs(a, root),
-            "environment": env, "numbers": nums + comp,
+    doc_inputs = inputs(a, root)
+    claims = []
+    if getattr(a, "claims", None):  # the claims ledger's verdicts, each with the ids it rests on
+        claims = read_json(a.claims)["claims"]
+        doc_inputs["claims"] = {"path": _rel(Path(a.claims), root), "sha256": sha256_file(a.claims)}
+    return {"schema": SCHEMA, "run": run, "project": git_state(root), "times": times, "inputs": doc_inputs,
+            "environment": env, "numbers": nums + comp, "claims": claims,
             "summary": {"rows": len(nums), "derived": len(comp), **{f"status_{k}": v for k, v in counts.items()}}}
 
 
@@ -319,7 +324,7 @@ def render_md(doc: dict, sha: str, json_path: str) -> str:
              + (f" ({git['note']})" if git.get("note") else ""),
              f"- run started {t.get('started')}, ended {t.get('ended')}", "",
              "## Inputs", ""]
-    for key in ("config", "data", "model", "tier", "metrics", "comparison", "verdict"):
+    for key in ("config", "data", "model", "tier", "metrics", "comparison", "verdict", "claims"):
         if key in inp:
             lines.append(f"- {key}: `{inp[key]['path']}` sha256 `{inp[key]['sha256']}`")
     for name, s in sorted(inp["data"]["files"].items()):
@@ -340,6 +345,11 @@ def render_md(doc: dict, sha: str, json_path: str) -> str:
         reason = str(n.get("reason", "")).replace("|", "\\|")
         lines.append(f"| `{n['id']}` | {_v(n['value'])} | {n['unit']} | {_v(n['n'])} | {_v(n['spread'])} | "
                      f"{n['status']} | {reason} | `{n['source']}` | `{n['source_sha256'][:16]}` |")
+    if doc.get("claims"):
+        lines += ["", "## Claims", "", "| claim | verdict | value | rests on |", "|---|---|---|---|"]
+        for c in doc["claims"]:
+            ids = ", ".join(f"`{i}`" for i in c.get("provenance_ids", []))
+            lines.append(f"| {c.get('id')} | {c.get('verdict')} | {_v(c.get('value'))} | {ids} |")
     return "\n".join(lines) + "\n"
 
 
@@ -359,6 +369,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model-sha", required=True)
     ap.add_argument("--comparison", required=True)
     ap.add_argument("--verdict")
+    ap.add_argument("--claims", help="claims.json of the run (the ledger's verdicts)")
     ap.add_argument("--history", default=DEFAULT_HISTORY, help="where revisions are kept (default %(default)s)")
     ap.add_argument("--out-json", required=True)
     ap.add_argument("--out-md", required=True)

@@ -22,6 +22,7 @@ rule provenance:
         model=f"{R}/model.sha256",
         comparison=f"{R}/comparison.csv",
         verdict=f"{R}/verdict.json",
+        claims=f"{R}/claims.json",
     output:
         json=f"{R}/provenance.json",
         md=f"{R}/PROVENANCE.md",
@@ -37,7 +38,7 @@ rule provenance:
     shell:
         "python -m moebench.provenance --run-dir {params.run_dir} --config {params.config}"
         " --metrics {input.metrics} --tier {input.tier} --data-sha {input.data} --model-sha {input.model}"
-        " --comparison {input.comparison} --verdict {input.verdict} --history {params.history}"
+        " --comparison {input.comparison} --verdict {input.verdict} --claims {input.claims} --history {params.history}"
         " --out-json {output.json} --out-md {output.md} --log {log}"
 
 
