@@ -268,6 +268,7 @@ def test_snakemake_rules_run_rerun_as_noop_and_lint_clean(run):
     shutil.copy(fr.ROOT / "workflow" / "rules" / "provenance.smk", root / "workflow" / "rules")
     shutil.copy(fr.ROOT / "environment.yml", root)
     (root / "workflow" / "Snakefile").write_text(HARNESS)
+    (run_dir / "claims.json").write_text('{"claims": []}\n')  # the claims ledger's output (its rule is not here)
     (root / "config").mkdir()
     (root / "config" / "test.yaml").write_text(f"run: {RUN}\n")
     cfg = run_dir / "config.yaml"

@@ -28,7 +28,7 @@ PROFILES = ["--profile", "slurm-gpu", "--profile", "tests/slurm/profile"]  # lit
 ABS_PROFILES = ["--profile", str(ROOT / "slurm-gpu"), "--profile", str(SLURM / "profile")]
 # The plugin's own line per submission: "Job 3 has been submitted with SLURM jobid 12 (log: /…/12.log)."
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.")
-CLUSTER_RULES = {"detect", "model", "bench", "sweep"}  # need the GPU node; every other rule is a localrule
+CLUSTER_RULES = {"detect", "model", "bench", "offload", "sweep"}  # need the GPU node; every other rule is a localrule
 # Two arms (one measured on CPU, one skipped there) keep the cluster run short; the local run has them all.
 ARMS = ["hf_bf16", "unsloth_4bit"]
 
