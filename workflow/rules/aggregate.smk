@@ -1,6 +1,7 @@
 rule aggregate:
     input:
         draws=draws,
+        gates=expand(f"{R}/validate/{{arm}}/gates.json", arm=config["arms"]),
     output:
         metrics=f"{R}/metrics.csv",
         comparison=report(f"{R}/comparison.csv", category="Throughput", subcategory=RUN, caption="../report/comparison.rst",
@@ -16,4 +17,4 @@ rule aggregate:
         f"{R}/logs/aggregate.log",
     shell:
         "python -m moebench.aggregate --config {params.config} --inputs {input.draws} --metrics {output.metrics}"
-        " --comparison {output.comparison} --markdown {output.markdown} --verdict {output.verdict} > {log}"
+        " --gates {input.gates} --comparison {output.comparison} --markdown {output.markdown} --verdict {output.verdict} > {log}"

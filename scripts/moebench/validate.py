@@ -1,0 +1,698 @@
+"""Training validation: does each arm really learn? A real LoRA fine-tune per arm with TRL's SFTTrainer, judged
+by quality gates, each recorded pass/fail with the value it rests on.
+
+One arm per process, loaded through the arm's own path (`arm.load`), trained on the synthetic Harmony data with
+packing, gradient accumulation, a cosine schedule with warm-up and 8-bit AdamW on a GPU (torch AdamW on CPU,
+where bitsandbytes' optimizer cannot run). Gates (pure functions below, so a test can build a run that fails each):
+  finite        no NaN/Inf training loss, gradient norm or held-out loss
+  loss_drop     mean loss of the last `window` steps below that of the first `window` by `min_loss_drop` (relative)
+  heldout_drop  held-out loss after training below the one before by `min_heldout_drop` (relative)
+  expert_grads  in every decoder layer every expert LoRA tensor (and, where the layout says which slice belongs to
+                which expert, every expert) received a non-zero finite gradient during the run
+  reload        the saved adapter, loaded onto the saved base model, reproduces the trained model's logits
+Router load per expert (tokens routed, its entropy and max/mean) is recorded per layer: the expert utilization
+view. It is information, not a gate: a random-init router has no right answer.
+
+Outputs in validate/<arm>/: metrics.csv (tidy rows, each also a MOEBENCH_ROW line of the log), loss.csv
+(step,loss), gates.json (the gate table), router.csv (tokens per layer and expert), adapter/ (the trained
+adapter). An arm that cannot run here gives `skipped` rows; one that crashes gives `failed` rows.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import math
+import re
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import arms as arm_registry
+from . import config as cfgmod
+from .io import atomic_write, logger, read_json, write_json
+from .metrics import Row, log_row, write_rows
+
+DEFAULTS = {"steps": 100, "cpu_steps": 12, "grad_accum": 4, "lr": 2e-4, "warmup_ratio": 0.1,
+            "scheduler": "cosine", "optim": "adamw_8bit", "max_grad_norm": 1.0, "packing_strategy": "wrapped",
+            "seq_len": None, "cpu_seq_len": 128, "window": 10, "min_loss_drop": 0.005, "min_heldout_drop": 0.0,
+            "min_expert_fraction": 1.0, "reload_rtol": 0.01, "reload_tokens": 64, "timeout_s": 3600}
+
+
+# ---- gates: pure functions over what the run recorded ------------------------------------------------------
+@dataclass
+class Gate:
+    name: str
+    passed: bool
+    value: float | None  # the number the gate rests on (None when it could not be computed)
+    threshold: float | None
+    unit: str
+    detail: str
+
+
+def _finite(x) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def gate_finite(losses: list[float], grad_norms: list[float], eval_losses: list[float],
+                nonfinite_grad_steps: int = 0) -> Gate:
+    """Value: how many recorded numbers were NaN/Inf (training losses, gradient norms, held-out losses), plus
+    the optimizer steps where some trainable tensor's gradient was not finite."""
+    bad_loss = [i + 1 for i, v in enumerate(losses) if not _finite(v)]
+    bad_grad = [i + 1 for i, v in enumerate(grad_norms) if not _finite(v)]
+    bad_eval = [v for v in eval_losses if not _finite(v)]
+    n = len(bad_loss) + len(bad_grad) + len(bad_eval) + nonfinite_grad_steps
+    if not losses:
+        return Gate("finite", False, None, 0, "count", "no training loss was recorded")
+    detail = (f"non-finite: loss at steps {bad_loss[:5]}, grad norm at steps {bad_grad[:5]}, "
+              f"{len(bad_eval)} held-out losses, {nonfinite_grad_steps} steps with a non-finite tensor gradient"
+              if n else f"{len(losses)} losses, {len(grad_norms)} grad norms, {len(eval_losses)} held-out losses, "
+                        "all finite")
+    return Gate("finite", n == 0, float(n), 0, "count", detail)
+
+
+def window_means(losses: list[float], window: int) -> tuple[int, float, float]:
+    """(w, mean of the first w, mean of the last w), w = min(window, len // 2) so the windows never overlap."""
+    w = min(window, len(losses) // 2)
+    if w < 1:
+        raise ValueError(f"{len(losses)} loss values: need at least 2 to compare a first and a last window")
+    return w, sum(losses[:w]) / w, sum(losses[-w:]) / w
+
+
+def gate_loss_drop(losses: list[float], window: int, min_drop: float) -> Gate:
+    """Value: relative fall of the mean training loss, 1 - mean(last w) / mean(first w); strictly positive
+    even when min_drop is 0."""
+    if len(losses) < 2:
+        return Gate("loss_drop", False, None, min_drop, "fraction", f"{len(losses)} loss values; need 2 or more")
+    w, first, last = window_means(losses, window)
+    if not (_finite(first) and _finite(last)) or first <= 0:
+        return Gate("loss_drop", False, None, min_drop, "fraction",
+                    f"window means not usable: first {first}, last {last}")
+    drop = 1 - last / first
+    return Gate("loss_drop", drop > 0 and drop >= min_drop, drop, min_drop, "fraction",
+                f"mean loss of the first {w} steps {first:.4f}, of the last {w} {last:.4f}: "
+                f"fell {drop:.1%} (needs > 0 and >= {min_drop:.1%})")
+
+
+def gate_heldout(before: float | None, after: float | None, min_drop: float) -> Gate:
+    """Value: relative fall of the held-out loss, 1 - after / before; it must be strictly positive even when
+    min_drop is 0 (a loss that stays put did not improve)."""
+    if not (_finite(before) and _finite(after)) or before <= 0:
+        return Gate("heldout_drop", False, None, min_drop, "fraction", f"held-out loss before {before}, after {after}")
+    drop = 1 - after / before
+    return Gate("heldout_drop", drop > 0 and drop >= min_drop, drop, min_drop, "fraction",
+                f"held-out loss {before:.4f} -> {after:.4f}: fell {drop:.1%} (needs > 0 and >= {min_drop:.1%})")
+
+
+def gate_expert_grads(layers: dict[int, dict], num_layers: int, min_expert_fraction: float = 1.0) -> Gate:
+    """`layers[l]` = {"tensors", "tensors_with_grad", and where the layout maps slices to experts, "experts",
+    "experts_with_grad"}. Value: the lowest per-layer fraction of expert LoRA tensors with a gradient."""
+    if not layers:
+        return Gate("expert_grads", False, 0.0, 1.0, "fraction", "no expert LoRA tensors in the model")
+    problems, fractions = [], []
+    for l in range(num_layers):
+        d = layers.get(l)
+        if not d or not d.get("tensors"):
+            problems.append(f"layer {l}: no expert LoRA tensors")
+            fractions.append(0.0)
+            continue
+        frac = d["tensors_with_grad"] / d["tensors"]
+        fractions.append(frac)
+        if frac < 1:
+            problems.append(f"layer {l}: {d['tensors_with_grad']}/{d['tensors']} expert LoRA tensors got a gradient")
+        if d.get("experts"):
+            ef = d["experts_with_grad"] / d["experts"]
+            if ef < min_expert_fraction:
+                problems.append(f"layer {l}: {d['experts_with_grad']}/{d['experts']} experts got a gradient "
+                                f"(needs {min_expert_fraction:.0%})")
+    worst = min(fractions)
+    detail = "; ".join(problems[:6]) if problems else \
+        f"every expert LoRA tensor of all {num_layers} layers got a non-zero finite gradient"
+    return Gate("expert_grads", not problems, worst, 1.0, "fraction", detail)
+
+
+def gate_reload(max_abs_diff: float | None, logit_scale: float | None, rtol: float,
+                fresh_diff: float | None = None) -> Gate:
+    """Value: max |trained - reloaded| / max |trained| over the logits of one batch. When the fresh model's
+    logits (before loading the adapter) are known they must differ by more, or the check proves nothing."""
+    if not (_finite(max_abs_diff) and _finite(logit_scale)) or logit_scale <= 0:
+        return Gate("reload", False, None, rtol, "fraction", f"logit difference not computed ({max_abs_diff})")
+    rel = max_abs_diff / logit_scale
+    ok, detail = rel <= rtol, f"max |logit diff| {max_abs_diff:.3g} = {rel:.2e} of max |logit| {logit_scale:.3g}"
+    if fresh_diff is not None:
+        detail += f"; before loading the adapter it was {fresh_diff:.3g}"
+        if not fresh_diff > max_abs_diff:
+            ok, detail = False, detail + ": the adapter made no difference, so the comparison is empty"
+    return Gate("reload", ok, rel, rtol, "fraction", detail)
+
+
+def router_summary(counts: list[float]) -> dict:
+    """Load of one layer's router over the run: entropy of the token share per expert (nats, and as a fraction
+    of log E, 1 = perfectly even), max/mean load and unused experts."""
+    total, n = float(sum(counts)), len(counts)
+    if total <= 0 or n == 0:
+        return {"tokens": total, "entropy": None, "entropy_norm": None, "max_over_mean": None, "unused": n}
+    p = [c / total for c in counts]
+    h = -sum(x * math.log(x) for x in p if x > 0)
+    return {"tokens": total, "entropy": h, "entropy_norm": h / math.log(n) if n > 1 else 1.0,
+            "max_over_mean": max(counts) / (total / n), "unused": sum(c == 0 for c in counts)}
+
+
+def judge(gates: list[Gate]) -> bool:
+    return bool(gates) and all(g.passed for g in gates)
+
+
+def overall_verdict(bench_verdict: dict, gates: dict[str, dict], arm: str = "unsloth_bf16") -> dict:
+    """The seed's rule with training health: VIABLE when bf16 Split LoRA beats 4-bit QLoRA by min_speedup with
+    expert LoRA present (aggregate.verdict) AND its fine-tune passes every gate. `gates` maps arm -> that arm's
+    gates.json document. A speed verdict without a training result cannot become VIABLE: NOT TESTABLE."""
+    per_arm = {a: _arm_training(d) for a, d in sorted(gates.items())}
+    out = {**bench_verdict, "speed_verdict": bench_verdict.get("verdict"), "training": per_arm}
+    speed = bench_verdict.get("verdict")
+    mine = per_arm.get(arm)
+    ref = bench_verdict.get("reference")
+    note = ""
+    if ref and ref in per_arm and per_arm[ref]["result"] != "PASS":
+        note = f" [the speed reference {ref} did not pass training validation: {per_arm[ref]['why']}]"
+    if speed != "VIABLE":
+        out["reason"] = bench_verdict.get("reason", "") + note
+        return out  # NOT VIABLE or NOT TESTABLE on speed alone; the gates cannot rescue it
+    if mine is None:
+        out.update(verdict="NOT TESTABLE", reason=f"{bench_verdict.get('reason', '')}; {arm} was not validated "
+                                                  f"(no gates.json){note}")
+    elif mine["result"] == "PASS":
+        out.update(verdict="VIABLE", reason=f"{bench_verdict.get('reason', '')}; {arm} training passes every gate"
+                                            f" ({', '.join(mine['gates'])}){note}")
+    elif mine["result"] == "FAIL":
+        out.update(verdict="NOT VIABLE", reason=f"{bench_verdict.get('reason', '')}; but {arm} training fails "
+                                                f"gates: {mine['why']}{note}")
+    else:
+        out.update(verdict="NOT TESTABLE", reason=f"{bench_verdict.get('reason', '')}; {arm} training "
+                                                  f"{mine['result'].lower()}: {mine['why']}{note}")
+    return out
+
+
+def _arm_training(doc: dict) -> dict:
+    if doc.get("status") != "measured":
+        return {"result": (doc.get("status") or "absent").upper(), "why": doc.get("reason", ""), "gates": []}
+    gs = doc.get("gates", [])
+    failed = [f"{g['name']} ({g['detail']})" for g in gs if not g["passed"]]
+    return {"result": "PASS" if doc.get("passed") else "FAIL", "why": "; ".join(failed),
+            "gates": [g["name"] for g in gs]}
+
+
+# ---- settings --------------------------------------------------------------------------------------------
+def run_settings(vcfg: dict | None, plan: dict, cuda: bool) -> dict:
+    """The validate config with defaults, resolved for this host: CPU takes cpu_steps / cpu_seq_len and torch
+    AdamW (bitsandbytes' 8-bit optimizer needs CUDA); sequence length defaults to the tier plan's."""
+    s = {**DEFAULTS, **(vcfg or {})}
+    seq = s["seq_len"] or plan["seq_len"]
+    if not cuda:
+        seq = min(seq, s["cpu_seq_len"] or seq)
+    return {**s, "steps": s["steps"] if cuda else s["cpu_steps"], "seq_len": int(seq), "batch": int(plan["batch"]),
+            "optim": s["optim"] if cuda else "adamw_torch", "bf16": cuda}
+
+
+# ---- recording during training -----------------------------------------------------------------------------
+def expert_lora_tensors(model) -> list[dict]:
+    """Every expert LoRA tensor (trainable or not: a frozen one must count as getting no gradient) with its
+    layer and, where the layout says so, which slice belongs to which expert:
+    PEFT target_parameters on fused [E, in, out] tensors: lora_A is [r*E, in] (expert e = rows e*r..), lora_B
+    is [out, r*E] (expert e = columns e, e+E, ...); Unsloth's per-expert Linears: `..._projs.<e>.`."""
+    layout = {}
+    for _, mod in model.named_modules():
+        ne = getattr(mod, "num_experts", None)
+        if isinstance(ne, int) and ne > 1 and hasattr(mod, "lora_A") and hasattr(mod, "parameter_name"):
+            for ad in mod.lora_A:
+                layout[id(mod.lora_A[ad].weight)] = ("A", ne)
+                layout[id(mod.lora_B[ad].weight)] = ("B", ne)
+    out = []
+    for n, p in model.named_parameters():
+        if "lora" not in n.lower() or "expert" not in n:
+            continue
+        m = re.search(r"layers\.(\d+)\.", n)
+        e = re.search(r"_projs\.(\d+)\.", n)
+        kind, ne = layout.get(id(p), (None, None))
+        out.append({"name": n, "param": p, "layer": int(m.group(1)) if m else -1, "kind": kind, "experts": ne,
+                    "expert": int(e.group(1)) if e else None})
+    return out
+
+
+class Recorder:
+    """Gradient facts at every optimizer step (after accumulation and clipping, before the update): non-finite
+    trainable gradients, and which expert LoRA tensors / expert slices ever got a non-zero finite gradient.
+    Router load: tokens per expert from each router's top-k indices while `counting` is on."""
+
+    def __init__(self, model, num_experts: int, top_k: int):
+        import torch
+
+        self.torch = torch
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.experts = expert_lora_tensors(model)
+        self.ever = [False] * len(self.experts)
+        self.expert_hits: dict[int, "torch.Tensor"] = {}  # per tensor with a per-expert layout
+        self.nonfinite_steps = 0
+        self.steps = 0
+        self.num_experts, self.top_k = num_experts, top_k
+        self.counts: dict[int, "torch.Tensor"] = {}
+        self.counting = False
+        self.hooks = []
+        for name, mod in model.named_modules():
+            if name.endswith("mlp.router"):
+                m = re.search(r"layers\.(\d+)\.", name)
+                self.hooks.append(mod.register_forward_hook(self._router_hook(int(m.group(1)) if m else -1)))
+
+    # -- router
+    def _router_hook(self, layer: int):
+        def hook(_mod, _inp, out):
+            if not self.counting:
+                return
+            idx = self._indices(out)
+            if idx is None:
+                return
+            c = self.torch.bincount(idx.reshape(-1).long(), minlength=self.num_experts)[: self.num_experts]
+            self.counts[layer] = self.counts[layer] + c if layer in self.counts else c
+        return hook
+
+    def _indices(self, out):
+        """GPT-OSS's router returns (logits, scores, indices); a router that returns logits only is read by
+        its top-k."""
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for t in outs:
+            if self.torch.is_tensor(t) and not t.is_floating_point():
+                return t
+        for t in outs:
+            if self.torch.is_tensor(t) and t.shape[-1] == self.num_experts:
+                return t.detach().topk(self.top_k, dim=-1).indices
+        return None
+
+    def router_counts(self) -> dict[int, list[int]]:
+        return {l: [int(x) for x in c.cpu()] for l, c in sorted(self.counts.items())}
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    # -- gradients
+    def on_step(self):
+        torch = self.torch
+        self.steps += 1
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        if grads:
+            norms = torch.stack([g.detach().float().norm() for g in grads])
+            if not bool(torch.isfinite(norms).all()):
+                self.nonfinite_steps += 1
+        for i, t in enumerate(self.experts):
+            g = t["param"].grad
+            if g is None:
+                continue
+            g = g.detach().float()
+            ok = torch.isfinite(g).all()
+            if bool(ok & (g.abs().sum() > 0)):
+                self.ever[i] = True
+            if t["kind"] is not None:
+                ne = t["experts"]
+                per = g.reshape(ne, -1).abs().sum(1) if t["kind"] == "A" else \
+                    g.reshape(g.shape[0], -1, ne).abs().sum((0, 1))
+                hit = (per > 0) & ok
+                self.expert_hits[i] = self.expert_hits[i] | hit if i in self.expert_hits else hit
+
+    def layer_table(self) -> dict[int, dict]:
+        """Per layer: expert LoRA tensors, those with a gradient, and (where known) experts whose every slice
+        got one."""
+        out: dict[int, dict] = {}
+        for i, t in enumerate(self.experts):
+            d = out.setdefault(t["layer"], {"tensors": 0, "tensors_with_grad": 0, "_experts": {}})
+            d["tensors"] += 1
+            d["tensors_with_grad"] += int(self.ever[i])
+            if t["kind"] is not None:
+                hits = self.expert_hits.get(i)
+                for e in range(t["experts"]):
+                    ok = bool(hits[e]) if hits is not None else False
+                    d["_experts"][e] = d["_experts"].get(e, True) and ok
+            elif t["expert"] is not None:
+                d["_experts"][t["expert"]] = d["_experts"].get(t["expert"], True) and self.ever[i]
+        for d in out.values():
+            ex = d.pop("_experts")
+            if ex:
+                d["experts"], d["experts_with_grad"] = len(ex), sum(ex.values())
+        return out
+
+
+def trainer_callback(rec: Recorder):
+    from transformers import TrainerCallback
+
+    class _CB(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            rec.on_step()
+
+    return _CB()
+
+
+# ---- the run ------------------------------------------------------------------------------------------------
+@dataclass
+class Ctx:
+    run_id: str
+    tier: str
+    model: str
+    arm: str
+    precision: str
+    log_path: str
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, metric, value=None, unit="", status="measured", reason="", n=None):
+        """A number that is not finite cannot be a measured row: it becomes a failed one that says so."""
+        if status == "measured" and (value is None or (isinstance(value, float) and not math.isfinite(value))):
+            status, reason = "failed", f"not a finite number ({value})"
+        r = Row(self.run_id, self.tier, self.model, self.arm, self.precision, "validate", metric, value, unit, n,
+                None, status, reason, self.log_path, None)
+        self.rows.append(r)
+        return r
+
+
+def read_texts(path: str) -> list[str]:
+    return [json.loads(line)["text"] for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def sft_config(s: dict, out_dir: str, seed: int):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=out_dir, max_steps=s["steps"], per_device_train_batch_size=s["batch"],
+        per_device_eval_batch_size=s["batch"], gradient_accumulation_steps=s["grad_accum"],
+        learning_rate=s["lr"], lr_scheduler_type=s["scheduler"], warmup_steps=s["warmup_ratio"],
+        optim=s["optim"], max_grad_norm=s["max_grad_norm"], bf16=s["bf16"],
+        # "wrapped" (default): conversations concatenated and cut into seq_len blocks, as bench does. The
+        # padding-free "bfd" strategies restart position_ids per conversation, but GPT-OSS (transformers 5.17)
+        # builds its mask without them, so packed conversations would attend to each other at reset positions.
+        packing=True,
+        packing_strategy=s["packing_strategy"], max_length=s["seq_len"], dataset_text_field="text",
+        logging_steps=1, logging_nan_inf_filter=False,  # the filter would hide a NaN loss from the gate
+        gradient_checkpointing=False,  # the arm has set up its own stack's checkpointing (tier plan)
+        eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True, seed=seed, data_seed=seed,
+        dataloader_num_workers=0, use_cpu=not s["bf16"])
+
+
+def trainer_class(trl_loss: bool):
+    """TRL 1.15's SFTTrainer computes its loss with a Triton kernel (fused LM head, GPU only). Without Triton
+    (the CPU torch wheel) the same packed batches go through the model's own causal-LM loss instead."""
+    from trl import SFTTrainer
+
+    if trl_loss:
+        return SFTTrainer
+    from transformers import Trainer
+
+    class PlainLossSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return PlainLossSFTTrainer
+
+
+def logits_of(model, x):
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=x).logits.float().cpu()
+
+
+def save_adapter(model, out: Path) -> str:
+    """PEFT models save their adapter (save_pretrained); a model with its own LoRA modules (e4b) saves its
+    trainable tensors."""
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "peft_config") and hasattr(model, "save_pretrained"):
+        model.save_pretrained(str(out))
+        return "peft"
+    from safetensors.torch import save_file
+
+    save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad},
+              str(out / "trainable.safetensors"))
+    return "trainable-state"
+
+
+def reload_logits(arm, model_dir: str, adapter: Path, lora, plan: dict, x, log) -> tuple:
+    """(logits before the adapter is loaded, logits after). hf arms: PeftModel.from_pretrained on the saved base
+    model, as a user would; other PEFT arms: the arm loads the base its own way, then PEFT loads the saved
+    weights into it; others: the arm loads, then its trainable tensors are loaded."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if (adapter / "adapter_config.json").exists() and arm.stack == "hf":
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        kw = {"dtype": torch.bfloat16, "device_map": "cuda" if cuda else "cpu"}
+        q = arm.quantization() if hasattr(arm, "quantization") else None
+        if q is not None:
+            kw["quantization_config"] = q
+        base = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
+        if plan.get("moe_backend") == "grouped_mm" and cuda and hasattr(base, "set_experts_implementation"):
+            base.set_experts_implementation("grouped_mm")  # as the arm trained it
+        fresh = logits_of(base, x)
+        model = PeftModel.from_pretrained(base, str(adapter))
+        how = "PeftModel.from_pretrained"
+    else:
+        model = arm.load(model_dir, lora, plan).model
+        fresh = logits_of(model, x)
+        if (adapter / "adapter_config.json").exists():
+            from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+            weights = load_peft_weights(str(adapter))
+            res = set_peft_model_state_dict(model, weights)
+            if res.unexpected_keys:
+                raise RuntimeError(f"adapter keys the reloaded model does not have: {res.unexpected_keys[:5]}")
+            how = f"{arm.name} load + set_peft_model_state_dict ({len(weights)} tensors)"
+        else:
+            from safetensors.torch import load_file
+
+            sd = load_file(str(adapter / "trainable.safetensors"))
+            res = model.load_state_dict(sd, strict=False)
+            if res.unexpected_keys:
+                raise RuntimeError(f"saved tensors the reloaded model does not have: {res.unexpected_keys[:5]}")
+            how = f"{arm.name} load + load_state_dict ({len(sd)} trainable tensors)"
+    log.info("reloaded the adapter: %s", how)
+    out = logits_of(model, x)
+    del model
+    return fresh, out, how
+
+
+def free_memory():
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def fine_tune(ctx: Ctx, trainer, rec: Recorder, out_dir: Path, log) -> dict:
+    """Held-out loss, training, held-out loss again; the per-step loss goes to loss.csv and into rows."""
+    before = trainer.evaluate()["eval_loss"]
+    log.info("held-out loss before training: %s", before)
+    rec.counting = True
+    t0 = time.perf_counter()
+    trainer.train()
+    ctx.add("train_s", time.perf_counter() - t0, "s")
+    rec.counting = False
+    after = trainer.evaluate()["eval_loss"]
+    log.info("held-out loss after training: %s", after)
+    hist = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
+    losses = [float(h["loss"]) for h in hist]
+    gnorms = [float(h["grad_norm"]) for h in hist if h.get("grad_norm") is not None]
+    log.info("loss per step: %s", [round(v, 5) for v in losses])
+    log.info("grad norm per step: %s", [round(v, 5) for v in gnorms])
+    atomic_write(out_dir / "loss.csv", "step,loss\n" + "".join(f"{h['step']},{float(h['loss'])!r}\n" for h in hist))
+    for h in hist:
+        ctx.add(f"loss_step_{int(h['step']):04d}", float(h["loss"]), "nats")
+    ctx.add("optimizer_steps", rec.steps, "count")
+    ctx.add("heldout_loss_before", before, "nats")
+    ctx.add("heldout_loss_after", after, "nats")
+    ctx.add("grad_norm_max", max(gnorms) if gnorms and all(map(_finite, gnorms)) else float("nan"), "norm")
+    ctx.add("nonfinite_grad_steps", rec.nonfinite_steps, "count")
+    return {"losses": losses, "gnorms": gnorms, "before": before, "after": after}
+
+
+def expert_rows(ctx: Ctx, layers: dict[int, dict]) -> None:
+    for l, d in sorted(layers.items()):
+        ctx.add(f"expert_lora_tensors_L{l:02d}", d["tensors"], "count")
+        ctx.add(f"expert_lora_tensors_with_grad_L{l:02d}", d["tensors_with_grad"], "count")
+        if "experts" in d:
+            ctx.add(f"experts_with_grad_L{l:02d}", d["experts_with_grad"], "count")
+
+
+def reload_gate(ctx: Ctx, arm, trained, x, model_dir: str, adapter: Path, lora, plan: dict, rtol: float,
+                log) -> tuple[Gate, str]:
+    """Reload the saved adapter (the trained model is gone by now: two full models may not fit) and compare."""
+    fresh, reloaded, how = reload_logits(arm, model_dir, adapter, lora, plan, x, log)
+    diff = float((trained - reloaded).abs().max())
+    fresh_diff = float((trained - fresh).abs().max())
+    scale = float(trained.abs().max())
+    ctx.add("reload_logits_max_abs_diff", diff, "logit")
+    ctx.add("reload_logits_max_abs", scale, "logit")
+    ctx.add("reload_fresh_logits_max_abs_diff", fresh_diff, "logit")
+    ctx.add("reload_argmax_agreement", float((trained.argmax(-1) == reloaded.argmax(-1)).float().mean()), "fraction")
+    return gate_reload(diff, scale, rtol, fresh_diff), how
+
+
+def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, train_path: str, heldout_path: str, out_dir: Path,
+        log) -> dict:
+    """Load, fine-tune, gate, save, reload. Returns the gates.json document (rows go to ctx)."""
+    arm.preimport()  # before transformers: Unsloth patches it at import
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from . import bench, measure
+
+    cuda = torch.cuda.is_available()
+    s = run_settings(cfg.get("validate"), tier["plan"], cuda)
+    log.info("settings: %s", json.dumps(s, sort_keys=True))
+    lora = bench.lora_spec(cfg)
+    torch.manual_seed(cfg["seed"])
+    t0 = time.perf_counter()
+    model = arm.load(model_dir, lora, tier["plan"]).model
+    ctx.add("load_s", time.perf_counter() - t0, "s")
+    ctx.add("trainable_params", sum(p.numel() for p in model.parameters() if p.requires_grad), "params")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    mc = model.config
+    rec = Recorder(model, int(getattr(mc, "num_local_experts", 0) or 0), int(getattr(mc, "num_experts_per_tok", 1)))
+    ctx.add("expert_lora_tensors", len(rec.experts), "count")
+    ctx.add("expert_lora_params", sum(t["param"].numel() for t in rec.experts), "params")
+    scratch = tempfile.TemporaryDirectory(prefix="moebench-sft-")  # the trainer's output_dir; it saves nothing
+    trl_loss = cuda and importlib.util.find_spec("triton") is not None
+    ctx.add("loss_path", "trl fused LM head (triton)" if trl_loss else "model's own causal-LM loss (no triton)", "")
+    trainer = trainer_class(trl_loss)(
+        model=model, args=sft_config(s, scratch.name, cfg["seed"]), processing_class=tok,
+        train_dataset=Dataset.from_list([{"text": t} for t in read_texts(train_path)]),
+        eval_dataset=Dataset.from_list([{"text": t} for t in read_texts(heldout_path)]),
+        callbacks=[trainer_callback(rec)])
+    ctx.add("packed_train_sequences", len(trainer.train_dataset), "count")
+    ft = fine_tune(ctx, trainer, rec, out_dir, log)
+    for k, v in measure.memory_peak(cuda).items():
+        ctx.add(k, v, "GB")
+    layers = rec.layer_table()
+    expert_rows(ctx, layers)
+    router = rec.router_counts()
+    rec.remove()
+    router_rows(ctx, router, out_dir / "router.csv")
+    log.info("router tokens per expert: %s", json.dumps(router))
+    gates = [gate_finite(ft["losses"], ft["gnorms"], [ft["before"], ft["after"]], rec.nonfinite_steps),
+             gate_loss_drop(ft["losses"], s["window"], s["min_loss_drop"]),
+             gate_heldout(ft["before"], ft["after"], s["min_heldout_drop"]),
+             gate_expert_grads(layers if lora.experts else {}, int(mc.num_hidden_layers), s["min_expert_fraction"])]
+    if not lora.experts:
+        gates[-1].detail = "lora.experts is false: no expert LoRA to validate"
+
+    kind = save_adapter(model, out_dir / "adapter")
+    x = torch.tensor([tok(read_texts(heldout_path)[0])["input_ids"][: s["reload_tokens"]]],
+                     device=next(model.parameters()).device)
+    trained = logits_of(model, x)
+    del trainer, model, rec
+    scratch.cleanup()
+    free_memory()
+    g, how = reload_gate(ctx, arm, trained, x, model_dir, out_dir / "adapter", lora, tier["plan"], s["reload_rtol"],
+                         log)
+    gates.append(g)
+    free_memory()
+    for g in gates:
+        log.info("gate %s: %s (value %s, threshold %s) %s", g.name, "PASS" if g.passed else "FAIL", g.value,
+                 g.threshold, g.detail)
+        ctx.add(f"gate_{g.name}", 1.0 if g.passed else 0.0, "pass")
+        if g.value is not None:
+            ctx.add(f"gate_{g.name}_value", g.value, g.unit)
+    passed = judge(gates)
+    ctx.add("gates_passed", 1.0 if passed else 0.0, "pass")
+    return {"status": "measured", "reason": "", "passed": passed, "gates": [asdict(g) for g in gates],
+            "adapter": {"format": kind, "reload": how}, "settings": s,
+            "router": {str(l): {"tokens_per_expert": c, **router_summary(c)} for l, c in router.items()}}
+
+
+def router_rows(ctx: Ctx, router: dict[int, list[int]], csv_path: Path) -> None:
+    lines = ["layer,expert,tokens,share"]
+    if not router:
+        ctx.add("router_entropy_norm", status="unavailable",
+                reason="no `mlp.router` module reported top-k indices in this arm's forward (its MoE path does "
+                       "not call the transformers router)")
+    for l, c in router.items():
+        r = router_summary(c)
+        ctx.add(f"router_tokens_L{l:02d}", r["tokens"], "tokens")
+        ctx.add(f"router_entropy_norm_L{l:02d}", r["entropy_norm"], "fraction of log E")
+        ctx.add(f"router_max_over_mean_L{l:02d}", r["max_over_mean"], "ratio")
+        ctx.add(f"router_unused_experts_L{l:02d}", r["unused"], "count")
+        tot = sum(c) or 1
+        lines += [f"{l},{e},{n},{n / tot!r}" for e, n in enumerate(c)]
+    atomic_write(csv_path, "\n".join(lines) + "\n")
+
+
+def placeholders(out_dir: Path, why: str) -> None:
+    """Outputs the rule declares exist for an arm that did not train, saying why (never a fake curve)."""
+    adapter = out_dir / "adapter"
+    adapter.mkdir(parents=True, exist_ok=True)
+    if not any(adapter.iterdir()):  # an adapter saved before a later failure stays as it is
+        atomic_write(adapter / "NO_ADAPTER.txt", why + "\n")
+    if not (out_dir / "loss.csv").exists():
+        atomic_write(out_dir / "loss.csv", "step,loss\n")
+    if not (out_dir / "router.csv").exists():
+        atomic_write(out_dir / "router.csv", "layer,expert,tokens,share\n")
+
+
+def validate_arm(cfg: dict, tier: dict, arm_name: str, model_dir: str, train: str, heldout: str, out_dir,
+                 log_path: str) -> dict:
+    """One arm, start to finish; writes every output the rule declares and returns the gates.json document."""
+    from . import bench
+
+    log = logger("validate", log_path)
+    arm = arm_registry.get(arm_name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = Ctx(cfg["run"], tier["tier"], cfg["model"]["name"], arm.name, arm.precision, log_path)
+    reason = bench.unavailable(arm, tier["plan"], tier.get("gpu") is not None)
+    if reason:
+        log.info("skipped: %s", reason)
+        doc = {"status": "skipped", "reason": reason}
+    else:
+        timeout = int({**DEFAULTS, **(cfg.get("validate") or {})}["timeout_s"])
+        try:
+            with bench.time_limit(timeout):
+                doc = run(ctx, arm, cfg, tier, model_dir, train, heldout, out, log)
+        except arm_registry.ArmUnavailable as exc:  # the arm itself found it cannot run here: say why
+            log.info("skipped at load: %s", exc)
+            doc = {"status": "skipped", "reason": str(exc)[:600]}
+        except Exception as exc:  # OOM or crash: failed rows with the error; the workflow goes on
+            log.error("failed: %s\n%s", exc, traceback.format_exc())
+            kind = "OOM" if "out of memory" in str(exc).lower() else type(exc).__name__
+            doc = {"status": "failed", "reason": f"{kind}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+    if doc["status"] != "measured":
+        # rows measured before a failure stay; the verdict row says why there is no verdict
+        ctx.add("gates_passed", status=doc["status"], reason=doc["reason"])
+        doc.update(passed=None, gates=[])
+        placeholders(out, f"{arm.name} {doc['status']}: {doc['reason']}")
+    for r in ctx.rows:
+        log_row(log, r)
+    doc = {"run": cfg["run"], "tier": tier["tier"], "arm": arm.name, "precision": arm.precision, "log": log_path,
+           "packages": bench.versions(), **doc}
+    write_json(out / "gates.json", doc)
+    write_rows(out / "metrics.csv", ctx.rows)  # last: its existence marks the arm validated
+    return doc
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--tier", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--heldout", required=True)
+    ap.add_argument("--arm", required=True)
+    ap.add_argument("--out-dir", required=True, help="validate/<arm>")
+    ap.add_argument("--log", required=True)
+    a = ap.parse_args(argv)
+    validate_arm(cfgmod.load(a.config), read_json(a.tier), a.arm, a.model, a.train, a.heldout, a.out_dir, a.log)
+
+
+if __name__ == "__main__":
+    main()

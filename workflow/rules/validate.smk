@@ -1,0 +1,39 @@
+# Training validation: a real LoRA fine-tune per arm (TRL SFTTrainer) judged by quality gates (finite loss and
+# gradients, training and held-out loss fall, every expert LoRA tensor gets a gradient, the saved adapter reloads
+# to the same logits), with router load per expert. An arm that cannot run here writes skipped rows.
+VALIDATE_TIMEOUT_S = config.get("validate", {}).get("timeout_s", 3600)
+
+
+rule validate:
+    input:
+        tier=f"{R}/tier.json",
+        model=f"{R}/model",
+        train=f"{R}/data/train.jsonl",
+        heldout=f"{R}/data/heldout.jsonl",
+    output:
+        metrics=f"{R}/validate/{{arm}}/metrics.csv",
+        loss=f"{R}/validate/{{arm}}/loss.csv",
+        gates=f"{R}/validate/{{arm}}/gates.json",
+        router=f"{R}/validate/{{arm}}/router.csv",
+        adapter=directory(f"{R}/validate/{{arm}}/adapter"),
+    params:
+        config=CONFIG,
+        settings=wl.settings(config, "validate"),  # rerun when these settings change
+        out_dir=lambda wildcards, output: str(Path(output.gates).parent),
+    conda:
+        "../../environment.yml"
+    log:
+        f"{R}/validate/{{arm}}/run.log",
+    wildcard_constraints:
+        arm="[a-z0-9_]+",
+    resources:
+        gpu=GPU,
+        mem_mb=wl.mem_mb(config, "bench"),
+        runtime=VALIDATE_TIMEOUT_S // 60 + 30,  # minutes: the fine-tune's own limit plus load and reload
+    shell:
+        "python -m moebench.validate --config {params.config} --tier {input.tier} --model {input.model}"
+        " --train {input.train} --heldout {input.heldout} --arm {wildcards.arm} --out-dir {params.out_dir}"
+        " --log {log}"
+
+
+VALIDATE_TARGETS = expand(f"{R}/validate/{{arm}}/metrics.csv", arm=config["arms"])
