@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import signal
@@ -30,19 +31,23 @@ PACKAGES = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "unsl
 
 @dataclass
 class Ctx:
-    """Everything one draw needs to label its rows."""
+    """Everything one process needs to label its rows (bench, offload and validate share it)."""
     run_id: str
     tier: str
     model: str
     arm: str
     precision: str
-    draw: int
+    draw: int | None
     log_path: str
     rows: list[Row] = field(default_factory=list)
+    stage: str = "bench"
 
-    def add(self, metric, value=None, unit="", status="measured", reason="", n=None, spread=None, stage="bench"):
-        r = Row(self.run_id, self.tier, self.model, self.arm, self.precision, stage, metric, value, unit, n, spread,
-                status, reason, self.log_path, self.draw)
+    def add(self, metric, value=None, unit="", status="measured", reason="", n=None, spread=None, stage=None):
+        """A number that is not finite cannot be a measured row: it becomes a failed one that says so."""
+        if status == "measured" and (value is None or (isinstance(value, float) and not math.isfinite(value))):
+            status, reason = "failed", f"not a finite number ({value})"
+        r = Row(self.run_id, self.tier, self.model, self.arm, self.precision, stage or self.stage, metric, value, unit,
+                n, spread, status, reason, self.log_path, self.draw)
         self.rows.append(r)
         return r
 

@@ -28,13 +28,14 @@ import re
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import arms as arm_registry
 from . import config as cfgmod
 from .io import atomic_write, logger, read_json, write_json
-from .metrics import Row, log_row, write_rows
+from .bench import Ctx
+from .metrics import log_row, write_rows
 
 DEFAULTS = {"steps": 100, "cpu_steps": 12, "grad_accum": 4, "lr": 2e-4, "warmup_ratio": 0.1,
             "scheduler": "cosine", "optim": "adamw_8bit", "max_grad_norm": 1.0, "packing_strategy": "wrapped",
@@ -354,26 +355,6 @@ def trainer_callback(rec: Recorder):
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
-@dataclass
-class Ctx:
-    run_id: str
-    tier: str
-    model: str
-    arm: str
-    precision: str
-    log_path: str
-    rows: list[Row] = field(default_factory=list)
-
-    def add(self, metric, value=None, unit="", status="measured", reason="", n=None):
-        """A number that is not finite cannot be a measured row: it becomes a failed one that says so."""
-        if status == "measured" and (value is None or (isinstance(value, float) and not math.isfinite(value))):
-            status, reason = "failed", f"not a finite number ({value})"
-        r = Row(self.run_id, self.tier, self.model, self.arm, self.precision, "validate", metric, value, unit, n,
-                None, status, reason, self.log_path, None)
-        self.rows.append(r)
-        return r
-
-
 def read_texts(path: str) -> list[str]:
     return [json.loads(line)["text"] for line in Path(path).read_text().splitlines() if line.strip()]
 
@@ -649,7 +630,8 @@ def validate_arm(cfg: dict, tier: dict, arm_name: str, model_dir: str, train: st
     arm = arm_registry.get(arm_name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Ctx(cfg["run"], tier["tier"], cfg["model"]["name"], arm.name, arm.precision, log_path)
+    ctx = Ctx(cfg["run"], tier["tier"], cfg["model"]["name"], arm.name, arm.precision, None, log_path,
+              stage="validate")
     reason = bench.unavailable(arm, tier["plan"], tier.get("gpu") is not None)
     if reason:
         log.info("skipped: %s", reason)
