@@ -17,12 +17,11 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 from . import arms as arm_registry
 from . import config as cfgmod
-from .io import logger, read_json, write_json
+from .io import logger, package_versions, read_json, write_json
 from .metrics import Row, log_row, write_rows
 
 PACKAGES = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "unsloth", "unsloth_zoo", "trl",
@@ -53,13 +52,7 @@ class Ctx:
 
 
 def versions() -> dict:
-    out = {}
-    for p in PACKAGES:
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            out[p] = None
-    return out
+    return package_versions(PACKAGES)
 
 
 def batches(data_path: str, tokenizer, seq_len: int, batch: int, count: int, seed: int):

@@ -41,6 +41,19 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def package_versions(names) -> dict:
+    """Installed version of each distribution (None where it is not installed)."""
+    from importlib import metadata
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def logger(name: str, log_path: str | None = None) -> logging.Logger:
     """Log to stderr (Snakemake shows it) and, when given, to the rule's log file."""
     log = logging.getLogger(name)

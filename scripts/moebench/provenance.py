@@ -20,10 +20,9 @@ import subprocess
 import sys
 from dataclasses import asdict
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
-from .io import atomic_write, logger, read_json, sha256_file
+from .io import atomic_write, logger, package_versions, read_json, sha256_file
 from .metrics import LOG_TAG, Row, log_row, parse_log_rows, read_rows
 
 # The bench code writes each number into its run.log with log_row; the audit reads them back (parse_log_rows).
@@ -173,12 +172,7 @@ def environment(run_dir: Path, tier: dict, root: Path) -> tuple[dict, dict]:
     for env_path in sorted(run_dir.glob("arms/*/draw*/env.json")):
         env = read_json(env_path)
         arms[f"{env_path.parent.parent.name}/{env_path.parent.name}"] = {**_file(env_path, root), **env}
-    tools = {}
-    for p in TOOLS:
-        try:
-            tools[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            tools[p] = None
+    tools = package_versions(TOOLS)
     starts = [e["started"] for e in arms.values() if e.get("started")]
     ends = [e["ended"] for e in arms.values() if e.get("ended")]
     env = {"tier": tier, "arms": arms,

@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 
 from .base import Arm, Loaded, LoRASpec
-from .unsloth import census, expert_lora_coverage, trainable_summary, versions
+from ..io import package_versions
+from .unsloth import census, expert_lora_coverage, trainable_summary
 
 
 def _has_mxfp4_blocks(model_dir: str) -> bool:
@@ -117,8 +118,8 @@ class E4B4bit(Arm):
             info["verify_moe_4bit"] = "ok"
         except Exception as exc:
             info["verify_moe_4bit"] = f"{type(exc).__name__}: {exc}"[:400]
-        info["versions"] = versions("experts4bit-qlora", "grouped-nf4-gemm", "bitsandbytes", "transformers",
-                                    "torch", "triton")
+        info["versions"] = package_versions(("experts4bit-qlora", "grouped-nf4-gemm", "bitsandbytes", "transformers",
+                                             "torch", "triton"))
         return Loaded(model, info)
 
 

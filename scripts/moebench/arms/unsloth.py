@@ -17,6 +17,7 @@ import re
 import tempfile
 from collections import defaultdict
 
+from ..io import package_versions
 from .base import Arm, ArmUnavailable, Loaded, LoRASpec
 
 # Unsloth's own default; get_peft_model maps gate/up/down onto the expert tensors of a MoE.
@@ -117,18 +118,6 @@ def expert_lora_coverage(model, num_layers: int) -> dict:
     return out
 
 
-def versions(*dists: str) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for d in dists:
-        try:
-            out[d] = version(d)
-        except PackageNotFoundError:
-            out[d] = None
-    return out
-
-
 def trainable_summary(model) -> dict:
     tr = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     non_lora = [n for n, _ in tr if _category(n) != "lora"]
@@ -189,8 +178,8 @@ class _UnslothArm(Arm):
         n_layers = int(getattr(model.config, "num_hidden_layers", 0))
         info["expert_lora"] = expert_lora_coverage(model, n_layers)
         info["trainable"] = trainable_summary(model)
-        info["versions"] = versions("unsloth", "unsloth_zoo", "transformers", "peft", "torch", "bitsandbytes",
-                                    "triton")
+        info["versions"] = package_versions(("unsloth", "unsloth_zoo", "transformers", "peft", "torch", "bitsandbytes",
+                                             "triton"))
         if self.four_bit and not info["census_after_load"]["experts_4bit"]:
             info.setdefault("warnings", []).append(
                 "experts are NOT 4-bit after load_in_4bit=True (see census_after_load)")
