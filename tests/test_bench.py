@@ -155,3 +155,19 @@ def test_overrunning_draw_becomes_failed_row(setup):
     rows, out = run_arm(d, "hf_bf16", draw=8, config=cfg, tier=tier)
     assert rows["step_s"].status == "failed" and "arm_timeout_s=20" in rows["step_s"].reason
     assert rows["load_s"].status == "measured"  # what was measured before the overrun stays
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "olmoe-1b-7b"])
+def test_other_families_train_with_expert_lora_and_report_router_load(tmp_path, name):
+    """Qwen3-MoE and OLMoE go through the same harness: expert LoRA on every layer, the router load measured."""
+    spec = cfgmod.load_yaml("models.yaml")[name]
+    models.build(spec, "tiny", "random-init", str(tmp_path / "model"), 42, data.corpus_text(60, 42), logger("t"))
+    data.build(str(tmp_path / "model"), 30, 42, 0.1, str(tmp_path / "data"), logger("t"))
+    plan = {**cfgmod.load_yaml("tiers.yaml")["cpu"]["plan"], "seq_len": 64, "warmup_steps": 1, "timed_steps": 2}
+    write_json(tmp_path / "tier.json", {"tier": "cpu", "gpu": None, "plan": plan})
+    rows, _ = run_arm(tmp_path, "hf_bf16")
+    assert rows["step_s"].status == "measured" and rows["model_tflop_per_step"].value > 0
+    assert rows["layers_with_expert_lora"].value == 2
+    assert rows["expert_lora_nonzero_grad"].value == rows["expert_lora_tensors"].value == 4 * 2
+    assert rows["router_max_over_mean"].value >= 1.0 and 0 < rows["router_entropy_norm"].value <= 1.0
+    assert run_arm(tmp_path, "e4b_4bit", draw=2)[0]["step_s"].status == "skipped"  # needs CUDA

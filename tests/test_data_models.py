@@ -72,3 +72,79 @@ def test_from_pretrained_source_path(tiny, tmp_path):
 def test_bad_source_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="model.source='/nope'"):
         models.build(SPEC, "tiny", "/nope", str(tmp_path / "x"), 42, [], logger("t"))
+
+
+# ---- more MoE families and routing skew (issue 10) ------------------------------------------------------------
+FAMILIES = cfgmod.load_yaml("models.yaml")
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("qwen3-30b-a3b", (48, 128, 8, 2048, 768, 151936, 4, 128)),
+    ("olmoe-1b-7b", (16, 64, 8, 2048, 1024, 50304, 16, 128)),
+])
+def test_published_shapes_of_the_other_families(name, shape):
+    from moebench import routing
+
+    m = routing.moe_shape(models.model_config(FAMILIES[name], "full"))
+    assert (m["layers"], m["experts"], m["top_k"], m["hidden"], m["expert_inter"], m["vocab"], m["kv_heads"],
+            m["head_dim"]) == shape
+    assert m["sliding_layers"] == 0  # only GPT-OSS alternates sliding/full attention
+    half = models.model_config(FAMILIES[name], "half")
+    assert half.num_hidden_layers == m["layers"] // 2 and half.hidden_size == m["hidden"]
+
+
+def test_qwen3_30b_a3b_active_params_about_3b():
+    from moebench import measure
+
+    fm = measure.FlopModel.from_config(models.model_config(FAMILIES["qwen3-30b-a3b"], "full"), lora_r=64)
+    assert 2.5e9 < fm.frozen_active_params() < 3.6e9  # published: 3.3B activated
+
+
+def _router_params(model):
+    from moebench import routing
+
+    return {l: {k: v.detach().clone() for k, v in r.named_parameters()} for l, r in routing.routers(model)}
+
+
+@pytest.mark.parametrize("name,how", [("gpt-oss-20b", "bias"), ("qwen3-30b-a3b", "weight"),
+                                      ("olmoe-1b-7b", "weight")])
+def test_zipf_skew_changes_routers_only_and_keeps_the_layout(name, how):
+    from moebench import routing
+
+    cfg = models.model_config(FAMILIES[name], "tiny")
+    cfg.architectures = [FAMILIES[name]["model_class"]]
+    plain, skewed = models.random_init(cfg, 1), models.random_init(cfg, 1)
+    before = _router_params(skewed)
+    assert routing.apply_skew(skewed, 0.0, 7)["how"] == "none" and all(
+        torch.equal(before[l][k], v) for l, p in _router_params(skewed).items() for k, v in p.items())
+    info = routing.apply_skew(skewed, 1.5, 7)
+    assert how in info["how"]
+    assert list(plain.state_dict()) == list(skewed.state_dict())  # no new parameter: the published layout
+    changed = {n for n, a in plain.state_dict().items() if not torch.equal(a, skewed.state_dict()[n])}
+    assert changed and all(n.endswith(("mlp.router.bias", "mlp.gate.weight")) for n in changed)
+
+
+def test_zipf_prior_is_a_zipf_law():
+    from moebench import routing
+
+    g = torch.Generator().manual_seed(0)
+    prior = routing.zipf_log_prior(8, 1.0, g)
+    p = torch.softmax(prior, 0).sort(descending=True).values
+    assert abs(float(prior.mean())) < 1e-9
+    assert torch.allclose(p / p[0], 1.0 / torch.arange(1, 9, dtype=p.dtype))  # share of rank k ~ 1/k
+
+
+def test_skew_makes_the_measured_load_uneven():
+    """The load that is reported is measured: a strong skew must show in max/mean and entropy."""
+    from moebench import routing
+
+    corpus = data.corpus_text(60, 42)
+    tok = models.train_tokenizer(corpus, 1024)
+    cfg = models.model_config(SPEC, "tiny")
+    cfg.architectures = [SPEC["model_class"]]
+    even = models.routing_census(models.random_init(cfg, 3), tok, corpus, "cpu")
+    m = models.random_init(cfg, 3)
+    routing.apply_skew(m, 3.0, 3)
+    skew = models.routing_census(m, tok, corpus, "cpu")
+    assert skew["max_over_mean"] > even["max_over_mean"] * 1.2 and skew["entropy_norm"] < even["entropy_norm"]
+

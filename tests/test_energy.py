@@ -253,10 +253,20 @@ def test_write_trace(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("zeus") is not None, reason="zeus installed")
-def test_zeus_crosscheck_optional():
+def test_zeus_window_optional():
+    """Without zeus the work still runs and the rows say why there is no cross-check (never a zero)."""
     ran = []
-    out = E.zeus_crosscheck(lambda: ran.append(1))
-    assert out["status"] == "unavailable" and "zeus" in out["reason"] and not ran
+    with E.ZeusWindow() as z:
+        ran.append(1)
+    assert ran == [1] and z.result["status"] == "unavailable" and "zeus" in z.result["reason"]
+    rows = E.zeus_rows(E.EnergyResult(status="measured", joules=100.0, seconds=1.0), z.result, 10, **ROW)
+    assert [(r.metric, r.status, r.value) for r in rows] == [("energy_j_zeus", "unavailable", None)]
+
+
+def test_zeus_rows_relative_difference():
+    ours = E.EnergyResult(status="measured", joules=200.0, seconds=2.0)
+    rows = {r.metric: r.value for r in E.zeus_rows(ours, {"status": "measured", "joules": 210.0, "seconds": 2.0}, 100, **ROW)}
+    assert rows == {"energy_j_zeus": 210.0, "j_per_token_zeus": 2.1, "zeus_vs_ours_rel_diff": pytest.approx(0.05)}
 
 
 def _gpu():

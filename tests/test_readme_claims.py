@@ -51,3 +51,31 @@ def test_readme_energy_and_draw_figures_are_in_the_metrics():
     ratios = [float(r["value"]) for r in rows if r["metric"] == "harness_over_bare"]
     assert sorted(f"{x:.2f}" for x in ratios) == sorted(re.findall(r"ratio was ([0-9.]+) in one draw and ([0-9.]+)",
                                                                  text)[0])
+
+
+def test_two_tier_table_matches_each_runs_comparison():
+    """The families-by-tiers table: every row against the comparison.csv of the run it names."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Results: two families on two tiers", 1)[1].split("\n## ", 1)[0]
+    seen = set()
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != 7 or not (ROOT / "results" / cells[0] / "comparison.csv").exists():
+            continue
+        run, arm, step, tps, peak, four, speed = cells
+        c = {r["arm"]: r for r in csv.DictReader((ROOT / "results" / run / "comparison.csv").open())}[arm]
+        assert (f"{float(c['step_s']):.3f}", f"{float(c['tokens_per_s']):.0f}", f"{float(c['peak_alloc_gb']):.1f}",
+                f"{float(c['expert_4bit_fraction']):.2f}", f"{float(c['speedup_vs_hf_bf16']):.2f}x") == \
+            (step, tps, peak, four, speed), (run, arm)
+        seen.add(run)
+    assert seen == {"h100-gptoss20b", "h200-gptoss20b", "h100-qwen3-30b-a3b", "h200-qwen3-30b-a3b"}
+
+
+def test_two_tier_verdict_ratios_are_the_runs():
+    import json
+
+    text = (ROOT / "README.md").read_text()
+    h200 = json.loads((ROOT / "results" / "h200-gptoss20b" / "verdict.json").read_text())
+    qwen = json.loads((ROOT / "results" / "h100-qwen3-30b-a3b" / "verdict.json").read_text())
+    assert f"8.4x (H200)" in text and f"{h200['speedup']:.1f}" == "8.4"
+    assert qwen["speed_verdict"] == "NOT VIABLE" and f"({qwen['speedup']:.2f}x)" in text

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from moebench import arms, bench, data, models
+from moebench import arms, bench, data, models, routing
 from moebench import config as cfgmod
 from moebench import validate as V
 from moebench.io import logger, write_json
@@ -79,11 +79,11 @@ def test_reload_gate():
 
 
 def test_router_summary():
-    even = V.router_summary([10, 10, 10, 10])
+    even = routing.summary([10, 10, 10, 10])
     assert even["entropy_norm"] == pytest.approx(1.0) and even["max_over_mean"] == pytest.approx(1.0)
-    collapsed = V.router_summary([40, 0, 0, 0])
+    collapsed = routing.summary([40, 0, 0, 0])
     assert collapsed["entropy"] == 0 and collapsed["max_over_mean"] == 4 and collapsed["unused"] == 3
-    assert V.router_summary([0, 0])["entropy"] is None
+    assert routing.summary([0, 0])["entropy"] is None
 
 
 def _doc(status="measured", passed=True, failing=()):
@@ -114,6 +114,9 @@ def test_settings_per_host():
     plan = {"seq_len": 4096, "batch": 2}
     gpu = V.run_settings({}, plan, cuda=True)
     assert gpu["steps"] == 100 and gpu["optim"] == "adamw_8bit" and gpu["seq_len"] == 4096 and gpu["bf16"]
+    slow = V.run_settings({"arm_steps": {"e4b_4bit": 30}}, plan, cuda=True, arm="e4b_4bit")
+    assert slow["steps"] == 30 and V.run_settings({"arm_steps": {"e4b_4bit": 30}}, plan, True, "hf_bf16")["steps"] == 100
+    assert V.run_settings({"arm_steps": {"e4b_4bit": 30}}, plan, False, "e4b_4bit")["steps"] == 12  # CPU: cpu_steps
     cpu = V.run_settings({"cpu_steps": 5}, plan, cuda=False)
     assert cpu["steps"] == 5 and cpu["optim"] == "adamw_torch" and cpu["seq_len"] == 128 and not cpu["bf16"]
 

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import arms as arm_registry
+from . import routing
 from . import config as cfgmod
 from .io import logger, package_versions, read_json, write_json
 from .metrics import Row, log_row, write_rows
@@ -75,8 +76,11 @@ def batches(data_path: str, tokenizer, seq_len: int, batch: int, count: int, see
         yield ids[start:start + need].view(batch, seq_len)
 
 
-def unavailable(arm, plan: dict, cuda: bool) -> str | None:
+def unavailable(arm, plan: dict, cuda: bool, model_dir: str | None = None) -> str | None:
+    """Why the arm cannot run here, found before its process imports anything heavy (None if it can)."""
     reason = arm.unavailable_reason(cuda)
+    if reason is None and model_dir:
+        reason = arm.refusal(model_dir, plan)
     if reason is None and arm.precision == "bf16" and not plan.get("bf16_viable", True):
         reason = f"{arm.name}: bf16 weights do not fit this tier's memory (tier plan: bf16_viable false)"
     return reason
@@ -114,8 +118,10 @@ def load_model(ctx: Ctx, arm, cfg: dict, plan: dict, model_dir: str, log, cuda: 
         ctx.add(f"{k.removesuffix('_gb')}_after_load_gb", v, "GB")
     census = measure.dtype_census(model)
     log.info("loaded: %s", json.dumps(loaded.info, default=str))
-    backend = loaded.info.get("moe_backend_gpt_oss") or loaded.info.get("moe_backend") or \
-        loaded.info.get("experts_implementation")
+    # Unsloth's GPT-OSS view (interleaved gate/up) applies to GPT-OSS only; other families run what it selected
+    gpt_oss = getattr(getattr(loaded.model, "config", None), "model_type", "") == "gpt_oss"
+    backend = (loaded.info.get("moe_backend_gpt_oss") if gpt_oss else loaded.info.get("moe_backend_selected")) or \
+        loaded.info.get("moe_backend") or loaded.info.get("experts_implementation")
     if backend:  # what really ran, not what was asked for
         ctx.add("moe_backend", str(backend), "")
     log.info("dtype census after load: %s", json.dumps(census))
@@ -156,12 +162,11 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, lo
     opt = torch.optim.AdamW(trainable, lr=2e-4)
     model.train()
     losses = []
-    for i in range(steps_warm):
-        losses.append(train_step(model, opt, xs[i]))
-        log.info("warm-up step %d/%d", i + 1, steps_warm)
+    load = warmup(model, opt, xs[:steps_warm], losses, log)
+    router_rows(ctx, load)
     timer = measure.StepTimer(cuda)
     meter = energy.EnergyMeter(backend="auto")
-    with meter:
+    with meter, energy.ZeusWindow() as zeus:
         for i in range(steps_warm, steps_warm + steps_timed):
             with timer:
                 losses.append(train_step(model, opt, xs[i]))
@@ -181,10 +186,12 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, lo
     for k, v in check.items():
         ctx.add(k, v, "count" if not k.endswith("params") else "params")
     ctx.rows.extend(energy.energy_rows(meter.result, idle, tokens * steps_timed, **_row_kwargs(ctx)))
+    if cuda:  # Zeus over the same window: a second implementation to check ours against
+        ctx.rows.extend(energy.zeus_rows(meter.result, zeus.result, tokens * steps_timed, **_row_kwargs(ctx)))
     if meter.result.trace:
         energy.write_trace(Path(ctx.log_path).with_name("power.csv"), meter.result)
     cfg_model = model.config if hasattr(model, "config") else None
-    if cfg_model is not None and hasattr(cfg_model, "num_local_experts"):
+    if cfg_model is not None and routing.moe_shape(cfg_model)["experts"]:
         fm = measure.FlopModel.from_config(cfg_model, lora.r, lora.experts)
         flops = fm.step_flops(tokens, seq, recompute=bool(plan.get("gradient_checkpointing")))
         ctx.add("model_tflop_per_step", flops / 1e12, "TFLOP")
@@ -198,6 +205,31 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, lo
         bare = bare_loop_step_s(model, opt, xs[steps_warm:], cuda)
         ctx.add("bare_loop_step_s", bare, "s", n=len(xs) - steps_warm)
         ctx.add("harness_over_bare", s["median"] / bare, "ratio")
+
+
+def warmup(model, opt, xs, losses: list, log) -> "routing.RouterLoad":
+    """The untimed warm-up steps, counting which experts the routers pick (hooks stay out of the timed window)."""
+    shape = routing.moe_shape(model.config) if hasattr(model, "config") else {"experts": 0, "top_k": 1}
+    load = routing.RouterLoad(model, shape["experts"], shape["top_k"])
+    load.counting = True
+    for i, x in enumerate(xs):
+        losses.append(train_step(model, opt, x))
+        log.info("warm-up step %d/%d", i + 1, len(xs))
+    load.remove()
+    return load
+
+
+def router_rows(ctx: Ctx, load: "routing.RouterLoad") -> None:
+    """Expert load the arm really routed in its warm-up steps: the skew the comparison ran under."""
+    overall = load.overall()
+    if not overall:
+        ctx.add("router_max_over_mean", status="unavailable",
+                reason="no router module (mlp.router / mlp.gate) reported its top-k choice in this arm's forward")
+        return
+    ctx.add("router_max_over_mean", overall["max_over_mean"], "ratio", n=overall["layers"])
+    ctx.add("router_max_over_mean_worst_layer", overall["max_over_mean_worst"], "ratio", n=overall["layers"])
+    ctx.add("router_entropy_norm", overall["entropy_norm"], "fraction of log E", n=overall["layers"])
+    ctx.add("router_unused_experts", overall["unused"], "count", n=overall["layers"])
 
 
 def _row_kwargs(ctx: Ctx) -> dict:
@@ -255,7 +287,7 @@ def main(argv=None):
     ctx = Ctx(cfg["run"], tier["tier"], cfg["model"]["name"], arm.name, arm.precision, a.draw, a.log)
     started = datetime.now(timezone.utc).isoformat()
     cuda = tier.get("gpu") is not None
-    reason = unavailable(arm, tier["plan"], cuda)
+    reason = unavailable(arm, tier["plan"], cuda, a.model)
     if reason:
         log.info("skipped: %s", reason)
         ctx.add("step_s", status="skipped", reason=reason)

@@ -359,18 +359,43 @@ def write_trace(path: str | os.PathLike, result: EnergyResult) -> Path:
     return path
 
 
-def zeus_crosscheck(fn: Callable[[], object], index: int = 0) -> dict:
-    """Run `fn` under Zeus's GPU energy monitor, an independent reading to compare with EnergyMeter.
-    Zeus is optional: without it the answer is unavailable with the reason."""
-    try:
-        from zeus.monitor import ZeusMonitor
-    except ImportError as e:
-        return {"status": "unavailable", "reason": f"zeus not installed ({e})"}
-    try:
-        mon = ZeusMonitor(gpu_indices=[index])
-        mon.begin_window("moebench")
-        fn()
-        m = mon.end_window("moebench")
-    except Exception as e:  # no GPU, NVML refused
-        return {"status": "unavailable", "reason": f"zeus could not measure: {e}"}
-    return {"status": "measured", "joules": float(m.total_energy), "seconds": float(m.time)}
+class ZeusWindow:
+    """Zeus's GPU energy monitor over the same window as an EnergyMeter: an independent implementation (its own
+    NVML reads and arithmetic) to compare with ours. Optional: without zeus, or without a GPU, `result` says
+    why, and the wrapped work runs all the same."""
+
+    def __init__(self, index: int = 0):
+        self.index, self.mon = index, None
+        self.result: dict = {"status": "unavailable", "reason": "window not run"}
+
+    def __enter__(self):
+        try:
+            from zeus.monitor import ZeusMonitor
+
+            self.mon = ZeusMonitor(gpu_indices=[self.index], cpu_indices=[])  # GPU only, as ours
+            self.mon.begin_window("moebench")
+        except Exception as e:  # not installed, no GPU, NVML refused
+            self.mon, self.result = None, {"status": "unavailable", "reason": f"zeus: {type(e).__name__}: {e}"[:300]}
+        return self
+
+    def __exit__(self, *exc):
+        if self.mon is not None:
+            try:
+                m = self.mon.end_window("moebench")
+                self.result = {"status": "measured", "joules": float(m.total_energy), "seconds": float(m.time)}
+            except Exception as e:
+                self.result = {"status": "unavailable", "reason": f"zeus end_window: {e}"[:300]}
+        return False
+
+
+def zeus_rows(ours: EnergyResult, zeus: dict, tokens: int, **row_kwargs) -> list[Row]:
+    """Zeus's joules for the window and its relative difference from ours ((zeus - ours) / ours)."""
+    kw = dict(row_kwargs, stage="energy")
+    if zeus.get("status") != "measured":
+        return [Row(metric="energy_j_zeus", unit="J", status="unavailable", reason=zeus.get("reason", ""), **kw)]
+    rows = [Row(metric="energy_j_zeus", unit="J", value=zeus["joules"], **kw),
+            Row(metric="j_per_token_zeus", unit="J/token", value=zeus["joules"] / tokens, **kw)]
+    if ours.status == "measured" and ours.joules:
+        rows.append(Row(metric="zeus_vs_ours_rel_diff", unit="fraction",
+                        value=(zeus["joules"] - ours.joules) / ours.joules, **kw))
+    return rows

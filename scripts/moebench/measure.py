@@ -84,7 +84,7 @@ def memory_peak(cuda: bool) -> dict:
 # ---- FLOP model -------------------------------------------------------------------------------------------
 @dataclass
 class FlopModel:
-    """FLOPs of one LoRA training step of a GPT-OSS-style MoE, written out so a reader can check it.
+    """FLOPs of one LoRA training step of a top-k MoE (GPT-OSS, Qwen3-MoE, OLMoE), written out so a reader can check it.
 
     Per token and matmul weight of P parameters: forward 2P; backward 2P for the input gradient; a further
     2P for the weight gradient only where the weight trains (the LoRA factors). Frozen base weights therefore
@@ -110,11 +110,11 @@ class FlopModel:
 
     @classmethod
     def from_config(cls, cfg, lora_r: int, lora_experts: bool = True) -> "FlopModel":
-        types = getattr(cfg, "layer_types", None) or []
-        return cls(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts,
-                   cfg.num_experts_per_tok, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                   cfg.vocab_size, getattr(cfg, "sliding_window", 0) or 0,
-                   sum(t == "sliding_attention" for t in types), lora_r, lora_experts)
+        from .routing import moe_shape
+
+        m = moe_shape(cfg)
+        return cls(m["layers"], m["hidden"], m["expert_inter"], m["experts"], m["top_k"], m["heads"], m["kv_heads"],
+                   m["head_dim"], m["vocab"], m["window"], m["sliding_layers"], lora_r, lora_experts)
 
     def attn_params(self) -> int:
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim

@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+from . import routing
 from .io import logger, sha256_file, write_json
 
 SPECIAL = ["<|endoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>",
@@ -26,8 +27,8 @@ def model_config(spec: dict, scale: str, num_hidden_layers: int | None = None):
     if num_hidden_layers:
         shape["num_hidden_layers"] = num_hidden_layers
     n = shape["num_hidden_layers"]
-    # GPT-OSS alternates sliding-window and full attention, starting with sliding.
-    shape["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    if spec.get("family") == "gpt_oss":  # alternates sliding-window and full attention, starting with sliding
+        shape["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
     cls = getattr(transformers, spec["config_class"])
     return cls(**shape)
 
@@ -53,7 +54,7 @@ def random_init(cfg, seed: int, device: str = "cpu", dtype: str = "bfloat16"):
     import transformers
 
     torch.manual_seed(seed)
-    cls = getattr(transformers, cfg.architectures[0] if cfg.architectures else "GptOssForCausalLM")
+    cls = getattr(transformers, cfg.architectures[0])
     old = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, dtype))
     try:
@@ -79,8 +80,24 @@ def fingerprint(model_dir: str | Path, hash_weights_below_gb: float = 2.0) -> di
     return out
 
 
+def routing_census(model, tok, corpus: list[str], device: str, tokens: int = 1024) -> dict:
+    """The router load the saved model really has: one no-grad forward over the start of the corpus."""
+    import torch
+
+    shape = routing.moe_shape(model.config)
+    ids = tok("\n".join(corpus[:64]), return_tensors="pt").input_ids[:, :tokens].to(device)
+    if ids.shape[1] == 0:
+        return {"tokens": 0, "reason": "no corpus text to route"}
+    load = routing.RouterLoad(model, shape["experts"], shape["top_k"])
+    load.counting = True
+    with torch.no_grad():
+        model(input_ids=ids)
+    load.remove()
+    return {"tokens": int(ids.shape[1]), **load.overall()}
+
+
 def build(spec: dict, scale: str, source: str, out_dir: str, seed: int, corpus: list[str], log,
-          device: str = "cpu", num_hidden_layers: int | None = None) -> dict:
+          device: str = "cpu", num_hidden_layers: int | None = None, routing_skew: float = 0.0) -> dict:
     import torch
 
     out = Path(out_dir)
@@ -92,6 +109,7 @@ def build(spec: dict, scale: str, source: str, out_dir: str, seed: int, corpus: 
         cfg.eos_token_id, cfg.pad_token_id = tok.eos_token_id, tok.pad_token_id
         model = random_init(cfg, seed, device)
         how = f"random-init {spec['model_class']} ({scale}) seed {seed}"
+        skew = routing.apply_skew(model, routing_skew, seed)
     else:  # a real checkpoint: local directory or hub id
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -103,8 +121,11 @@ def build(spec: dict, scale: str, source: str, out_dir: str, seed: int, corpus: 
                              "Give a local directory with config.json and weights, a reachable hub id, "
                              "or 'random-init'.") from exc
         how = f"from_pretrained({source!r})"
+        skew = {"routing_skew": None, "how": "the checkpoint's own router"}
     n_params = sum(p.numel() for p in model.parameters())
     log.info("built %s: %.3fB parameters in %.1f s", how, n_params / 1e9, time.perf_counter() - t0)
+    skew["measured"] = routing_census(model, tok, corpus, device)
+    log.info("routing: %s", json.dumps(skew))
     tmp = out.with_name(out.name + ".partial")  # rename at the end: no half-saved model looks complete
     model.save_pretrained(tmp, max_shard_size="5GB")
     tok.save_pretrained(tmp)
@@ -114,7 +135,8 @@ def build(spec: dict, scale: str, source: str, out_dir: str, seed: int, corpus: 
         shutil.rmtree(out)
     tmp.rename(out)
     log.info("saved to %s in %.1f s total", out, time.perf_counter() - t0)
-    return {"how": how, "parameters": n_params, "scale": scale if source == "random-init" else "checkpoint"}
+    return {"how": how, "parameters": n_params, "scale": scale if source == "random-init" else "checkpoint",
+            "routing": skew}
 
 
 def main(argv=None):
@@ -135,7 +157,7 @@ def main(argv=None):
     device = "cuda" if json.loads(Path(a.tier).read_text())["gpu"] else "cpu"
     corpus = data.corpus_text(cfg["data"]["conversations"], cfg["data"]["seed"])
     info = build(spec, plan["model_scale"], cfg["model"]["source"], a.out, cfg["seed"], corpus, log, device,
-                 plan.get("num_hidden_layers"))
+                 plan.get("num_hidden_layers"), cfg["model"].get("routing_skew", 0.0))
     write_json(a.sha, {**info, **fingerprint(a.out), "model": cfg["model"]})
 
 

@@ -516,7 +516,7 @@ def main(argv=None):
     arm = registry.get(a.arm)
     ctx = bench.Ctx(cfg["run"], tier["tier"], cfg["model"]["name"], f"{arm.name}+{a.mode}", arm.precision, 1, a.log)
     _, reason = mode_plan(arm, a.mode, tier["plan"])
-    reason = reason or bench.unavailable(arm, tier["plan"], tier.get("gpu") is not None)
+    reason = reason or bench.unavailable(arm, tier["plan"], tier.get("gpu") is not None, a.model)
     if reason is None and tier.get("gpu") is None:
         reason = "offload and memory caps measure GPU memory; the CPU tier has none"
     if reason:

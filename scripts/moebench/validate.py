@@ -33,13 +33,14 @@ from pathlib import Path
 
 from . import arms as arm_registry
 from . import config as cfgmod
+from . import routing
 from .io import atomic_write, logger, read_json, write_json
 from .bench import Ctx
 from .metrics import log_row, write_rows
 
 DEFAULTS = {"steps": 100, "cpu_steps": 12, "grad_accum": 4, "lr": 2e-4, "warmup_ratio": 0.1,
             "scheduler": "cosine", "optim": "adamw_8bit", "max_grad_norm": 1.0, "packing_strategy": "wrapped",
-            "seq_len": None, "cpu_seq_len": 128, "window": 10, "min_loss_drop": 0.005, "min_heldout_drop": 0.0,
+            "arms": None, "arm_steps": {}, "seq_len": None, "cpu_seq_len": 128, "window": 10, "min_loss_drop": 0.005, "min_heldout_drop": 0.0,
             "min_expert_fraction": 1.0, "reload_rtol": 0.01, "reload_tokens": 64, "timeout_s": 3600}
 
 
@@ -150,18 +151,6 @@ def gate_reload(max_abs_diff: float | None, logit_scale: float | None, rtol: flo
     return Gate("reload", ok, rel, rtol, "fraction", detail)
 
 
-def router_summary(counts: list[float]) -> dict:
-    """Load of one layer's router over the run: entropy of the token share per expert (nats, and as a fraction
-    of log E, 1 = perfectly even), max/mean load and unused experts."""
-    total, n = float(sum(counts)), len(counts)
-    if total <= 0 or n == 0:
-        return {"tokens": total, "entropy": None, "entropy_norm": None, "max_over_mean": None, "unused": n}
-    p = [c / total for c in counts]
-    h = -sum(x * math.log(x) for x in p if x > 0)
-    return {"tokens": total, "entropy": h, "entropy_norm": h / math.log(n) if n > 1 else 1.0,
-            "max_over_mean": max(counts) / (total / n), "unused": sum(c == 0 for c in counts)}
-
-
 def judge(gates: list[Gate]) -> bool:
     return bool(gates) and all(g.passed for g in gates)
 
@@ -206,14 +195,16 @@ def _arm_training(doc: dict) -> dict:
 
 
 # ---- settings --------------------------------------------------------------------------------------------
-def run_settings(vcfg: dict | None, plan: dict, cuda: bool) -> dict:
-    """The validate config with defaults, resolved for this host: CPU takes cpu_steps / cpu_seq_len and torch
-    AdamW (bitsandbytes' 8-bit optimizer needs CUDA); sequence length defaults to the tier plan's."""
+def run_settings(vcfg: dict | None, plan: dict, cuda: bool, arm: str = "") -> dict:
+    """The validate config with defaults, resolved for this host and arm: CPU takes cpu_steps / cpu_seq_len and
+    torch AdamW (bitsandbytes' 8-bit optimizer needs CUDA); a GPU tier takes `arm_steps[arm]` where set, else
+    steps; sequence length defaults to the tier plan's."""
     s = {**DEFAULTS, **(vcfg or {})}
+    steps = (s.get("arm_steps") or {}).get(arm, s["steps"])
     seq = s["seq_len"] or plan["seq_len"]
     if not cuda:
         seq = min(seq, s["cpu_seq_len"] or seq)
-    return {**s, "steps": s["steps"] if cuda else s["cpu_steps"], "seq_len": int(seq), "batch": int(plan["batch"]),
+    return {**s, "steps": steps if cuda else s["cpu_steps"], "seq_len": int(seq), "batch": int(plan["batch"]),
             "optim": s["optim"] if cuda else "adamw_torch", "bf16": cuda}
 
 
@@ -257,46 +248,21 @@ class Recorder:
         self.expert_hits: dict[int, "torch.Tensor"] = {}  # per tensor with a per-expert layout
         self.nonfinite_steps = 0
         self.steps = 0
-        self.num_experts, self.top_k = num_experts, top_k
-        self.counts: dict[int, "torch.Tensor"] = {}
-        self.counting = False
-        self.hooks = []
-        for name, mod in model.named_modules():
-            if name.endswith("mlp.router"):
-                m = re.search(r"layers\.(\d+)\.", name)
-                self.hooks.append(mod.register_forward_hook(self._router_hook(int(m.group(1)) if m else -1)))
+        self.router = routing.RouterLoad(model, num_experts, top_k)
 
-    # -- router
-    def _router_hook(self, layer: int):
-        def hook(_mod, _inp, out):
-            if not self.counting:
-                return
-            idx = self._indices(out)
-            if idx is None:
-                return
-            c = self.torch.bincount(idx.reshape(-1).long(), minlength=self.num_experts)[: self.num_experts]
-            self.counts[layer] = self.counts[layer] + c if layer in self.counts else c
-        return hook
+    @property
+    def counting(self) -> bool:
+        return self.router.counting
 
-    def _indices(self, out):
-        """GPT-OSS's router returns (logits, scores, indices); a router that returns logits only is read by
-        its top-k."""
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        for t in outs:
-            if self.torch.is_tensor(t) and not t.is_floating_point():
-                return t
-        for t in outs:
-            if self.torch.is_tensor(t) and t.shape[-1] == self.num_experts:
-                return t.detach().topk(self.top_k, dim=-1).indices
-        return None
+    @counting.setter
+    def counting(self, on: bool) -> None:
+        self.router.counting = on
 
     def router_counts(self) -> dict[int, list[int]]:
-        return {l: [int(x) for x in c.cpu()] for l, c in sorted(self.counts.items())}
+        return self.router.counts()
 
     def remove(self):
-        for h in self.hooks:
-            h.remove()
-        self.hooks = []
+        self.router.remove()
 
     # -- gradients
     def on_step(self):
@@ -530,7 +496,7 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, train_path: str, h
     from . import bench, measure
 
     cuda = torch.cuda.is_available()
-    s = run_settings(cfg.get("validate"), tier["plan"], cuda)
+    s = run_settings(cfg.get("validate"), tier["plan"], cuda, arm.name)
     log.info("settings: %s", json.dumps(s, sort_keys=True))
     lora = bench.lora_spec(cfg)
     torch.manual_seed(cfg["seed"])
@@ -540,7 +506,8 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, train_path: str, h
     ctx.add("trainable_params", sum(p.numel() for p in model.parameters() if p.requires_grad), "params")
     tok = AutoTokenizer.from_pretrained(model_dir)
     mc = model.config
-    rec = Recorder(model, int(getattr(mc, "num_local_experts", 0) or 0), int(getattr(mc, "num_experts_per_tok", 1)))
+    shape = routing.moe_shape(mc)
+    rec = Recorder(model, shape["experts"], shape["top_k"])
     ctx.add("expert_lora_tensors", len(rec.experts), "count")
     ctx.add("expert_lora_params", sum(t["param"].numel() for t in rec.experts), "params")
     scratch = tempfile.TemporaryDirectory(prefix="moebench-sft-")  # the trainer's output_dir; it saves nothing
@@ -572,6 +539,8 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, train_path: str, h
     x = torch.tensor([tok(read_texts(heldout_path)[0])["input_ids"][: s["reload_tokens"]]],
                      device=next(model.parameters()).device)
     trained = logits_of(model, x)
+    # the same model run twice: the floor under which a reload difference is kernel noise, not a lost adapter
+    ctx.add("reload_trained_repeat_max_abs_diff", float((logits_of(model, x) - trained).abs().max()), "logit")
     del trainer, model, rec
     scratch.cleanup()
     free_memory()
@@ -589,17 +558,17 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, train_path: str, h
     ctx.add("gates_passed", 1.0 if passed else 0.0, "pass")
     return {"status": "measured", "reason": "", "passed": passed, "gates": [asdict(g) for g in gates],
             "adapter": {"format": kind, "reload": how}, "settings": s,
-            "router": {str(l): {"tokens_per_expert": c, **router_summary(c)} for l, c in router.items()}}
+            "router": {str(l): {"tokens_per_expert": c, **routing.summary(c)} for l, c in router.items()}}
 
 
 def router_rows(ctx: Ctx, router: dict[int, list[int]], csv_path: Path) -> None:
     lines = ["layer,expert,tokens,share"]
     if not router:
         ctx.add("router_entropy_norm", status="unavailable",
-                reason="no `mlp.router` module reported top-k indices in this arm's forward (its MoE path does "
+                reason="no router module (`mlp.router` / `mlp.gate`) reported top-k indices in this arm's forward (its MoE path does "
                        "not call the transformers router)")
     for l, c in router.items():
-        r = router_summary(c)
+        r = routing.summary(c)
         ctx.add(f"router_tokens_L{l:02d}", r["tokens"], "tokens")
         ctx.add(f"router_entropy_norm_L{l:02d}", r["entropy_norm"], "fraction of log E")
         ctx.add(f"router_max_over_mean_L{l:02d}", r["max_over_mean"], "ratio")
@@ -632,7 +601,7 @@ def validate_arm(cfg: dict, tier: dict, arm_name: str, model_dir: str, train: st
     out.mkdir(parents=True, exist_ok=True)
     ctx = Ctx(cfg["run"], tier["tier"], cfg["model"]["name"], arm.name, arm.precision, None, log_path,
               stage="validate")
-    reason = bench.unavailable(arm, tier["plan"], tier.get("gpu") is not None)
+    reason = bench.unavailable(arm, tier["plan"], tier.get("gpu") is not None, model_dir)
     if reason:
         log.info("skipped: %s", reason)
         doc = {"status": "skipped", "reason": reason}

@@ -58,6 +58,12 @@ def mem_mb(config: dict, stage: str) -> int:
     return 96000 if stage in ("model", "bench") else 8000
 
 
+def validate_arms(config: dict) -> list[str]:
+    """Arms that get a training validation: `validate.arms` (a subset of `arms`), all arms when unset."""
+    chosen = (config.get("validate") or {}).get("arms")
+    return list(config["arms"]) if chosen is None else [a for a in config["arms"] if a in chosen]
+
+
 def draw_targets(tier_json: str, results: str, arms: list[str]) -> list[str]:
     plan = json.loads(Path(tier_json).read_text())["plan"]
     return [f"{results}/arms/{arm}/draw{k}/metrics.csv" for arm in arms for k in range(1, plan["draws"] + 1)]

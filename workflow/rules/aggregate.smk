@@ -1,7 +1,7 @@
 rule aggregate:
     input:
         draws=draws,
-        gates=expand(f"{R}/validate/{{arm}}/gates.json", arm=config["arms"]),
+        gates=expand(f"{R}/validate/{{arm}}/gates.json", arm=wl.validate_arms(config)),
     output:
         metrics=f"{R}/metrics.csv",
         comparison=report(f"{R}/comparison.csv", category="Throughput", subcategory=RUN, caption="../report/comparison.rst",

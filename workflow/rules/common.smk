@@ -5,7 +5,7 @@ def draws(wildcards):
     targets = wl.draw_targets(tier, R, config["arms"])
     if config["sweeps"]:  # capacity sweeps (GPU time): longest sequence and largest batch per arm
         targets += [f"{R}/sweep/{arm}/{kind}.csv" for arm in config["arms"] for kind in ("seq", "batch")]
-    targets += [f"{R}/validate/{arm}/metrics.csv" for arm in config["arms"]]  # training validation rows
+    targets += [f"{R}/validate/{arm}/metrics.csv" for arm in wl.validate_arms(config)]  # training validation
     for run in config["offload"]["runs"]:  # arm:mode
         arm, mode = run.split(":")
         targets.append(f"{R}/offload/{arm}/{mode}/metrics.csv")

@@ -36,4 +36,4 @@ rule validate:
         " --log {log}"
 
 
-VALIDATE_TARGETS = expand(f"{R}/validate/{{arm}}/metrics.csv", arm=config["arms"])
+VALIDATE_TARGETS = expand(f"{R}/validate/{{arm}}/metrics.csv", arm=wl.validate_arms(config))

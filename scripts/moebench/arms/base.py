@@ -46,6 +46,10 @@ class Arm:
                 return f"{self.name} needs the Python package '{pkg}' (not installed)"
         return None
 
+    def refusal(self, model_dir: str, plan: dict) -> str | None:
+        """Why this arm will not train the checkpoint in `model_dir` (read from its files, cheaply), or None."""
+        return None
+
     def preimport(self) -> None:
         """Import what must come before transformers (Unsloth patches it at import). Called first in the
         arm's process, before the harness imports transformers."""

@@ -1,4 +1,8 @@
-"""experts4bit-qlora arm (`e4b_4bit`): GPT-OSS experts stored NF4 by e4b, LoRA on experts and attention.
+"""experts4bit-qlora arm (`e4b_4bit`): experts stored NF4 by e4b, LoRA on experts and attention.
+
+Qwen3-MoE and OLMoE (e4b's home ground) load through e4b's own streaming loader, which quantizes each fused
+expert stack to NF4 and wraps it in `ExpertsLoRA`; training then takes the fused grouped-nf4-gemm path when
+`enable_fast_train` accepts the stacks (recorded). GPT-OSS is the special case below.
 
 What e4b 0.58.1 does for GPT-OSS, read from its source (loader.py, arch/gptoss.py, lora.py, engines/fast.py):
 - Its streaming loader `load_moe_4bit_streaming` handles GPT-OSS only in the RELEASED layout (MXFP4
@@ -21,6 +25,13 @@ import os
 from .base import Arm, Loaded, LoRASpec
 from ..io import package_versions
 from .unsloth import census, expert_lora_coverage, trainable_summary
+
+
+def model_type(model_dir: str) -> str:
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type", "")
 
 
 def _has_mxfp4_blocks(model_dir: str) -> bool:
@@ -83,10 +94,14 @@ class E4B4bit(Arm):
 
         lora_dtype = torch.float32  # e4b's ExpertsLoRA default and PEFT's default adapter dtype
         info = {"expert_lora_env": os.environ.get("E4B_GPTOSS_EXPERT_LORA"), "lora_dtype": str(lora_dtype)}
-        if _has_mxfp4_blocks(model_dir):
+        family = model_type(model_dir)
+        if family != "gpt_oss" or _has_mxfp4_blocks(model_dir):
+            # e4b's home ground (Qwen3-MoE, OLMoE): its streaming loader quantizes each fused expert stack to NF4
+            # on the way to the GPU and wraps it in ExpertsLoRA, so the bf16 model never sits on the GPU.
             model, _ = e4b.load_moe_4bit_streaming(model_dir, "cuda", torch.bfloat16, lora.r, lora.alpha,
                                                    quant_type="nf4")
-            info["route"] = "load_moe_4bit_streaming (MXFP4 checkpoint: dequant -> NF4)"
+            info["route"] = ("load_moe_4bit_streaming (MXFP4 checkpoint: dequant -> NF4)" if family == "gpt_oss"
+                             else f"load_moe_4bit_streaming ({family} bf16 checkpoint -> NF4 + ExpertsLoRA)")
         else:
             from transformers import AutoModelForCausalLM
 
@@ -103,7 +118,7 @@ class E4B4bit(Arm):
         if gc:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        try:  # the fused grouped-nf4-gemm training path; expected to refuse GPT-OSS's biased experts
+        try:  # the fused grouped-nf4-gemm training path (refuses GPT-OSS's biased experts, takes Qwen3/OLMoE's)
             info["fast_train_patched"] = e4b.enable_fast_train(model, dgrad=True)
         except Exception as exc:
             info["fast_train_refused"] = f"{type(exc).__name__}: {exc}"[:600]

@@ -34,8 +34,10 @@ class HFBf16(Arm):
             kwargs["quantization_config"] = self.quantization()
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
         info = {"experts_implementation": getattr(model.config, "_experts_implementation", None)}
-        if plan.get("moe_backend") == "grouped_mm" and cuda and hasattr(model, "set_experts_implementation"):
-            model.set_experts_implementation("grouped_mm")  # transformers 5's fused MoE path where present
+        # transformers 5's fused MoE path on a GPU, also when the tier asks Unsloth for its own Triton kernels
+        if plan.get("moe_backend") in ("grouped_mm", "unsloth_triton") and cuda and \
+                hasattr(model, "set_experts_implementation"):
+            model.set_experts_implementation("grouped_mm")
             info["experts_implementation"] = "grouped_mm"
         if plan.get("gradient_checkpointing"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

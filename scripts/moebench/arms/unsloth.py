@@ -140,6 +140,21 @@ class _UnslothArm(Arm):
         os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", os.path.join(tempfile.gettempdir(), "unsloth_compiled_cache"))
         import unsloth  # noqa: F401
 
+    def checkpoint(self, model_dir: str, plan: dict) -> str:
+        """What to load: GPT-OSS in 4-bit needs Unsloth's per-expert bnb layout (made by `make-bnb4`)."""
+        if not (self.four_bit and has_fused_gptoss_experts(model_dir)) or plan.get("unsloth_4bit_from_fused_bf16"):
+            return model_dir  # the flag reproduces the failure on purpose (experts/router newly initialized)
+        return plan.get("unsloth_bnb4_dir") or bnb4_dir_for(model_dir)
+
+    def refusal(self, model_dir: str, plan: dict) -> str | None:
+        source = self.checkpoint(model_dir, plan)
+        if source == model_dir or has_any_weights(source):
+            return None
+        return (f"{self.name}: {model_dir} stores GPT-OSS experts fused (transformers layout); Unsloth's 4-bit "
+                "GPT-OSS class reads per-expert Linear keys, so load_in_4bit=True on it leaves every expert and "
+                "the router newly initialized (bf16, 'no quant_state found', NaN loss). Make the pre-quantized "
+                f"checkpoint first: python -m moebench.arms.unsloth make-bnb4 {model_dir} {source}")
+
     def load(self, model_dir: str, lora: LoRASpec, plan: dict) -> Loaded:
         import torch
 
@@ -149,17 +164,10 @@ class _UnslothArm(Arm):
         from unsloth import FastLanguageModel
 
         kw = dict(load_in_4bit=True) if self.four_bit else dict(load_in_4bit=False, load_in_16bit=True)
-        source = model_dir
-        if self.four_bit and has_fused_gptoss_experts(model_dir):
-            source = plan.get("unsloth_bnb4_dir") or bnb4_dir_for(model_dir)
-            if plan.get("unsloth_4bit_from_fused_bf16"):
-                source = model_dir  # reproduces the failure on purpose (experts/router newly initialized)
-            elif not has_any_weights(source):
-                raise ArmUnavailable(
-                    f"{self.name}: {model_dir} stores GPT-OSS experts fused (transformers layout); Unsloth's 4-bit "
-                    "GPT-OSS class reads per-expert Linear keys, so load_in_4bit=True on it leaves every expert and "
-                    "the router newly initialized (bf16, 'no quant_state found', NaN loss). Make the pre-quantized "
-                    f"checkpoint first: python -m moebench.arms.unsloth make-bnb4 {model_dir} {source}")
+        why = self.refusal(model_dir, plan)
+        if why:
+            raise ArmUnavailable(why)
+        source = self.checkpoint(model_dir, plan)
         model, _tok = FastLanguageModel.from_pretrained(
             model_name=source, max_seq_length=int(plan.get("seq_len", 2048)), dtype=torch.bfloat16,
             full_finetuning=False, local_files_only=True, **kw)

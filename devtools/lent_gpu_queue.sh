@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Run several workflow invocations back to back on a lent GPU host, as a user would on a GPU node, across
+# per-command time limits. The first call starts the queue in its own session (it outlives this command) and
+# waits; later calls with the same arguments keep waiting. Each call tars every run's results (no model
+# weights, no adapters) into $OUT, so what finished comes back even if the machine goes away.
+#   devtools/lent_gpu_queue.sh WAIT_SECONDS "RUN [snakemake args...]" ["RUN ..." ...]
+# A step whose RUN starts with "rm:" deletes results/<run>/model instead (the disk holds one full model).
+# The queue runs in its own copy of the tree (/tmp/mb): the tool re-copies tracked files into the repo at each
+# call, which would overwrite results the queue is still rewriting.
+set -uo pipefail
+wait_s=$1; shift
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+if [ ! -d /tmp/site ]; then
+  mkdir -p /tmp/site && tar xzf .gpu-bundle/site.tgz -C /tmp/site
+fi
+export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+export TRITON_CACHE_AUTOTUNING=1  # later processes reuse Triton autotune results (first steps only; timed steps unaffected)
+command -v python >/dev/null || ln -sf "$(command -v python3)" /tmp/site/bin/python  # rules call `python`
+log=/tmp/moebench-queue.log
+if [ ! -e /tmp/moebench-queue.started ]; then
+  touch /tmp/moebench-queue.started
+  mkdir -p /tmp/mb && cp -a . /tmp/mb/
+  nvidia-smi --query-gpu=name,memory.total,driver_version,power.draw,temperature.gpu --format=csv | tee -a "$log"
+  (cd /tmp/mb && setsid nohup bash -c '
+    for step in "$@"; do
+      set -- $step; run=$1; shift
+      if [[ $run == rm:* ]]; then rm -rf "results/${run#rm:}/model"; echo "== removed ${run#rm:}/model"; continue; fi
+      echo "== $(date -u +%T) start $run $*"
+      snakemake "$@" --cores 8 --resources gpu=1 --configfile "config/runs/$run.yaml" \
+        --rerun-triggers params input code software-env
+      echo "== $(date -u +%T) end $run rc=$?"
+    done
+    echo "== QUEUE DONE"' queue "$@" >>"$log" 2>&1 < /dev/null &)
+  echo "started the queue"
+fi
+end=$((SECONDS + wait_s))
+while [ $SECONDS -lt $end ] && ! grep -q "== QUEUE DONE" "$log"; do sleep 5; done
+grep -q "== QUEUE DONE" "$log" && echo "QUEUE DONE" || echo "STILL RUNNING"
+cd /tmp/mb
+runs=$(for s in "$@"; do r=${s%% *}; [[ $r == rm:* ]] || echo "results/$r"; done | sort -u)
+# shellcheck disable=SC2086
+tar czf "$out/results.tgz" --exclude='*/model' --exclude='*/model.partial' --exclude='*/adapter' \
+  --exclude='*-unsloth-bnb4' $(for r in $runs; do [ -d "$r" ] && echo "$r"; done) .snakemake/log 2>/dev/null
+cp "$log" "$out/queue.log"
+grep -E "^== |steps \(|Error|rror:|Finished job" "$log" | tail -40
+df -h . | tail -1; nvidia-smi --query-gpu=memory.used,power.draw --format=csv,noheader

@@ -1,0 +1,142 @@
+"""Expert routing: the MoE shape of any family, a Zipf-law routing skew for random-init models, and the
+router load actually seen (tokens per expert, counted from each router's top-k choice).
+
+A random-init router spreads tokens almost evenly over the experts; a trained one does not. `apply_skew`
+makes the load uneven on purpose so the arms can be compared under skew, and `RouterLoad` measures what the
+skew really did: a setting is never reported as the load.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+# The router module of each decoder layer, by family: GPT-OSS `mlp.router` (weight + bias), Qwen3-MoE and
+# OLMoE `mlp.gate` (weight only).
+ROUTER_SUFFIXES = ("mlp.router", "mlp.gate")
+
+
+def moe_shape(cfg) -> dict:
+    """One view of a MoE config across families (GPT-OSS names differ from Qwen3/OLMoE's)."""
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    types = getattr(cfg, "layer_types", None) or []
+    return {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "expert_inter": inter,
+            "experts": int(experts or 0), "top_k": int(getattr(cfg, "num_experts_per_tok", 1) or 1),
+            "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads, "head_dim": head_dim,
+            "vocab": cfg.vocab_size, "window": getattr(cfg, "sliding_window", 0) or 0,
+            "sliding_layers": sum(t == "sliding_attention" for t in types)}
+
+
+def routers(model):
+    """(layer index, router module) for every MoE layer, whatever the family calls its router."""
+    out = []
+    for name, mod in model.named_modules():
+        if name.endswith(ROUTER_SUFFIXES) and hasattr(mod, "weight"):
+            m = re.search(r"layers\.(\d+)\.", name)
+            out.append((int(m.group(1)) if m else -1, mod))
+    return out
+
+
+def zipf_log_prior(n: int, strength: float, generator):
+    """log p_e - mean for p_e proportional to rank^-strength, ranks shuffled (which experts are hot is random)."""
+    import torch
+
+    rank = torch.randperm(n, generator=generator).double() + 1.0
+    logp = -strength * torch.log(rank)
+    return logp - logp.mean()
+
+
+def apply_skew(model, strength: float, seed: int) -> dict:
+    """Skew every router by a Zipf law of exponent `strength` (0 = untouched).
+
+    A router with a bias (GPT-OSS) gets the log-prior added to its bias, which multiplies each expert's
+    softmax weight by its Zipf share. A router without one (Qwen3, OLMoE) gets no new parameter (the checkpoint
+    keeps the published layout): its weight rows are scaled by exp(prior/2), so hot experts have wider logits
+    and win the top-k more often. Either way the resulting load is measured, not assumed (`RouterLoad`)."""
+    import torch
+
+    if strength <= 0:
+        return {"routing_skew": 0.0, "how": "none"}
+    g = torch.Generator().manual_seed(seed)
+    hows = set()
+    with torch.no_grad():
+        for _, r in routers(model):
+            prior = zipf_log_prior(r.weight.shape[0], strength, g)
+            bias = getattr(r, "bias", None)
+            if bias is not None:
+                bias.add_(prior.to(bias.device, bias.dtype))
+                hows.add("bias += Zipf log-prior")
+            else:
+                r.weight.mul_(torch.exp(prior / 2).to(r.weight.device, r.weight.dtype)[:, None])
+                hows.add("weight rows *= exp(Zipf log-prior / 2)")
+    if not hows:
+        raise ValueError("routing_skew > 0 but the model has no router module named "
+                         f"{' or '.join(ROUTER_SUFFIXES)}: cannot skew this family")
+    return {"routing_skew": strength, "how": "; ".join(sorted(hows)), "seed": seed}
+
+
+def summary(counts: list[float]) -> dict:
+    """Load of one layer's router: entropy of the token share per expert (nats, and as a fraction of log E,
+    1 = perfectly even), max/mean load and unused experts."""
+    total, n = float(sum(counts)), len(counts)
+    if total <= 0 or n == 0:
+        return {"tokens": total, "entropy": None, "entropy_norm": None, "max_over_mean": None, "unused": n}
+    p = [c / total for c in counts]
+    h = -sum(x * math.log(x) for x in p if x > 0)
+    return {"tokens": total, "entropy": h, "entropy_norm": h / math.log(n) if n > 1 else 1.0,
+            "max_over_mean": max(counts) / (total / n), "unused": sum(c == 0 for c in counts)}
+
+
+class RouterLoad:
+    """Tokens per expert per layer, from each router's top-k indices while `counting` is on. Counts stay on the
+    device (no sync per step); read them once with `counts()`."""
+
+    def __init__(self, model, num_experts: int, top_k: int):
+        import torch
+
+        self.torch = torch
+        self.num_experts, self.top_k = num_experts, top_k
+        self.tallies: dict = {}
+        self.counting = False
+        self.hooks = [mod.register_forward_hook(self._hook(layer)) for layer, mod in routers(model)]
+
+    def _hook(self, layer: int):
+        def hook(_mod, _inp, out):
+            if not self.counting:
+                return
+            idx = self._indices(out)
+            if idx is None:
+                return
+            c = self.torch.bincount(idx.reshape(-1).long(), minlength=self.num_experts)[: self.num_experts]
+            self.tallies[layer] = self.tallies[layer] + c if layer in self.tallies else c
+        return hook
+
+    def _indices(self, out):
+        """Routers that return (logits, scores, indices) give their indices; one that returns logits only is read
+        by its top-k."""
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for t in outs:
+            if self.torch.is_tensor(t) and not t.is_floating_point():
+                return t
+        for t in outs:
+            if self.torch.is_tensor(t) and t.shape[-1] == self.num_experts:
+                return t.detach().topk(self.top_k, dim=-1).indices
+        return None
+
+    def counts(self) -> dict[int, list[int]]:
+        return {l: [int(x) for x in c.cpu()] for l, c in sorted(self.tallies.items())}
+
+    def overall(self) -> dict:
+        """Mean over layers of each layer's summary (None when no router reported)."""
+        per = [summary(c) for c in self.counts().values()]
+        per = [s for s in per if s["entropy_norm"] is not None]
+        if not per:
+            return {}
+        return {k: sum(s[k] for s in per) / len(per) for k in ("entropy_norm", "max_over_mean", "unused")} | {
+            "layers": len(per), "max_over_mean_worst": max(s["max_over_mean"] for s in per)}
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
