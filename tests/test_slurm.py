@@ -4,16 +4,21 @@
 Checks: the jobs went through sbatch (Slurm's own controller log and the per-job Slurm logs), the results have a
 local run's shape (same files, same model/data hashes, same metric rows), failures name the job's log, and the
 profile does not hang where `sacct` has nothing to say (the plugin's default does: shown, bounded by SIGKILL).
+The fan-out (config `cluster.tiers`): one run per partition, each job on its run's partition by Slurm's own
+records, both runs of the same shape and side by side in the report; a tier mapped to a partition without its
+GPU stops at detect with a plain message.
 Skips only when Slurm cannot be had here (not root, or apt cannot install it). Every step is bounded.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -49,6 +54,14 @@ def bounded(cmd: list[str], cwd: Path, env: dict, limit: float) -> tuple[int | N
 
 def ctld_log() -> str:
     return (STATE / "log" / "slurmctld.log").read_text(errors="replace")
+
+
+def partition_of(ctld: str, jobid: int) -> str | None:
+    """The partition Slurm started the job in, by its controller's log: the main scheduler's "sched: Allocate" line
+    or the backfill scheduler's "_start_job: Started" line (which one starts a job depends on timing)."""
+    m = re.search(rf"sched: Allocate JobId={jobid} NodeList=\S+ #CPUs=\d+ Partition=(\S+)", ctld) or \
+        re.search(rf"sched/backfill: _start_job: Started JobId={jobid} in (\S+) on ", ctld)
+    return m.group(1) if m else None
 
 
 def submissions(out: str) -> dict[str, list[tuple[int, Path]]]:
@@ -134,7 +147,7 @@ def test_workflow_runs_through_sbatch(slurm_run):
     for rule, jobs in subs.items():
         for jobid, log in jobs:
             assert f"_slurm_rpc_submit_batch_job: JobId={jobid} " in ctld, (rule, jobid)
-            assert re.search(rf"sched: Allocate JobId={jobid} NodeList=\S+ #CPUs=\d+ Partition=cpu\b", ctld)
+            assert partition_of(ctld, jobid) == "cpu", (rule, jobid)
             assert f"_job_complete: JobId={jobid} WEXITSTATUS 0" in ctld, (rule, jobid)
             text = log.read_text()  # the profile keeps successful jobs' logs
             assert re.search(rf"^(rule|checkpoint) {rule}:$", text, re.M) and "--mode remote" in text, log
@@ -142,7 +155,7 @@ def test_workflow_runs_through_sbatch(slurm_run):
     assert len(subs["bench"]) == n_bench > 0
     # A measured number records the Slurm job it came from.
     for jobid, log in subs["bench"]:
-        arm, draw = re.fullmatch(r"(.+)_(\d+)", log.parent.name).groups()
+        arm, draw = re.fullmatch(r"local_(.+)_(\d+)", log.parent.name).groups()  # wildcards run_arm_draw
         env = yaml.safe_load((root / "results" / "local" / "arms" / arm / f"draw{draw}" / "env.json").read_text())
         assert str(env["env"].get("SLURM_JOB_ID")) == str(jobid), (arm, draw, env["env"])
 
@@ -234,3 +247,92 @@ def test_default_status_command_hangs_without_accounting(slurm_env, tmp_path):
                            timeout=30).stdout
     assert "JobState=COMPLETED" in state and (tmp_path / "ok.txt").exists()
     assert rc is None, f"finished (rc={rc}) despite sacct answering nothing:\n{out[-2000:]}"
+
+
+# ---- the fan-out: tiers mapped to partitions (config cluster.tiers) ---------------------------------------------
+# This cluster has CPU nodes only, so both runs are of the CPU tier (detect rightly refuses a GPU tier here: the
+# last test). A tier may list several partitions, one run each (`<run>-<tier>-<partition>`): the same feature that
+# lets a site compare one GPU kind across node types stands in here for an A100 and an H100 partition.
+FAN = {"local-cpu-cpu": "cpu", "local-cpu-cpu2": "cpu2"}  # run -> partition
+FAN_CONFIG = ["arms=[hf_bf16]", "offload={runs: []}", "cluster={tiers: {cpu: {partition: [cpu, cpu2]}}}"]
+
+
+def run_of(log: Path) -> str:
+    """The run a job belonged to, from its Slurm log dir (the plugin names it by the wildcards, run first)."""
+    return next(r for r in FAN if log.parent.name == r or log.parent.name.startswith(r + "_"))
+
+
+WRONG_TARGET = "results/local-h100_80gb/tier.json"
+
+
+@pytest.fixture(scope="module")
+def fanout_run(slurm_env, tmp_path_factory):
+    """The fan-out through the profile, and at the same time (sharing the cluster's wait, not adding to it) a GPU
+    tier mapped to a CPU partition, up to its detect; each from its own fresh copy of the repo."""
+    root, wrong = (copy_repo(tmp_path_factory.mktemp(n)) for n in ("slurm-fanout", "slurm-wrong-partition"))
+    mark = len(ctld_log())
+    t0 = time.time()
+    with ThreadPoolExecutor(2) as pool:
+        fan = pool.submit(bounded, [str(BIN / "snakemake"), *PROFILES, *QUICK, *FAN_CONFIG], root, slurm_env, 420)
+        bad = pool.submit(bounded, [str(BIN / "snakemake"), *PROFILES, WRONG_TARGET, *QUICK,
+                                    "cluster={tiers: {h100_80gb: {partition: cpu2}}}"], wrong, slurm_env, 150)
+        (rc, out), (wrong_rc, wrong_out) = fan.result(), bad.result()
+    return root, rc, out, ctld_log()[mark:], time.time() - t0, (wrong, wrong_rc, wrong_out)
+
+
+def test_fanout_sends_each_runs_jobs_to_its_partition(fanout_run):
+    root, rc, out, ctld, took, _ = fanout_run
+    assert rc is not None, f"killed after {took:.0f} s: the run hung\n{out[-4000:]}"
+    assert rc == 0, out[-6000:]
+    by_run: dict[str, set[str]] = {}
+    for rule, jobs in submissions(out).items():
+        assert rule in CLUSTER_RULES, rule
+        for jobid, log in jobs:
+            run = run_of(log)
+            by_run.setdefault(run, set()).add(rule)
+            # Slurm's own record: the job was placed on its run's partition and exited 0
+            assert partition_of(ctld, jobid) == FAN[run], (rule, run, jobid)
+            assert f"_job_complete: JobId={jobid} WEXITSTATUS 0" in ctld, (rule, run, jobid)
+    assert by_run == {run: {"detect", "model", "bench", "validate"} for run in FAN}
+    for run, part in FAN.items():  # what the benchmark process itself saw
+        for env in (root / "results" / run / "arms").glob("*/draw*/env.json"):
+            assert yaml.safe_load(env.read_text())["env"]["SLURM_JOB_PARTITION"] == part, env
+    assert not (root / "results" / "local").exists()  # the fan-out makes only the per-tier runs
+
+
+def test_fanout_runs_have_the_same_shape_and_are_compared(fanout_run):
+    root, rc, out, _, _, _ = fanout_run
+    assert rc == 0, out[-3000:]
+    a, b = (root / "results" / run for run in FAN)
+
+    def files(d: Path) -> set[str]:
+        return {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
+
+    assert files(a) == files(b) and "comparison.md" in files(a) and "provenance.json" in files(a)
+    for f in ("model.sha256", "data/data.sha256"):  # same seed, same bytes, whichever partition built it
+        assert (a / f).read_text() == (b / f).read_text(), f
+
+    def shape(d: Path) -> set[tuple]:
+        return {(x.run_id, x.tier, x.arm, x.metric, x.status, x.unit, x.draw) for x in read_rows(d / "metrics.csv")}
+
+    assert {t[2:] for t in shape(a)} == {t[2:] for t in shape(b)}
+    assert {t[:2] for t in shape(a)} == {("local-cpu-cpu", "cpu")}  # each row names its run and tier
+    assert any(x.status == "measured" and x.metric == "tokens_per_s" for x in read_rows(b / "metrics.csv"))
+    # The report's tier comparison holds both runs (tokens/s and memory), labelled with run and tier.
+    t = json.loads((root / "results" / "_report" / "tiers.json").read_text())
+    assert {run: "cpu" for run in FAN}.items() <= t["tiers"].items()
+    for key in ("bars", "memory"):
+        assert {r["run"].split()[0] for r in t[key]} >= set(FAN), key
+
+
+def test_fanout_tier_on_a_partition_without_its_gpu_stops_at_detect(fanout_run):
+    """h100_80gb mapped to a CPU partition: detect runs there, finds no GPU and fails, naming the tier, the node's
+    GPU (none) and the partition; nothing is measured under the wrong tier."""
+    ctld, (root, rc, out) = fanout_run[3], fanout_run[5]
+    assert rc not in (None, 0), out[-3000:]
+    (jobid, log), = submissions(out)["detect"]
+    assert partition_of(ctld, jobid) == "cpu2"
+    assert re.search(rf"_job_complete: JobId={jobid} WEXITSTATUS [1-9]", ctld)
+    text = log.read_text()
+    assert "tier 'h100_80gb' is forced, but this node has no GPU" in text and "SLURM_JOB_PARTITION=cpu2" in text, text
+    assert not (root / WRONG_TARGET).exists()

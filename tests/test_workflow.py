@@ -1,10 +1,17 @@
-"""The whole chain on CPU from a copy of the repo, as a new user would run it."""
+"""The whole chain on CPU from a copy of the repo, as a new user would run it; the fan-out over tiers (dry run)."""
+import json
 import os
+import re
 import signal
 import subprocess
 import time
 
-from conftest import BIN, QUICK, copy_repo, snakemake
+import pytest
+import yaml
+
+from conftest import BIN, QUICK, ROOT, copy_repo, snakemake
+from moebench import config as cfgmod
+from moebench import workflowlib as wl
 from moebench.metrics import read_rows
 
 
@@ -53,3 +60,102 @@ def test_killed_run_resumes_without_taking_partial_output(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = read_rows(root / "results" / "local" / "metrics.csv")
     assert sum(x.metric == "step_s" and x.arm == "hf_bf16" and x.status == "measured" for x in rows) == 2
+
+
+# ---- several tiers in one invocation (config cluster.tiers) -------------------------------------------------
+CLUSTER = "cluster={tiers: {cpu: {partition: [cpu, cpu2]}, h100_80gb: {partition: h100}}}"
+FANNED = {"local-cpu-cpu": "cpu", "local-cpu-cpu2": "cpu2", "local-h100_80gb": "h100"}  # run -> partition
+
+
+def _config(**change) -> dict:
+    c = cfgmod.validate(yaml.safe_load((ROOT / "config" / "config.yaml").read_text()))
+    c.update(change)
+    return c
+
+
+def test_runs_without_cluster_tiers_is_the_configured_run():
+    c = _config()
+    assert wl.runs(c) == {"local": c} and wl.runs(c)["local"] is c  # untouched: same effective config as before
+    assert wl.cluster_resources(c) == {}
+    assert wl.per_run(c, wl.settings, "bench") == wl.settings(c, "bench")  # plain values, no wildcard lookups
+
+
+def test_runs_fan_out_one_per_tier_and_partition():
+    c = _config(cluster={"tiers": {"a100_40gb": {"partition": "a100", "gpu_model": "a100"},
+                                   "cpu": {"partition": ["cpu", "cpu2"], "gpu_model": "none"}}})
+    runs = wl.runs(c)
+    assert {n: (r["tier"], r["cluster"]["tiers"]) for n, r in runs.items()} == {
+        "local-a100_40gb": ("a100_40gb", {"a100_40gb": {"partition": "a100", "gpu_model": "a100"}}),
+        "local-cpu-cpu": ("cpu", {"cpu": {"partition": "cpu", "gpu_model": "none"}}),
+        "local-cpu-cpu2": ("cpu", {"cpu": {"partition": "cpu2", "gpu_model": "none"}})}
+    for run in runs.values():  # each run's config is valid on its own (detect and the stages load it)
+        cfgmod.validate(run)
+    assert c["run"] == "local" and c["tier"] == "auto"  # the user's config is not changed
+    res = wl.cluster_resources(c)
+    assert set(res) == {"slurm_partition", "gpu_model"}  # no account/constraint: the profile's defaults stay
+    cpu2, a100 = (type("Wildcards", (), {"run": r}) for r in ("local-cpu-cpu2", "local-a100_40gb"))
+    assert res["slurm_partition"](cpu2) == "cpu2" and res["gpu_model"](cpu2) == "none"
+    assert res["slurm_partition"](a100) == "a100" and res["gpu_model"](a100) == "a100"
+    assert wl.per_run(c, wl.gpu_jobs)(cpu2) == 0 and wl.per_run(c, wl.gpu_jobs)(a100) == 1
+
+
+@pytest.mark.parametrize("tiers,message", [
+    ({"h900": {"partition": "x"}}, "config key 'cluster.tiers.h900': 'h900' is not a tier of config/tiers.yaml"),
+    ({"a100_40gb": {"partition": "a", "account": "p"}, "h100_80gb": {"partition": "h"}},
+     "config key 'cluster.tiers.h100_80gb.account': missing, but tier(s) a100_40gb set 'account'"),
+])
+def test_cluster_tiers_errors_name_the_key(tiers, message):
+    with pytest.raises(cfgmod.ConfigError) as e:
+        wl.runs(_config(cluster={"tiers": tiers}))
+    assert message in str(e.value)
+
+
+def test_cluster_tiers_schema_names_the_key():
+    c = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    c["cluster"] = {"tiers": {"cpu": {"partion": "cpu"}}}
+    with pytest.raises(cfgmod.ConfigError) as e:
+        cfgmod.validate(c)
+    assert "'cluster.tiers.cpu'" in str(e.value) and "'partion' was unexpected" in str(e.value)
+
+
+def test_unknown_cluster_tier_stops_the_workflow_before_any_job(tmp_path):
+    root = copy_repo(tmp_path)
+    r = snakemake(root, "-n", "--config", "cluster={tiers: {h900: {partition: gpu}}}")
+    assert r.returncode != 0
+    assert "config key 'cluster.tiers.h900'" in r.stdout + r.stderr and "h100_80gb" in r.stdout + r.stderr
+    assert not (root / "results" / "local").exists() and not list((root / "results").glob("local-*"))
+
+
+def _jobs(out: str, rule: str) -> list[dict]:
+    """The dry-run's listing of one rule's jobs: wildcards and resources as Snakemake prints them."""
+    jobs = []
+    for block in re.split(r"\n(?=\[|rule |checkpoint )", out):
+        if re.match(rf"(rule|checkpoint) {rule}:", block.strip()):
+            jobs.append({key: dict(kv.split("=", 1) for kv in m.split(", ")) for key, m in
+                         re.findall(r"^\s+(wildcards|resources): (.*)$", block, re.M)})
+    return jobs
+
+
+def test_dry_run_fans_the_matrix_out_over_the_tiers(tmp_path):
+    """One detect per run on its partition; once each run's tier.json exists (as after detect), one bench job per
+    run x arm x draw, each on its run's partition, and one aggregate per run."""
+    root = copy_repo(tmp_path)
+    r = snakemake(root, "-n", "--config", CLUSTER)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    detects = _jobs(r.stdout, "detect")
+    assert {j["wildcards"]["run"]: j["resources"]["slurm_partition"] for j in detects} == FANNED
+    assert {j["resources"]["gpu"] for j in detects} == {"0", "1"}  # the CPU runs ask for no GPU, the H100 run for one
+    tiers = cfgmod.load_yaml("tiers.yaml")
+    for run in FANNED:  # what detect writes on the tier's own node (here: written for it, the plan of its tier)
+        tier = "cpu" if run.startswith("local-cpu") else "h100_80gb"
+        (root / "results" / run).mkdir(parents=True, exist_ok=True)
+        (root / "results" / run / "tier.json").write_text(json.dumps({"tier": tier, "plan": tiers[tier]["plan"]}))
+    r = snakemake(root, "-n", "--config", CLUSTER)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    arms = _config()["arms"]
+    bench = _jobs(r.stdout, "bench")
+    got = sorted((j["wildcards"]["run"], j["wildcards"]["arm"], j["wildcards"]["draw"]) for j in bench)
+    assert got == sorted((run, arm, str(d)) for run in FANNED for arm in arms for d in (1, 2))
+    assert all(j["resources"]["slurm_partition"] == FANNED[j["wildcards"]["run"]] for j in bench)
+    assert sorted(j["wildcards"]["run"] for j in _jobs(r.stdout, "aggregate")) == sorted(FANNED)
+    assert not (root / "results" / "local").exists()  # no run named plain `local` when the tiers fan out

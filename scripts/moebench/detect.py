@@ -70,13 +70,29 @@ def _matches(match: dict, gpu: dict | None) -> bool:
     return lo <= gpu["memory_gb"] < hi
 
 
+class TierMismatch(RuntimeError):
+    """A forced tier that does not describe the node's GPU: every number would carry the wrong tier."""
+
+
+def _describe(gpu: dict | None) -> str:
+    return f"GPU {gpu['name']!r} ({gpu['memory_gb']} GB)" if gpu else "no GPU"
+
+
 def pick_tier(gpus: list[dict], tiers: dict, forced: str = "auto") -> tuple[str, list[str]]:
-    """Choose a tier for the first GPU (or cpu). Returns (tier, warnings)."""
+    """Choose a tier for the first GPU (or cpu). Returns (tier, warnings).
+
+    A forced tier (config `tier`, or each run of config `cluster.tiers`) must fit the GPU found here by the
+    tier's own `match` in config/tiers.yaml: forcing h100_80gb on a node that has an A100, or a GPU tier on a
+    node with no GPU, raises TierMismatch (the job landed on the wrong partition). Forcing `cpu` on a CPU node,
+    or a generic tier on a card in its memory range, is fine."""
+    gpu = gpus[0] if gpus else None
     if forced != "auto":
         if forced not in tiers:
             raise cfgmod.ConfigError(f"config key 'tier': got {forced!r}; allowed: auto or one of {sorted(tiers)}")
+        if not _matches(tiers[forced]["match"], gpu):
+            raise TierMismatch(f"tier {forced!r} is forced, but this node has {_describe(gpu)}, which that tier's "
+                               f"match in config/tiers.yaml ({tiers[forced]['match']}) does not fit")
         return forced, [f"tier forced by config: {forced}"]
-    gpu = gpus[0] if gpus else None
     named = [t for t, spec in tiers.items() if "name" in spec["match"] or "gpu" in spec["match"]]
     for t in named:
         if _matches(tiers[t]["match"], gpu):
@@ -105,7 +121,14 @@ def main(argv=None):
     cfg = cfgmod.load(a.config)
     tiers = cfgmod.load_yaml("tiers.yaml")
     gpus, host = gpu_inventory(), host_inventory()
-    tier, notes = pick_tier(gpus, tiers, cfg["tier"])
+    try:
+        tier, notes = pick_tier(gpus, tiers, cfg["tier"])
+    except TierMismatch as err:  # say where the job ran, and write no tier.json: nothing may be measured here
+        where = ", ".join(f"{k}={os.environ[k]}" for k in ("SLURM_JOB_PARTITION", "SLURM_JOB_ID") if os.environ.get(k))
+        msg = (f"detect: {err} (run {cfg['run']!r}, host {host['hostname']}{', ' + where if where else ''}). "
+               "Map the tier to a partition that has its GPU (config cluster.tiers), or set tier: auto.")
+        log.error(msg)
+        raise SystemExit(msg) from None
     for n in notes:
         warnings.warn(n)
         log.warning(n)

@@ -525,34 +525,66 @@ def run_label(run: Run) -> str:
     return f"{run.name} ({t.get('tier', '?')}, {gpu})"
 
 
-def fig_tiers(runs: list[Run], out: Path):
-    arms = arm_order({r.arm for run in runs for r in run.rows if r.stage == "bench"})
-    recs, notes, caps = [], [], []
+MEMORY_LABEL = {"peak_alloc_gb": "GPU memory allocated by torch", "peak_rss_gb": "host RSS (no GPU)"}
+
+
+def _tier_panel(ax, runs: list[Run], arms: list[str], metric_of, ylabel: str, what: str, notes: list[str]):
+    """One marker per run (hue: run, tier, card) and arm: the run's median of metric_of(run) over draws.
+    Points, not bars: tiers differ by orders of magnitude, and a bar on a log axis has no honest base."""
+    recs, caps = [], []
     for run in runs:
-        ss = series(run, "bench", "tokens_per_s", arms)
-        caps.append(series_caption(run.name, "tokens/s per arm", ss))
+        metric = metric_of(run)
+        ss = series(run, "bench", metric, arms)
+        caps.append(series_caption(run.name, f"``{metric}`` per arm", ss))
         for s in ss:
             if s.median is not None:
-                recs.append({"run": run_label(run), "arm": s.arm, "tokens_per_s": s.median, "from": s.median_ids})
+                recs.append({"run": run.name, "label": f"{run_label(run)} — {metric}", "tier": (run.tier or {})
+                             .get("tier"), "arm": s.arm, "metric": metric, "value": s.median, "from": s.median_ids})
             elif any(r.arm == s.arm for r in run.rows):
-                notes.append(f"[{len(notes) + 1}] {run.name} / {s.arm}: {s.gap}")
-    fig, (ax,) = _figure(width=13)
+                note(notes, f"{run.name} / {s.arm}: {s.gap}")  # one note when both panels lack it alike
     if not recs:
-        _empty(ax, "no measured rows for the tier comparison (no run has measured bench tokens/s)")
-    else:
-        df = pd.DataFrame(recs)
-        # points, not bars: tiers differ by orders of magnitude, and a bar on a log axis has no honest base
-        sns.stripplot(data=df, x="arm", y="tokens_per_s", hue="run", order=arms, ax=ax, dodge=True, jitter=False,
-                      size=10, marker="D")
-        ax.set_yscale("log")
-        ax.set_ylabel("median tokens/s over draws (log scale)")
-        ax.legend(fontsize=8)
+        _empty(ax, f"no measured rows for {what} (no run has a measured bench row)")
+        return recs, caps
+    df = pd.DataFrame(recs)
+    sns.stripplot(data=df, x="arm", y="value", hue="label", order=arms, ax=ax, dodge=True, jitter=False, size=9,
+                  marker="D")
+    ax.set_yscale("log")
+    lo, hi = df["value"].min(), df["value"].max()
+    span = max(hi / lo, 10.0)
+    ax.set_ylim(lo / span**0.1, hi * span**0.6)  # headroom on the log axis: the legend sits above the markers
+    ax.set_ylabel(ylabel), ax.set_xlabel("")
+    ax.tick_params(axis="x", rotation=15)
+    ax.legend(fontsize=7, loc="upper left")
+    return recs, caps
+
+
+def fig_tiers(runs: list[Run], out: Path):
+    """The tier comparison: tokens/s and peak memory per arm, one marker per run (each run is one tier on one
+    card: its name, tier and GPU label the marker). Memory is each run's own measure, named in the legend: GPU
+    memory allocated by torch on GPU runs, host RSS on CPU runs (there is no GPU memory to compare there)."""
+    arms = arm_order({r.arm for run in runs for r in run.rows if r.stage == "bench"})
+    notes: list[str] = []
+    fig, (ax_tps, ax_mem) = _figure(width=16, panels=2)
+    tps, tps_caps = _tier_panel(ax_tps, runs, arms, lambda run: "tokens_per_s",
+                                "median tokens/s over draws (log scale)", "tokens/s", notes)
+    mem, mem_caps = _tier_panel(ax_mem, runs, arms,
+                                lambda run: pick_metric(run, "bench", ["peak_alloc_gb", "peak_rss_gb"]),
+                                "median peak memory, GB = 1e9 bytes (log scale)", "peak memory", notes)
+    ax_tps.set_title("tokens/s per arm and tier (higher is better)", fontsize=10)
+    ax_mem.set_title("peak memory per arm and tier: " + "; ".join(f"{m} = {t}" for m, t in MEMORY_LABEL.items()),
+                     fontsize=10)
     if len({run.name for run in runs}) < 2:
         notes.append("only one run is present in results/: nothing to compare across tiers yet")
-    ax.set_title("tokens/s per arm across runs (tiers); each run on its own card — absent bars are gaps, see notes")
-    _write_notes(fig, notes, 160)
-    _save(fig, out, "tiers", {"runs": [run_label(r) for r in runs], "bars": recs, "gaps": notes},
-          "Runs compared: " + ", ".join(_lit(run_label(r)) for r in runs) + ".\n\n" + "\n".join(caps))
+    fig.suptitle("Tiers compared: each run on its own card, tier and plan (model scale, sequence length: see its "
+                 "tier.json) — compare arm rankings across tiers; absent markers are gaps, see notes")
+    _write_notes(fig, notes, 200)
+    _save(fig, out, "tiers", {"runs": [run_label(r) for r in runs],
+                              "tiers": {r.name: (r.tier or {}).get("tier") for r in runs},
+                              "bars": [{"run": run_label(next(x for x in runs if x.name == r["run"])), "arm": r["arm"],
+                                        "tokens_per_s": r["value"], "from": r["from"]} for r in tps],
+                              "memory": mem, "gaps": notes},
+          "Runs compared: " + ", ".join(_lit(run_label(r)) for r in runs) + ".\n\n"
+          + "\n".join(tps_caps) + "\n" + "\n".join(mem_caps))
 
 
 def summary_rst(runs: list[Run]) -> str:

@@ -1,6 +1,7 @@
 """Helpers the Snakefile calls at parse time (kept here so they are unit-tested, not buried in rules)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from .config import ConfigError, load_yaml
 from .io import atomic_write
 
 
@@ -36,6 +38,80 @@ def write_effective_config(config: dict, path: str) -> str:
     if not p.exists() or p.read_text() != text:
         atomic_write(p, text)
     return path
+
+
+def effective_config(config: dict) -> str:
+    """The run's validated config at results/<run>/config.yaml (every job of the run reads this file)."""
+    return write_effective_config(config, f"results/{config['run']}/config.yaml")
+
+
+# ---- several tiers in one invocation (config `cluster.tiers`) -----------------------------------------------
+# A tier's placement key -> the Slurm executor plugin's resource name.
+CLUSTER_RESOURCES = {"partition": "slurm_partition", "account": "slurm_account", "gpu_model": "gpu_model",
+                     "constraint": "constraint"}
+
+
+def runs(config: dict) -> dict[str, dict]:
+    """Run name -> that run's config. Without `cluster.tiers` one run, `config["run"]`, exactly as configured.
+    With it, one run per tier (and per partition where a tier lists several): `<run>-<tier>` (or
+    `<run>-<tier>-<partition>`), its tier forced, its `cluster.tiers` holding only its own placement (so adding a
+    tier changes no other run's config). Raises ConfigError naming a tier that config/tiers.yaml lacks, or an
+    optional key set on some tiers only (a resource one run sets and another does not would wipe the profile's
+    default for the other: Snakemake drops a resource whose function returns None instead of using the default)."""
+    tiers = (config.get("cluster") or {}).get("tiers") or {}
+    if not tiers:
+        return {config["run"]: config}
+    known = load_yaml("tiers.yaml")
+    for tier in tiers:
+        if tier not in known:
+            raise ConfigError(f"config key 'cluster.tiers.{tier}': {tier!r} is not a tier of config/tiers.yaml; "
+                              f"allowed: {', '.join(sorted(known))}")
+    for key in CLUSTER_RESOURCES:
+        setting = sorted(t for t, spec in tiers.items() if key in spec)
+        if setting and len(setting) < len(tiers):
+            lacking = sorted(set(tiers) - set(setting))
+            raise ConfigError(f"config key 'cluster.tiers.{lacking[0]}.{key}': missing, but tier(s) "
+                              f"{', '.join(setting)} set {key!r}; set it on every tier in cluster.tiers or on none "
+                              "(then the profile's default-resources applies to all)")
+    out = {}
+    for tier, spec in tiers.items():
+        parts = spec["partition"]
+        for part in [parts] if isinstance(parts, str) else parts:
+            name = f"{config['run']}-{tier}" if isinstance(parts, str) else f"{config['run']}-{tier}-{part}"
+            cfg = copy.deepcopy(config)
+            cfg.update(run=name, tier=tier, cluster={"tiers": {tier: {**copy.deepcopy(spec), "partition": part}}})
+            out[name] = cfg
+    return out
+
+
+def placement(config: dict) -> dict:
+    """The Slurm resources of one run (from runs()): {} when it has no cluster placement."""
+    tiers = (config.get("cluster") or {}).get("tiers") or {}
+    spec = tiers.get(config["tier"], {})
+    return {CLUSTER_RESOURCES[k]: v for k, v in spec.items() if k in CLUSTER_RESOURCES}
+
+
+def per_run(config: dict, fn, *args):
+    """A rule setting that depends on the run: `fn(run_config, *args)`. With one run the plain value (exactly as
+    before the fan-out existed); with several a function of the job's {run} wildcard, which Snakemake calls per
+    job (params and resources accept both)."""
+    values = {name: fn(cfg, *args) for name, cfg in runs(config).items()}
+    if len(values) == 1:
+        return next(iter(values.values()))
+
+    def of_run(wildcards):
+        return values[wildcards.run]
+
+    return of_run
+
+
+def cluster_resources(config: dict) -> dict:
+    """Resources for the rules that go to Slurm: each run's partition, account, gpu_model and constraint from
+    `cluster.tiers`. Only keys some tier sets appear (runs() makes sure every tier then sets them): a key absent
+    here keeps the profile's default-resources. Empty without `cluster.tiers`."""
+    by_run = {name: placement(cfg) for name, cfg in runs(config).items()}
+    keys = sorted({k for p in by_run.values() for k in p})
+    return {k: per_run(config, lambda cfg, k=k: placement(cfg)[k]) for k in keys}
 
 
 def gpu_visible() -> bool:

@@ -1,16 +1,16 @@
 rule aggregate:
     input:
         draws=draws,
-        gates=expand(f"{R}/validate/{{arm}}/gates.json", arm=wl.validate_arms(config)),
+        gates=lambda w: [f"results/{w.run}/validate/{arm}/gates.json" for arm in wl.validate_arms(RUNS[w.run])],
     output:
         metrics=f"{R}/metrics.csv",
-        comparison=report(f"{R}/comparison.csv", category="Throughput", subcategory=RUN, caption="../report/comparison.rst",
-                          labels={"run": RUN, "table": "comparison"}),
+        comparison=report(f"{R}/comparison.csv", category="Throughput", subcategory="{run}",
+                          caption="../report/comparison.rst", labels={"run": "{run}", "table": "comparison"}),
         markdown=f"{R}/comparison.md",
         verdict=f"{R}/verdict.json",
     params:
         config=CONFIG,
-        settings=wl.settings(config, "aggregate"),  # rerun when these settings change
+        settings=wl.per_run(config, wl.settings, "aggregate"),  # rerun when these settings change
     conda:
         "../../environment.yml"
     log:

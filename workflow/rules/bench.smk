@@ -8,7 +8,7 @@ rule bench:
         env=f"{R}/arms/{{arm}}/draw{{draw}}/env.json",
     params:
         config=CONFIG,
-        settings=wl.settings(config, "bench"),  # rerun when these settings change
+        settings=wl.per_run(config, wl.settings, "bench"),  # rerun when these settings change
     conda:
         "../../environment.yml"
     log:
@@ -18,8 +18,9 @@ rule bench:
         draw=r"\d+",
     resources:
         gpu=GPU,
-        mem_mb=wl.mem_mb(config, "bench"),
+        mem_mb=wl.per_run(config, wl.mem_mb, "bench"),
         runtime=30,
+        **TIER_RES,
     shell:
         "python -m moebench.bench --config {params.config} --tier {input.tier} --model {input.model} --data {input.train}"
         " --arm {wildcards.arm} --draw {wildcards.draw} --out {output.metrics} --log {log}"

@@ -1,29 +1,29 @@
-# Shared helpers for the rules: the python module runner and per-tier resources.
+# Shared helpers for the rules: the bench targets of a run and the report's inputs.
 def draws(wildcards):
     """Bench draws of this run: known after detection (the tier plan says how many)."""
-    tier = checkpoints.detect.get().output.tier
-    targets = wl.draw_targets(tier, R, config["arms"])
-    if config["sweeps"]:  # capacity sweeps (GPU time): longest sequence and largest batch per arm
-        targets += [f"{R}/sweep/{arm}/{kind}.csv" for arm in config["arms"] for kind in ("seq", "batch")]
-    targets += [f"{R}/validate/{arm}/metrics.csv" for arm in wl.validate_arms(config)]  # training validation
-    for run in config["offload"]["runs"]:  # arm:mode
-        arm, mode = run.split(":")
-        targets.append(f"{R}/offload/{arm}/{mode}/metrics.csv")
+    run, cfg = wildcards.run, RUNS[wildcards.run]
+    tier = checkpoints.detect.get(run=run).output.tier
+    targets = wl.draw_targets(tier, f"results/{run}", cfg["arms"])
+    if cfg["sweeps"]:  # capacity sweeps (GPU time): longest sequence and largest batch per arm
+        targets += [f"results/{run}/sweep/{arm}/{kind}.csv" for arm in cfg["arms"] for kind in ("seq", "batch")]
+    targets += [f"results/{run}/validate/{arm}/metrics.csv" for arm in wl.validate_arms(cfg)]  # training validation
+    for spec in cfg["offload"]["runs"]:  # arm:mode
+        arm, mode = spec.split(":")
+        targets.append(f"results/{run}/offload/{arm}/{mode}/metrics.csv")
     return targets
 
 
-# The report: figures, tables and captions for every run in results/ (this run plus committed GPU runs, whose
-# files are static), so `snakemake --report report.html` builds on a machine without a GPU.
+# The report: figures, tables and captions for every run in results/ (this invocation's runs plus committed GPU
+# runs, whose files are static), so `snakemake --report report.html` builds on a machine without a GPU.
 # REPORT_TARGETS go into the default target. Each figure has sidecars, <name>.json (numbers + provenance ids) and
 # <name>.caption.rst (the same as an rst table), which the caption in workflow/report/ includes.
 import glob as _glob
 import os as _os
 import re as _re
 
-_REPORT_RUN = config.get("run", "local")
-# Runs found at parse time; `_report` holds the cross-run views and is no run.
-REPORT_RUNS = sorted(({_REPORT_RUN} | {_os.path.basename(_os.path.dirname(p))
-                                      for p in _glob.glob("results/*/metrics.csv")}) - {"_report"})
+# This invocation's runs and those found at parse time; `_report` holds the cross-run views and is no run.
+REPORT_RUNS = sorted((set(RUNS) | {_os.path.basename(_os.path.dirname(p))
+                                  for p in _glob.glob("results/*/metrics.csv")}) - {"_report"})
 _RUN_RE = "|".join(_re.escape(r) for r in REPORT_RUNS)
 _REPORT_RULES = {"report_plots", "report_runs", "report_provenance"}
 # Captions of report() items made inside input functions must be resolved here (Snakemake only resolves

@@ -11,7 +11,7 @@ rule data:
         f"{R}/logs/data.log",
     params:
         config=CONFIG,
-        settings=wl.settings(config, "data"),  # rerun when these settings change
+        settings=wl.per_run(config, wl.settings, "data"),  # rerun when these settings change
         outdir=lambda wildcards, output: str(Path(output.sha).parent),
     resources:
         runtime=10,

@@ -3,7 +3,7 @@ checkpoint detect:
         tier=f"{R}/tier.json",
     params:
         config=CONFIG,
-        settings=wl.settings(config, "detect"),  # rerun when these settings change
+        settings=wl.per_run(config, wl.settings, "detect"),  # rerun when these settings change
     conda:
         "../../environment.yml"
     log:
@@ -11,5 +11,6 @@ checkpoint detect:
     resources:
         gpu=GPU,
         runtime=10,
+        **TIER_RES,
     shell:
         "python -m moebench.detect --config {params.config} --out {output.tier} --log {log}"

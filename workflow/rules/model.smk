@@ -6,15 +6,16 @@ rule model:
         sha=f"{R}/model.sha256",
     params:
         config=CONFIG,
-        settings=wl.settings(config, "model"),  # rerun when these settings change
+        settings=wl.per_run(config, wl.settings, "model"),  # rerun when these settings change
     conda:
         "../../environment.yml"
     log:
         f"{R}/logs/model.log",
     resources:
         gpu=GPU,
-        mem_mb=wl.mem_mb(config, "model"),
+        mem_mb=wl.per_run(config, wl.mem_mb, "model"),
         runtime=60,
+        **TIER_RES,
     shell:
         "python -m moebench.models --config {params.config} --tier {input.tier} --out {output.model} --sha {output.sha}"
         " --log {log}"

@@ -7,7 +7,7 @@ rule offload:
         f"{R}/offload/{{arm}}/{{mode}}/metrics.csv",
     params:
         config=CONFIG,
-        settings=wl.settings(config, "offload"),  # rerun when these settings change
+        settings=wl.per_run(config, wl.settings, "offload"),  # rerun when these settings change
     conda:
         "../../environment.yml"
     log:
@@ -16,8 +16,9 @@ rule offload:
         mode="none|plain|unsloth|expert_offload",
     resources:
         gpu=GPU,
-        mem_mb=wl.mem_mb(config, "bench"),
+        mem_mb=wl.per_run(config, wl.mem_mb, "bench"),
         runtime=30,
+        **TIER_RES,
     shell:
         "python -m moebench.offload --config {params.config} --tier {input.tier} --model {input.model}"
         " --data {input.train} --arm {wildcards.arm} --mode {wildcards.mode} --out {output} --log {log}"

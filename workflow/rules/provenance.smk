@@ -32,7 +32,7 @@ rule provenance:
         f"{R}/logs/provenance.log",
     params:
         config=CONFIG,
-        settings=wl.settings(config, "all"),  # rerun when these settings change
+        settings=wl.per_run(config, wl.settings, "all"),  # rerun when these settings change
         run_dir=lambda wildcards, input: os.path.dirname(input.metrics),
         history=OTS_HISTORY,
     shell:
@@ -49,7 +49,7 @@ rule stamp:
         f"{R}/provenance_stamp.json",
     params:
         config=CONFIG,
-        settings=wl.settings(config, "stamp"),  # rerun when these settings change
+        settings=wl.per_run(config, wl.settings, "stamp"),  # rerun when these settings change
     conda:
         "../../environment.yml"
     log:
@@ -59,36 +59,41 @@ rule stamp:
         " --log {log}"
 
 
-# Run by name, later and online: fetches the Bitcoin attestations of every pending proof of this run (and stamps
+# ots_upgrade and audit are run by name and make no files, so they cannot take a {run} wildcard: they name the
+# runs of this invocation themselves (one run, or one per tier of config `cluster.tiers`).
+_PROV_RUNS = list(wl.runs(config))
+
+
+# Run by name, later and online: fetches the Bitcoin attestations of every pending proof of these runs (and stamps
 # the newest revision first when the calendars were unreachable before).
 rule ots_upgrade:
     input:
-        provenance=f"{R}/provenance.json",
+        provenance=[f"results/{r}/provenance.json" for r in _PROV_RUNS],
     conda:
         "../../environment.yml"
     log:
-        f"{R}/logs/ots_upgrade.log",
+        [f"results/{r}/logs/ots_upgrade.log" for r in _PROV_RUNS],
     params:
-        config=CONFIG,
-        settings=wl.settings(config, "stamp"),  # rerun when these settings change
-        record=f"{R}/provenance_stamp.json",
+        runs=_PROV_RUNS,
     shell:
-        "python -m moebench.stamp upgrade --provenance {input.provenance} --config {params.config} --out {params.record}"
-        " --log {log}"
+        "for r in {params.runs}; do python -m moebench.stamp upgrade --provenance results/$r/provenance.json"
+        " --config results/$r/config.yaml --out results/$r/provenance_stamp.json --log results/$r/logs/ots_upgrade.log"
+        " || exit 1; done"
 
 
 # Run by name: re-derives every number of every run under results/ from its logs, checks the hash chains and the
-# proofs; writes audits/AUDIT-<date>.md and fails when anything does not check out.
+# proofs; writes audits/AUDIT-<date>.md and fails when anything does not check out. The log and the `provenance:`
+# settings are those of the first run (every run of one invocation shares them).
 rule audit:
     input:
-        provenance=f"{R}/provenance.json",
-        stamp=f"{R}/provenance_stamp.json",
+        provenance=[f"results/{r}/provenance.json" for r in _PROV_RUNS],
+        stamp=[f"results/{r}/provenance_stamp.json" for r in _PROV_RUNS],
     params:
-        config=CONFIG,
+        config=f"results/{_PROV_RUNS[0]}/config.yaml",
         settings=wl.settings(config, "all"),  # rerun when these settings change
     conda:
         "../../environment.yml"
     log:
-        f"{R}/logs/audit.log",
+        f"results/{_PROV_RUNS[0]}/logs/audit.log",
     shell:
         "python -m moebench.audit --results results --config {params.config} --out-dir audits --log {log}"

@@ -7,7 +7,7 @@ rule sweep:
         f"{R}/sweep/{{arm}}/{{kind}}.csv",
     params:
         config=CONFIG,
-        settings=wl.settings(config, "bench"),  # rerun when these settings change
+        settings=wl.per_run(config, wl.settings, "bench"),  # rerun when these settings change
     conda:
         "../../environment.yml"
     log:
@@ -16,8 +16,9 @@ rule sweep:
         kind="seq|batch",
     resources:
         gpu=GPU,
-        mem_mb=wl.mem_mb(config, "bench"),
+        mem_mb=wl.per_run(config, wl.mem_mb, "bench"),
         runtime=120,
+        **TIER_RES,
     shell:
         "python -m moebench.sweep --config {params.config} --tier {input.tier} --model {input.model}"
         " --data {input.train} --arm {wildcards.arm} --kind {wildcards.kind} --out {output} --log {log}"

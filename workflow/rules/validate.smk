@@ -18,7 +18,7 @@ rule validate:
         adapter=directory(f"{R}/validate/{{arm}}/adapter"),
     params:
         config=CONFIG,
-        settings=wl.settings(config, "validate"),  # rerun when these settings change
+        settings=wl.per_run(config, wl.settings, "validate"),  # rerun when these settings change
         out_dir=lambda wildcards, output: str(Path(output.gates).parent),
     conda:
         "../../environment.yml"
@@ -28,12 +28,13 @@ rule validate:
         arm="[a-z0-9_]+",
     resources:
         gpu=GPU,
-        mem_mb=wl.mem_mb(config, "bench"),
+        mem_mb=wl.per_run(config, wl.mem_mb, "bench"),
         runtime=VALIDATE_TIMEOUT_S // 60 + 30,  # minutes: the fine-tune's own limit plus load and reload
+        **TIER_RES,
     shell:
         "python -m moebench.validate --config {params.config} --tier {input.tier} --model {input.model}"
         " --train {input.train} --heldout {input.heldout} --arm {wildcards.arm} --out-dir {params.out_dir}"
         " --log {log}"
 
 
-VALIDATE_TARGETS = expand(f"{R}/validate/{{arm}}/metrics.csv", arm=wl.validate_arms(config))
+VALIDATE_TARGETS = [f"results/{run}/validate/{arm}/metrics.csv" for run, cfg in RUNS.items() for arm in wl.validate_arms(cfg)]
