@@ -28,6 +28,21 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
+def tiny_workdir(d: Path, model: str = "gpt-oss-20b", conversations: int = 30, **plan) -> dict:
+    """A tiny random-init `model`, its data and a CPU tier.json (plan overridden by `plan`) in `d`, as the
+    workflow lays them out: what the harness and validation tests train on. Returns the tier document."""
+    from moebench import config as cfgmod
+    from moebench import data, models
+    from moebench.io import logger, write_json
+
+    spec = cfgmod.load_yaml("models.yaml")[model]
+    models.build(spec, "tiny", "random-init", str(d / "model"), 42, data.corpus_text(60, 42), logger("t"))
+    data.build(str(d / "model"), conversations, 42, 0.1, str(d / "data"), logger("t"))
+    tier = {"tier": "cpu", "gpu": None, "plan": {**cfgmod.load_yaml("tiers.yaml")["cpu"]["plan"], **plan}}
+    write_json(d / "tier.json", tier)
+    return tier
+
+
 def snakemake(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     return subprocess.run([str(BIN / "snakemake"), *args], cwd=cwd, capture_output=True, text=True,

@@ -5,24 +5,21 @@ import sys
 
 import pytest
 
-from conftest import ROOT
-from moebench import arms, bench, data, measure, models
+from conftest import ROOT, tiny_workdir
+from moebench import arms, bench, measure, models
 from moebench import config as cfgmod
-from moebench.io import logger, write_json
+from moebench.io import write_json
 from moebench.metrics import read_rows, parse_log_rows
 
 SPEC = cfgmod.load_yaml("models.yaml")["gpt-oss-20b"]
+QUICK_PLAN = {"seq_len": 64, "warmup_steps": 1, "timed_steps": 2}
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("b")
-    models.build(SPEC, "tiny", "random-init", str(d / "model"), 42, data.corpus_text(60, 42), logger("t"))
-    data.build(str(d / "model"), 30, 42, 0.1, str(d / "data"), logger("t"))
-    cfg = cfgmod.load(ROOT / "config" / "config.yaml")
-    plan = {**cfgmod.load_yaml("tiers.yaml")["cpu"]["plan"], "seq_len": 64, "warmup_steps": 1, "timed_steps": 2}
-    write_json(d / "tier.json", {"tier": "cpu", "gpu": None, "plan": plan})
-    return d, cfg
+    tiny_workdir(d, **QUICK_PLAN)
+    return d, cfgmod.load(ROOT / "config" / "config.yaml")
 
 
 def run_arm(d, arm, draw=1, config=ROOT / "config" / "config.yaml", tier="tier.json"):
@@ -160,11 +157,7 @@ def test_overrunning_draw_becomes_failed_row(setup):
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "olmoe-1b-7b"])
 def test_other_families_train_with_expert_lora_and_report_router_load(tmp_path, name):
     """Qwen3-MoE and OLMoE go through the same harness: expert LoRA on every layer, the router load measured."""
-    spec = cfgmod.load_yaml("models.yaml")[name]
-    models.build(spec, "tiny", "random-init", str(tmp_path / "model"), 42, data.corpus_text(60, 42), logger("t"))
-    data.build(str(tmp_path / "model"), 30, 42, 0.1, str(tmp_path / "data"), logger("t"))
-    plan = {**cfgmod.load_yaml("tiers.yaml")["cpu"]["plan"], "seq_len": 64, "warmup_steps": 1, "timed_steps": 2}
-    write_json(tmp_path / "tier.json", {"tier": "cpu", "gpu": None, "plan": plan})
+    tiny_workdir(tmp_path, name, **QUICK_PLAN)
     rows, _ = run_arm(tmp_path, "hf_bf16")
     assert rows["step_s"].status == "measured" and rows["model_tflop_per_step"].value > 0
     assert rows["layers_with_expert_lora"].value == 2

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ import pytest
 import yaml
 
 from conftest import BIN, QUICK, ROOT, copy_repo
+from moebench.io import run_bounded
 from moebench.metrics import read_rows
 
 SLURM = ROOT / "tests" / "slurm"
@@ -39,17 +39,8 @@ ARMS = ["hf_bf16", "unsloth_4bit"]
 
 
 def bounded(cmd: list[str], cwd: Path, env: dict, limit: float) -> tuple[int | None, str]:
-    """Run in its own process group; SIGKILL the group on overrun (a hung Snakemake ignores SIGTERM).
-    Returns (exit code or None when killed, stdout+stderr)."""
-    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
-    try:
-        out, _ = p.communicate(timeout=limit)
-        return p.returncode, out
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, _ = p.communicate()
-        return None, out
+    """SIGKILL the whole process group on overrun (a hung Snakemake ignores SIGTERM): (exit code or None, output)."""
+    return run_bounded(cmd, limit, cwd=cwd, env=env)
 
 
 def ctld_log() -> str:

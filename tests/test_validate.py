@@ -8,14 +8,12 @@ import sys
 
 import pytest
 
-from conftest import ROOT
-from moebench import arms, bench, data, models, routing
+from conftest import ROOT, tiny_workdir
+from moebench import arms, bench, routing
 from moebench import config as cfgmod
 from moebench import validate as V
-from moebench.io import logger, write_json
 from moebench.metrics import parse_log_rows, read_rows
 
-SPEC = cfgmod.load_yaml("models.yaml")["gpt-oss-20b"]
 FALLING = [3.0 - 0.1 * i for i in range(20)]
 
 
@@ -136,14 +134,10 @@ def test_defaults_are_the_schema_defaults():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("v")
-    models.build(SPEC, "tiny", "random-init", str(d / "model"), 42, data.corpus_text(60, 42), logger("t"))
-    data.build(str(d / "model"), 40, 42, 0.1, str(d / "data"), logger("t"))
+    tier = tiny_workdir(d, conversations=40)
     cfg = cfgmod.load(ROOT / "config" / "config.yaml")
     cfg["validate"] = {**cfg.get("validate", {}), "cpu_steps": 8, "grad_accum": 1, "cpu_seq_len": 64, "lr": 3e-3,
                        "window": 3, "min_loss_drop": 0.005, "warmup_ratio": 0.0, "reload_tokens": 32}
-    plan = {**cfgmod.load_yaml("tiers.yaml")["cpu"]["plan"]}
-    tier = {"tier": "cpu", "gpu": None, "plan": plan}
-    write_json(d / "tier.json", tier)
     return d, cfg, tier
 
 

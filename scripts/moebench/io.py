@@ -5,6 +5,8 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -19,6 +21,20 @@ def atomic_write(path: str | os.PathLike, text: str) -> Path:
         fh.write(text)
     os.replace(tmp, path)
     return path
+
+
+def run_bounded(cmd: list[str], timeout: float, cwd=None, env=None) -> tuple[int | None, str]:
+    """Run `cmd` in its own process group and SIGKILL the whole group past `timeout` (a hung child, or one that
+    ignores SIGTERM, must not outlive the limit). Returns (exit code, or None when killed; stdout+stderr)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return None, out or ""
 
 
 def write_json(path, obj) -> Path:

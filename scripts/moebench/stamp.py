@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .io import logger, read_json, sha256_file, write_json
+from .io import logger, read_json, run_bounded, sha256_file, write_json
 from .provenance import DEFAULT_HISTORY, history_dir
 
 # The client's own defaults (otsclient/cmds.py stamp_command, opentimestamps.calendar.DEFAULT_AGGREGATORS).
@@ -58,16 +56,10 @@ def ots_binary() -> str:
 
 def run_ots(args: list[str], timeout: float, cwd=None) -> tuple[int, str]:
     """Run the client, killing its whole process group past `timeout`; returns (exit code, output)."""
-    cmd = [ots_binary(), *args]
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-        return proc.returncode, out
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        return 124, (out or "") + f"\n(ots {args[-2] if len(args) > 1 else ''} killed after {timeout:.0f} s)"
+    rc, out = run_bounded([ots_binary(), *args], timeout, cwd=cwd)
+    if rc is None:
+        return 124, out + f"\n(ots {args[-2] if len(args) > 1 else ''} killed after {timeout:.0f} s)"
+    return rc, out
 
 
 # ---- reading proofs ------------------------------------------------------------------------------------------

@@ -393,13 +393,14 @@ def reload_logits(arm, model_dir: str, adapter: Path, lora, plan: dict, x, log) 
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
+        from .arms.hf import use_grouped_mm
+
         kw = {"dtype": torch.bfloat16, "device_map": "cuda" if cuda else "cpu"}
         q = arm.quantization() if hasattr(arm, "quantization") else None
         if q is not None:
             kw["quantization_config"] = q
         base = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
-        if plan.get("moe_backend") == "grouped_mm" and cuda and hasattr(base, "set_experts_implementation"):
-            base.set_experts_implementation("grouped_mm")  # as the arm trained it
+        use_grouped_mm(base, plan)  # as the arm trained it
         fresh = logits_of(base, x)
         model = PeftModel.from_pretrained(base, str(adapter))
         how = "PeftModel.from_pretrained"

@@ -7,6 +7,18 @@ from .base import Arm, Loaded, LoRASpec
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
+def use_grouped_mm(model, plan: dict) -> str | None:
+    """transformers 5's fused MoE path on a GPU, also when the tier asks Unsloth for its own Triton kernels.
+    Returns "grouped_mm" when set, None when the model keeps its default (CPU, or no such switch)."""
+    import torch
+
+    if plan.get("moe_backend") in ("grouped_mm", "unsloth_triton") and torch.cuda.is_available() and \
+            hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("grouped_mm")
+        return "grouped_mm"
+    return None
+
+
 def peft_config(lora: LoRASpec):
     from peft import LoraConfig
 
@@ -33,12 +45,8 @@ class HFBf16(Arm):
         if self.quantization() is not None:
             kwargs["quantization_config"] = self.quantization()
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-        info = {"experts_implementation": getattr(model.config, "_experts_implementation", None)}
-        # transformers 5's fused MoE path on a GPU, also when the tier asks Unsloth for its own Triton kernels
-        if plan.get("moe_backend") in ("grouped_mm", "unsloth_triton") and cuda and \
-                hasattr(model, "set_experts_implementation"):
-            model.set_experts_implementation("grouped_mm")
-            info["experts_implementation"] = "grouped_mm"
+        info = {"experts_implementation": use_grouped_mm(model, plan) or
+                getattr(model.config, "_experts_implementation", None)}
         if plan.get("gradient_checkpointing"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
