@@ -74,6 +74,19 @@ def test_reload_gate():
     assert not V.gate_reload(0.2, 5.0, 0.01, fresh_diff=0.5).passed
     assert not V.gate_reload(0.0, 5.0, 0.01, fresh_diff=0.0).passed  # the adapter changed nothing: proves nothing
     assert not V.gate_reload(math.nan, 5.0, 0.01).passed
+    # equal logits but an adapter that did not round-trip (a tensor lost or changed): fails
+    assert not V.gate_reload(0.0, 5.0, 0.01, fresh_diff=0.5, adapter_diff=1e-3).passed
+    assert not V.gate_reload(0.0, 5.0, 0.01, fresh_diff=0.5, adapter_diff=math.inf).passed
+
+
+def test_adapter_round_trip_diff_sees_values_dtypes_and_missing_tensors():
+    import torch
+
+    a = {"x": torch.ones(3), "y": torch.zeros(2, dtype=torch.bfloat16)}
+    assert V.adapter_max_diff(a, {k: v.clone() for k, v in a.items()}) == 0.0
+    assert V.adapter_max_diff(a, {"x": torch.ones(3) * 2, "y": a["y"]}) == 1.0
+    assert V.adapter_max_diff(a, {"x": a["x"], "y": a["y"].float()}) == math.inf  # dtype changed on the way
+    assert V.adapter_max_diff(a, {"x": a["x"]}) == math.inf  # one lost
 
 
 def test_router_summary():
@@ -238,6 +251,43 @@ def test_real_cpu_fine_tune_learns_and_passes_every_gate(setup, tmp_path):
     assert rows["reload_fresh_logits_max_abs_diff"].value > rows["reload_logits_max_abs_diff"].value
     gj = json.loads((out / "gates.json").read_text())
     assert gj["arm"] == "hf_bf16" and gj["settings"]["optim"] == "adamw_torch" and gj["router"]["0"]["tokens"] > 0
+
+
+def test_bf16_mixed_precision_reload_compares_plain_forwards(setup, tmp_path, monkeypatch):
+    """The H100 failure, on CPU: the trainer's accelerator wraps the model's forward in bf16 autocast. The reload
+    check compares the trained model's plain forward with the reloaded one (exact here), and records how far the
+    autocast forward it trained with is from it (what the first GPU runs measured as a reload difference)."""
+    settings = V.run_settings
+    monkeypatch.setattr(V, "run_settings", lambda *a, **k: {**settings(*a, **k), "bf16": True, "use_cpu": True})
+    doc, gates, out = _run(setup, tmp_path, "bf16")
+    assert doc["status"] == "measured", doc.get("reason")
+    rows = {r.metric: r.value for r in read_rows(out / "metrics.csv")}
+    assert rows["reload_trained_autocast_max_abs_diff"] > 0  # the wrapper was there and changes the logits
+    assert gates["reload"]["passed"] and rows["reload_logits_max_abs_diff"] == 0.0
+    assert rows["reload_adapter_max_abs_diff"] == 0.0 and rows["reload_routing_flips"] == 0.0
+    assert rows["reload_loss_trained"] == rows["reload_loss_reloaded"]
+
+
+def test_real_run_with_a_damaged_adapter_fails_the_reload_gate(setup, tmp_path, monkeypatch):
+    """A saved adapter that lost part of what was trained (one expert LoRA B zeroed in the file) fails reload."""
+    from safetensors.torch import load_file, save_file
+
+    save = V.save_adapter
+
+    def damaged(model, out):
+        kind = save(model, out)
+        f = out / "adapter_model.safetensors"
+        sd = load_file(str(f))
+        k = next(k for k in sorted(sd) if "experts" in k and "lora_B" in k)
+        sd[k] = sd[k] * 0
+        save_file(sd, str(f))
+        return kind
+
+    monkeypatch.setattr(V, "save_adapter", damaged)
+    doc, gates, out = _run(setup, tmp_path, "damaged")
+    assert doc["status"] == "measured" and doc["passed"] is False
+    assert not gates["reload"]["passed"] and "did not round-trip" in gates["reload"]["detail"]
+    assert all(gates[g]["passed"] for g in ("finite", "loss_drop", "heldout_drop", "expert_grads"))
 
 
 def test_real_run_with_flat_loss_fails_the_learning_gates(setup, tmp_path):

@@ -99,14 +99,20 @@ class RouterLoad:
         self.num_experts, self.top_k = num_experts, top_k
         self.tallies: dict = {}
         self.counting = False
+        self.keeping = False  # keep each layer's top-k sets of the last forward (picks), e.g. to compare two models
+        self.picks: dict = {}
         self.hooks = [mod.register_forward_hook(self._hook(layer)) for layer, mod in routers(model)]
 
     def _hook(self, layer: int):
         def hook(_mod, _inp, out):
-            if not self.counting:
+            if not (self.counting or self.keeping):
                 return
             idx = self._indices(out)
             if idx is None:
+                return
+            if self.keeping:
+                self.picks[layer] = idx.detach().reshape(-1, idx.shape[-1]).sort(-1).values.cpu()
+            if not self.counting:
                 return
             c = self.torch.bincount(idx.reshape(-1).long(), minlength=self.num_experts)[: self.num_experts]
             self.tallies[layer] = self.tallies[layer] + c if layer in self.tallies else c
@@ -123,6 +129,16 @@ class RouterLoad:
             if self.torch.is_tensor(t) and t.shape[-1] == self.num_experts:
                 return t.detach().topk(self.top_k, dim=-1).indices
         return None
+
+    @staticmethod
+    def flips(a: dict, b: dict) -> float | None:
+        """Fraction of (token, layer) pairs whose top-k expert set differs between two `picks`: top-k routing
+        is discontinuous, so a tiny numeric difference can send a token to another expert."""
+        layers = sorted(set(a) & set(b))
+        n = sum(a[l].shape[0] for l in layers)
+        if not n:
+            return None
+        return sum(int((a[l] != b[l]).any(-1).sum()) for l in layers) / n
 
     def counts(self) -> dict[int, list[int]]:
         return {l: [int(x) for x in c.cpu()] for l, c in sorted(self.tallies.items())}

@@ -137,9 +137,11 @@ def gate_expert_grads(layers: dict[int, dict], num_layers: int, min_expert_fract
 
 
 def gate_reload(max_abs_diff: float | None, logit_scale: float | None, rtol: float,
-                fresh_diff: float | None = None) -> Gate:
-    """Value: max |trained - reloaded| / max |trained| over the logits of one batch. When the fresh model's
-    logits (before loading the adapter) are known they must differ by more, or the check proves nothing."""
+                fresh_diff: float | None = None, adapter_diff: float | None = 0.0) -> Gate:
+    """Value: max |trained - reloaded| / max |trained| over the logits of one batch, both through the model's
+    plain forward. When the fresh model's logits (before loading the adapter) are known they must differ by more,
+    or the check proves nothing. `adapter_diff`: max |difference| between the adapter tensors of the trained
+    model, the saved file and the reloaded model: anything but 0 means the adapter did not round-trip."""
     if not (_finite(max_abs_diff) and _finite(logit_scale)) or logit_scale <= 0:
         return Gate("reload", False, None, rtol, "fraction", f"logit difference not computed ({max_abs_diff})")
     rel = max_abs_diff / logit_scale
@@ -148,6 +150,8 @@ def gate_reload(max_abs_diff: float | None, logit_scale: float | None, rtol: flo
         detail += f"; before loading the adapter it was {fresh_diff:.3g}"
         if not fresh_diff > max_abs_diff:
             ok, detail = False, detail + ": the adapter made no difference, so the comparison is empty"
+    if adapter_diff != 0.0:
+        ok, detail = False, detail + f"; the adapter tensors did not round-trip exactly (max |diff| {adapter_diff})"
     return Gate("reload", ok, rel, rtol, "fraction", detail)
 
 
@@ -205,7 +209,7 @@ def run_settings(vcfg: dict | None, plan: dict, cuda: bool, arm: str = "") -> di
     if not cuda:
         seq = min(seq, s["cpu_seq_len"] or seq)
     return {**s, "steps": steps if cuda else s["cpu_steps"], "seq_len": int(seq), "batch": int(plan["batch"]),
-            "optim": s["optim"] if cuda else "adamw_torch", "bf16": cuda}
+            "optim": s["optim"] if cuda else "adamw_torch", "bf16": cuda, "use_cpu": not cuda}
 
 
 # ---- recording during training -----------------------------------------------------------------------------
@@ -341,7 +345,7 @@ def sft_config(s: dict, out_dir: str, seed: int):
         logging_steps=1, logging_nan_inf_filter=False,  # the filter would hide a NaN loss from the gate
         gradient_checkpointing=False,  # the arm has set up its own stack's checkpointing (tier plan)
         eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True, seed=seed, data_seed=seed,
-        dataloader_num_workers=0, use_cpu=not s["bf16"])
+        dataloader_num_workers=0, use_cpu=s["use_cpu"])
 
 
 def trainer_class(trl_loss: bool):
@@ -368,6 +372,23 @@ def logits_of(model, x):
         return model(input_ids=x).logits.float().cpu()
 
 
+def probe(model, x) -> tuple:
+    """(logits, each router's sorted top-k expert set per token) of one forward in eval mode."""
+    shape = routing.moe_shape(model.config)
+    load = routing.RouterLoad(model, shape["experts"], shape["top_k"])
+    load.keeping = True
+    try:
+        return logits_of(model, x), load.picks
+    finally:
+        load.remove()
+
+
+def next_token_loss(logits, x) -> float:
+    import torch
+
+    return float(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:].cpu()))
+
+
 def save_adapter(model, out: Path) -> str:
     """PEFT models save their adapter (save_pretrained); a model with its own LoRA modules (e4b) saves its
     trainable tensors."""
@@ -377,18 +398,53 @@ def save_adapter(model, out: Path) -> str:
         return "peft"
     from safetensors.torch import save_file
 
-    save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad},
+    save_file({n: p.detach().contiguous().cpu() for n, p in adapter_state(model).items()},
               str(out / "trainable.safetensors"))
     return "trainable-state"
 
 
-def reload_logits(arm, model_dir: str, adapter: Path, lora, plan: dict, x, log) -> tuple:
-    """(logits before the adapter is loaded, logits after). hf arms: PeftModel.from_pretrained on the saved base
-    model, as a user would; other PEFT arms: the arm loads the base its own way, then PEFT loads the saved
-    weights into it; others: the arm loads, then its trainable tensors are loaded."""
+def adapter_state(model) -> dict:
+    """The adapter tensors under the names they are saved with (PEFT's own mapping for PEFT models)."""
+    if hasattr(model, "peft_config"):
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(model)
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def saved_adapter(adapter: Path) -> dict:
+    if (adapter / "adapter_config.json").exists():
+        from peft.utils import load_peft_weights
+
+        return load_peft_weights(str(adapter), device="cpu")
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter / "trainable.safetensors"))
+
+
+def adapter_max_diff(live: dict, saved: dict) -> float:
+    """Max |live - saved| over every saved tensor (values compared in float32, dtypes must match too); inf when a
+    tensor is missing on either side or differs in shape or dtype."""
+    if set(live) != set(saved):
+        return math.inf
+    worst = 0.0
+    for k, t in saved.items():
+        v = live[k].detach()
+        if v.shape != t.shape or v.dtype != t.dtype:
+            return math.inf
+        worst = max(worst, float((v.float() - t.to(v.device).float()).abs().max()) if t.numel() else 0.0)
+    return worst
+
+
+def reload_model(arm, model_dir: str, adapter: Path, lora, plan: dict, x, log) -> dict:
+    """Load the saved adapter as a user would and probe it: {"fresh": logits before the adapter is loaded,
+    "logits", "picks", "adapter_diff": reloaded adapter vs the saved file, "how"}. hf arms:
+    PeftModel.from_pretrained on the saved base model; other PEFT arms: the arm loads the base its own way, then
+    PEFT loads the saved weights into it; others: the arm loads, then its trainable tensors are loaded."""
     import torch
 
     cuda = torch.cuda.is_available()
+    saved = saved_adapter(adapter)
     if (adapter / "adapter_config.json").exists() and arm.stack == "hf":
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
@@ -408,25 +464,23 @@ def reload_logits(arm, model_dir: str, adapter: Path, lora, plan: dict, x, log) 
         model = arm.load(model_dir, lora, plan).model
         fresh = logits_of(model, x)
         if (adapter / "adapter_config.json").exists():
-            from peft.utils import load_peft_weights, set_peft_model_state_dict
+            from peft.utils import set_peft_model_state_dict
 
-            weights = load_peft_weights(str(adapter))
-            res = set_peft_model_state_dict(model, weights)
+            res = set_peft_model_state_dict(model, saved)
             if res.unexpected_keys:
                 raise RuntimeError(f"adapter keys the reloaded model does not have: {res.unexpected_keys[:5]}")
-            how = f"{arm.name} load + set_peft_model_state_dict ({len(weights)} tensors)"
+            how = f"{arm.name} load + set_peft_model_state_dict ({len(saved)} tensors)"
         else:
-            from safetensors.torch import load_file
-
-            sd = load_file(str(adapter / "trainable.safetensors"))
-            res = model.load_state_dict(sd, strict=False)
+            res = model.load_state_dict(saved, strict=False)
             if res.unexpected_keys:
                 raise RuntimeError(f"saved tensors the reloaded model does not have: {res.unexpected_keys[:5]}")
-            how = f"{arm.name} load + load_state_dict ({len(sd)} trainable tensors)"
+            how = f"{arm.name} load + load_state_dict ({len(saved)} trainable tensors)"
     log.info("reloaded the adapter: %s", how)
-    out = logits_of(model, x)
+    logits, picks = probe(model, x)
+    out = {"fresh": fresh, "logits": logits, "picks": picks, "how": how,
+           "adapter_diff": adapter_max_diff(adapter_state(model), saved)}
     del model
-    return fresh, out, how
+    return out
 
 
 def free_memory():
@@ -472,18 +526,41 @@ def expert_rows(ctx: Ctx, layers: dict[int, dict]) -> None:
             ctx.add(f"experts_with_grad_L{l:02d}", d["experts_with_grad"], "count")
 
 
-def reload_gate(ctx: Ctx, arm, trained, x, model_dir: str, adapter: Path, lora, plan: dict, rtol: float,
+def trained_reference(ctx: Ctx, trainer, model, x, adapter: Path) -> dict:
+    """The trained model's side of the reload check, through its plain forward: the trainer's accelerator
+    wrapped `forward` in bf16 autocast for mixed precision, which a reloaded model does not have; left in place,
+    the comparison measures autocast against plain bf16 instead of the adapter (it did, on the H100)."""
+    as_trained = logits_of(model, x)
+    model = trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    logits, picks = probe(model, x)
+    ctx.add("reload_trained_autocast_max_abs_diff", float((as_trained - logits).abs().max()), "logit")
+    # the same model run twice: the floor under which a reload difference is kernel noise, not a lost adapter
+    ctx.add("reload_trained_repeat_max_abs_diff", float((logits_of(model, x) - logits).abs().max()), "logit")
+    return {"logits": logits, "picks": picks,
+            "adapter_diff": adapter_max_diff(adapter_state(model), saved_adapter(adapter))}
+
+
+def reload_gate(ctx: Ctx, arm, ref: dict, x, model_dir: str, adapter: Path, lora, plan: dict, rtol: float,
                 log) -> tuple[Gate, str]:
     """Reload the saved adapter (the trained model is gone by now: two full models may not fit) and compare."""
-    fresh, reloaded, how = reload_logits(arm, model_dir, adapter, lora, plan, x, log)
-    diff = float((trained - reloaded).abs().max())
-    fresh_diff = float((trained - fresh).abs().max())
+    got = reload_model(arm, model_dir, adapter, lora, plan, x, log)
+    trained = ref["logits"]
+    diff = float((trained - got["logits"]).abs().max())
+    fresh_diff = float((trained - got["fresh"]).abs().max())
     scale = float(trained.abs().max())
     ctx.add("reload_logits_max_abs_diff", diff, "logit")
     ctx.add("reload_logits_max_abs", scale, "logit")
     ctx.add("reload_fresh_logits_max_abs_diff", fresh_diff, "logit")
-    ctx.add("reload_argmax_agreement", float((trained.argmax(-1) == reloaded.argmax(-1)).float().mean()), "fraction")
-    return gate_reload(diff, scale, rtol, fresh_diff), how
+    ctx.add("reload_argmax_agreement", float((trained.argmax(-1) == got["logits"].argmax(-1)).float().mean()),
+            "fraction")
+    ctx.add("reload_loss_trained", next_token_loss(trained, x), "nats")
+    ctx.add("reload_loss_reloaded", next_token_loss(got["logits"], x), "nats")
+    flips = routing.RouterLoad.flips(ref["picks"], got["picks"])
+    if flips is not None:  # explains a logit difference: a token sent to other experts
+        ctx.add("reload_routing_flips", flips, "fraction")
+    worst = max(ref["adapter_diff"], got["adapter_diff"])
+    ctx.add("reload_adapter_max_abs_diff", worst, "value")
+    return gate_reload(diff, scale, rtol, fresh_diff, worst), got["how"]
 
 
 def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, train_path: str, heldout_path: str, out_dir: Path,
@@ -539,13 +616,11 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, train_path: str, h
     kind = save_adapter(model, out_dir / "adapter")
     x = torch.tensor([tok(read_texts(heldout_path)[0])["input_ids"][: s["reload_tokens"]]],
                      device=next(model.parameters()).device)
-    trained = logits_of(model, x)
-    # the same model run twice: the floor under which a reload difference is kernel noise, not a lost adapter
-    ctx.add("reload_trained_repeat_max_abs_diff", float((logits_of(model, x) - trained).abs().max()), "logit")
+    ref = trained_reference(ctx, trainer, model, x, out_dir / "adapter")
     del trainer, model, rec
     scratch.cleanup()
     free_memory()
-    g, how = reload_gate(ctx, arm, trained, x, model_dir, out_dir / "adapter", lora, tier["plan"], s["reload_rtol"],
+    g, how = reload_gate(ctx, arm, ref, x, model_dir, out_dir / "adapter", lora, tier["plan"], s["reload_rtol"],
                          log)
     gates.append(g)
     free_memory()
