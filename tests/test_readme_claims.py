@@ -79,3 +79,36 @@ def test_two_tier_verdict_ratios_are_the_runs():
     qwen = json.loads((ROOT / "results" / "h100-qwen3-30b-a3b" / "verdict.json").read_text())
     assert f"8.4x (H200)" in text and f"{h200['speedup']:.1f}" == "8.4"
     assert qwen["speed_verdict"] == "NOT VIABLE" and f"({qwen['speedup']:.2f}x)" in text
+
+
+def test_validation_table_matches_each_arms_validate_rows():
+    """The training-validation table: every figure against that arm's validate/metrics.csv, the result against
+    verdict.json's training judgement."""
+    import json
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Training validation", 1)[1].split("\n## ", 1)[0]
+    training = json.loads((RUN / "verdict.json").read_text())["training"]
+    seen = set()
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 9 or cells[0] not in training:
+            continue
+        arm, steps, rows, held, drop, grads, reload, peak, result = cells
+        m = {r["metric"]: r["value"] for r in csv.DictReader((RUN / "validate" / arm / "metrics.csv").open())}
+        assert steps == m["optimizer_steps"] and rows == m["packed_train_sequences"], arm
+        before, after = held.split(" → ")
+        assert before == f"{float(m['heldout_loss_before']):.2f}", arm
+        assert after in (f"{float(m['heldout_loss_after']):.3f}", f"{float(m['heldout_loss_after']):.2f}"), arm
+        assert drop == f"−{float(m['gate_loss_drop_value']):.1%}", arm
+        n = int(float(m["expert_lora_tensors"]))
+        assert grads == f"{round(float(m['gate_expert_grads_value']) * n)} / {n}", arm
+        if "reload_trained_autocast_max_abs_diff" in m:
+            assert reload == (f"{float(m['reload_logits_max_abs_diff']):.3g} "
+                              f"({float(m['reload_trained_autocast_max_abs_diff']):.3g})"), arm
+        else:
+            assert reload == "superseded check", arm
+        assert peak == f"{float(m['peak_alloc_gb']):.1f}", arm
+        assert result == training[arm]["result"], arm
+        seen.add(arm)
+    assert seen == {"unsloth_bf16", "hf_bf16", "e4b_4bit"}

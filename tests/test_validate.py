@@ -89,6 +89,27 @@ def test_adapter_round_trip_diff_sees_values_dtypes_and_missing_tensors():
     assert V.adapter_max_diff(a, {"x": a["x"]}) == math.inf  # one lost
 
 
+def test_validation_packs_the_data_itself_and_refuses_a_trainer_that_repacks():
+    """Every stack gets the same packed blocks (bench's token stream cut at seq_len); a trainer whose datasets
+    no longer hold them (Unsloth ignoring packing=True for gpt_oss) stops the run instead of training on other
+    tokens."""
+    from types import SimpleNamespace
+
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, text):
+            return {"input_ids": [ord(c) for c in text]}
+
+    blocks = V.packed(Tok(), ["abc", "defg"], 4)
+    assert blocks == [{"input_ids": [97, 98, 99, 0]}, {"input_ids": [100, 101, 102, 103]}, {"input_ids": [0]}]
+    V.same_data(SimpleNamespace(train_dataset=blocks, eval_dataset=blocks[:1]), blocks, blocks[:1])
+    unpacked = SimpleNamespace(train_dataset=[{"input_ids": [97, 98, 99]}, {"input_ids": [100]}],
+                               eval_dataset=blocks[:1])
+    with pytest.raises(RuntimeError, match="changed the packed train data"):
+        V.same_data(unpacked, blocks, blocks[:1])
+
+
 def test_router_summary():
     even = routing.summary([10, 10, 10, 10])
     assert even["entropy_norm"] == pytest.approx(1.0) and even["max_over_mean"] == pytest.approx(1.0)
@@ -117,8 +138,30 @@ def test_overall_verdict_needs_speed_and_training():
     untestable = {"verdict": "NOT TESTABLE", "reason": "unsloth_bf16 skipped", "reference": None}
     assert V.overall_verdict(untestable, {"unsloth_bf16": _doc()})["verdict"] == "NOT TESTABLE"
     noted = V.overall_verdict(viable, {"unsloth_bf16": _doc(), "e4b_4bit": _doc(passed=False, failing=("finite",))})
-    assert noted["verdict"] == "VIABLE" and "e4b_4bit did not pass" in noted["reason"]
+    assert noted["verdict"] == "VIABLE" and "e4b_4bit's training validation: FAIL" in noted["reason"]
     assert noted["training"]["e4b_4bit"]["result"] == "FAIL"
+
+
+def test_a_reload_measured_by_the_superseded_check_counts_as_not_measured():
+    """gates.json documents whose rows lack the plain-forward row had their reload measured against the trainer's
+    autocast forward: that gate is void (UNVERIFIED), other failures still fail, a new document is judged as is."""
+    from moebench.metrics import Row
+
+    def row(arm, metric):
+        return Row("r", "h100_80gb", "m", arm, "bf16", "validate", metric, 0.0, "logit", source="x.log")
+
+    docs = {"new": _doc(), "old": _doc(passed=False, failing=("reload",)),
+            "old_bad": _doc(passed=False, failing=("reload", "finite")), "gone": _doc("skipped", None)}
+    marked = V.mark_superseded(docs, [row("new", V.PLAIN_FORWARD_ROW), row("old", "gate_reload")])
+    assert "reload_superseded" not in marked["new"] and "reload_superseded" not in marked["gone"]
+    t = {a: V._arm_training(d) for a, d in marked.items()}
+    assert t["new"]["result"] == "PASS" and t["gone"]["result"] == "SKIPPED"
+    assert t["old"] == {"result": "UNVERIFIED", "why": V.SUPERSEDED, "gates": [
+        "finite", "loss_drop", "heldout_drop", "expert_grads", "reload (superseded)"]}
+    assert t["old_bad"]["result"] == "FAIL" and "reload" not in t["old_bad"]["why"]
+    viable = {"verdict": "VIABLE", "reason": "fast", "reference": "e4b_4bit"}
+    v = V.overall_verdict(viable, {"unsloth_bf16": marked["old"]})
+    assert v["verdict"] == "NOT TESTABLE" and "superseded" in v["reason"]
 
 
 def test_settings_per_host():

@@ -137,10 +137,10 @@ def main(argv=None):
     for l in lines:
         w.writerow({k: ("" if l.get(k) is None else l.get(k)) for k in cols})
     v = verdict({l["arm"]: l for l in lines}, cfg["verdict"]["min_speedup"])
-    from .validate import overall_verdict
+    from .validate import mark_superseded, overall_verdict
 
     # training health joins the speed verdict; a run whose unsloth_bf16 was not validated is NOT TESTABLE
-    v = overall_verdict(v, {d["arm"]: d for d in map(read_json, a.gates)})
+    v = overall_verdict(v, mark_superseded({d["arm"]: d for d in map(read_json, a.gates)}, rows))
     write_rows(a.metrics, rows + derived)
     atomic_write(a.comparison, buf.getvalue())
     atomic_write(a.markdown, markdown(lines, cols, v))

@@ -56,16 +56,19 @@ def versions() -> dict:
     return package_versions(PACKAGES)
 
 
+def token_stream(tokenizer, texts: list[str]) -> list[int]:
+    """The conversations as one token stream, each closed by EOS: what bench and validate both pack."""
+    eos = tokenizer.eos_token_id
+    return [i for t in texts for i in tokenizer(t)["input_ids"] + [eos]]
+
+
 def batches(data_path: str, tokenizer, seq_len: int, batch: int, count: int, seed: int):
     """Pack the rendered conversations into one token stream and cut it into [batch, seq_len] blocks: every
     position is a real token (no padding, never zeros). Cycles through the stream when it is short."""
     import torch
 
     texts = [json.loads(line)["text"] for line in Path(data_path).read_text().splitlines()]
-    eos = tokenizer.eos_token_id
-    stream = []
-    for t in texts:
-        stream.extend(tokenizer(t)["input_ids"] + [eos])
+    stream = token_stream(tokenizer, texts)
     need = seq_len * batch
     g = torch.Generator().manual_seed(seed)
     ids = torch.tensor(stream, dtype=torch.long)
