@@ -31,8 +31,12 @@ if [ ! -e /tmp/moebench-queue.started ]; then
       echo "== $(date -u +%T) end $run rc=$?"
     done
     echo "== QUEUE DONE"' queue "$@" >>"$log" 2>&1 < /dev/null &)
-  echo "started the queue"
+  echo "started the queue on machine $(cat /proc/sys/kernel/random/boot_id)"
+else
+  echo "continuing the queue on machine $(cat /proc/sys/kernel/random/boot_id)"
 fi
+# A lent machine goes back after 30 s idle or 30 min held; the next call then lands on a fresh one and this
+# script starts the whole queue again there (model build included): a changed machine id says so.
 end=$((SECONDS + wait_s))
 while [ $SECONDS -lt $end ] && ! grep -q "== QUEUE DONE" "$log"; do sleep 5; done
 grep -q "== QUEUE DONE" "$log" && echo "QUEUE DONE" || echo "STILL RUNNING"
