@@ -48,3 +48,17 @@ def test_workflow_stops_before_any_job_on_bad_config(tmp_path):
     assert r.returncode != 0
     assert "config key 'tier': got 'h900'" in r.stdout + r.stderr
     assert not (root / "results" / "local" / "tier.json").exists()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config" / "runs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_run_config_is_valid_before_it_costs_gpu_time(path):
+    """Each config/runs/*.yaml, layered on config.yaml as `--configfile` does, passes the schema and names a model
+    and scale that models.yaml has: a typo shows here, not on a lent GPU."""
+    from snakemake.utils import update_config
+
+    c = copy.deepcopy(BASE)
+    update_config(c, yaml.safe_load(path.read_text()))
+    c = cfgmod.validate(c)
+    assert c["run"] == path.stem
+    spec = cfgmod.load_yaml("models.yaml")[c["model"]["name"]]
+    assert c.get("plan_overrides", {}).get("model_scale", "full") in spec
