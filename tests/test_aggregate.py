@@ -55,3 +55,12 @@ def test_without_unsloth_4bit_the_reference_is_a_really_4bit_arm():
     # hf_bnb4 is faster but its experts stayed bf16: it is no 4-bit reference
     assert v["reference"] == "e4b_4bit" and v["speedup"] == 8.0 and v["verdict"] == "VIABLE"
     assert "needs a bnb4 checkpoint" in v["reason"]
+
+
+def test_a_long_skip_reason_is_cut_at_a_word_boundary():
+    from moebench import aggregate as A
+
+    reason = "Unsloth's 4-bit GPT-OSS class reads per-expert Linear keys, so loading " * 4
+    _, why = A.four_bit_reference({"unsloth_4bit": {"arm": "unsloth_4bit", "status": "skipped", "reason": reason}})
+    cut = why.split("unsloth_4bit skipped: ", 1)[1].split(";", 1)[0]
+    assert cut.endswith(" …") and reason.startswith(cut[:-2]) and len(cut) <= 162 and not cut[:-2].endswith(" ")

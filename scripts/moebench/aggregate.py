@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 
 from . import config as cfgmod
-from .io import atomic_write, read_json, write_json
+from .io import atomic_write, read_json, shorten, write_json
 from .metrics import Row, read_many, write_rows
 
 COLUMNS = ["run_id", "tier", "model", "arm", "precision", "status", "reason", "draws", "step_s", "step_s_iqr",
@@ -69,7 +69,7 @@ def four_bit_reference(by_arm: dict) -> tuple[dict | None, str]:
     q = by_arm.get("unsloth_4bit")
     if q and q["status"] == "measured":
         return q, ""
-    why = f"unsloth_4bit {q['status']}: {q['reason'][:160]}" if q else "unsloth_4bit not in this run"
+    why = f"unsloth_4bit {q['status']}: {shorten(q['reason'], 160)}" if q else "unsloth_4bit not in this run"
     real = [l for a, l in by_arm.items() if a in FOUR_BIT and l["status"] == "measured"
             and (l.get("expert_4bit_fraction") or 0) > 0.5]
     if not real:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .io import atomic_write, logger, read_json, sha256_file, write_json
+from .io import atomic_write, logger, read_json, sha256_file, shorten, write_json
 from .metrics import Row, read_rows
 from .provenance import number_id
 
@@ -105,10 +105,6 @@ def _id(r: Row, run: str) -> str:
     return number_id(r.run_id or run, r.stage, r.arm, r.draw, r.metric)
 
 
-def _short(text: str, n: int = 240) -> str:
-    return text if len(text) <= n else text[:n].rsplit(" ", 1)[0] + " …"
-
-
 def operand(rows: list[Row], op: dict, run: str) -> dict:
     """Median over the measured draws of one arm/stage/metric, or why there is none."""
     mine = _select(rows, op)
@@ -121,11 +117,11 @@ def operand(rows: list[Row], op: dict, run: str) -> dict:
         if down:
             bad = down[0]
             return {"value": None, "ids": [_id(r, run) for r in down if r.stage == bad.stage],
-                    "why": f"no {_name(op)} row: {op['arm']} {bad.stage} {bad.status}: {_short(bad.reason)}"}
+                    "why": f"no {_name(op)} row: {op['arm']} {bad.stage} {bad.status}: {shorten(bad.reason)}"}
         return {"value": None, "ids": [], "why": f"no {_name(op)} rows in this run", "absent": True}
     if not vals:
         bad = next(r for r in mine if r.status != "measured")
-        return {"value": None, "ids": ids, "why": f"{_name(op)} {bad.status}: {_short(bad.reason)}"}
+        return {"value": None, "ids": ids, "why": f"{_name(op)} {bad.status}: {shorten(bad.reason)}"}
     if not all(isinstance(v, (int, float)) for v in vals):
         return {"value": None, "ids": ids, "why": f"{_name(op)} is not a number ({vals[0]!r})"}
     return {"value": statistics.median(vals), "ids": [i for i, r in zip(ids, mine) if r.status == "measured"],

@@ -37,6 +37,11 @@ def run_bounded(cmd: list[str], timeout: float, cwd=None, env=None) -> tuple[int
         return None, out or ""
 
 
+def shorten(text: str, n: int = 240) -> str:
+    """`text` cut at a word boundary to at most n characters (plus an ellipsis) for one-line reasons."""
+    return text if len(text) <= n else text[:n].rsplit(" ", 1)[0] + " …"
+
+
 def write_json(path, obj) -> Path:
     return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
