@@ -212,8 +212,7 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, lo
 
 def warmup(model, opt, xs, losses: list, log) -> "routing.RouterLoad":
     """The untimed warm-up steps, counting which experts the routers pick (hooks stay out of the timed window)."""
-    shape = routing.moe_shape(model.config) if hasattr(model, "config") else {"experts": 0, "top_k": 1}
-    load = routing.RouterLoad(model, shape["experts"], shape["top_k"])
+    load = routing.RouterLoad.of(model)
     load.counting = True
     for i, x in enumerate(xs):
         losses.append(train_step(model, opt, x))

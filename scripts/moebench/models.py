@@ -84,11 +84,10 @@ def routing_census(model, tok, corpus: list[str], device: str, tokens: int = 102
     """The router load the saved model really has: one no-grad forward over the start of the corpus."""
     import torch
 
-    shape = routing.moe_shape(model.config)
     ids = tok("\n".join(corpus[:64]), return_tensors="pt").input_ids[:, :tokens].to(device)
     if ids.shape[1] == 0:
         return {"tokens": 0, "reason": "no corpus text to route"}
-    load = routing.RouterLoad(model, shape["experts"], shape["top_k"])
+    load = routing.RouterLoad.of(model)
     load.counting = True
     with torch.no_grad():
         model(input_ids=ids)

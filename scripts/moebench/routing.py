@@ -103,6 +103,13 @@ class RouterLoad:
         self.picks: dict = {}
         self.hooks = [mod.register_forward_hook(self._hook(layer)) for layer, mod in routers(model)]
 
+    @classmethod
+    def of(cls, model) -> "RouterLoad":
+        """Hooks on `model`'s routers, with the expert count and top-k read from its config."""
+        cfg = getattr(model, "config", None)
+        shape = moe_shape(cfg) if cfg is not None else {"experts": 0, "top_k": 1}
+        return cls(model, shape["experts"], shape["top_k"])
+
     def _hook(self, layer: int):
         def hook(_mod, _inp, out):
             if not (self.counting or self.keeping):

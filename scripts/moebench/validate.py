@@ -400,8 +400,7 @@ def logits_of(model, x):
 
 def probe(model, x) -> tuple:
     """(logits, each router's sorted top-k expert set per token) of one forward in eval mode."""
-    shape = routing.moe_shape(model.config)
-    load = routing.RouterLoad(model, shape["experts"], shape["top_k"])
+    load = routing.RouterLoad.of(model)
     load.keeping = True
     try:
         return logits_of(model, x), load.picks
@@ -462,7 +461,7 @@ def adapter_max_diff(live: dict, saved: dict) -> float:
     return worst
 
 
-def reload_model(arm, model_dir: str, adapter: Path, lora, plan: dict, x, log) -> dict:
+def reload_model(arm, model_dir: str, adapter: Path, saved: dict, lora, plan: dict, x, log) -> dict:
     """Load the saved adapter as a user would and probe it: {"fresh": logits before the adapter is loaded,
     "logits", "picks", "adapter_diff": reloaded adapter vs the saved file, "how"}. hf arms:
     PeftModel.from_pretrained on the saved base model; other PEFT arms: the arm loads the base its own way, then
@@ -470,7 +469,6 @@ def reload_model(arm, model_dir: str, adapter: Path, lora, plan: dict, x, log) -
     import torch
 
     cuda = torch.cuda.is_available()
-    saved = saved_adapter(adapter)
     if (adapter / "adapter_config.json").exists() and arm.stack == "hf":
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
@@ -562,7 +560,7 @@ def expert_rows(ctx: Ctx, layers: dict[int, dict]) -> None:
             ctx.add(f"experts_with_grad_L{l:02d}", d["experts_with_grad"], "count")
 
 
-def trained_reference(ctx: Ctx, trainer, model, x, adapter: Path) -> dict:
+def trained_reference(ctx: Ctx, trainer, model, x, saved: dict) -> dict:
     """The trained model's side of the reload check, through its plain forward: the trainer's accelerator
     wrapped `forward` in bf16 autocast for mixed precision, which a reloaded model does not have; left in place,
     the comparison measures autocast against plain bf16 instead of the adapter (it did, on the H100)."""
@@ -572,14 +570,13 @@ def trained_reference(ctx: Ctx, trainer, model, x, adapter: Path) -> dict:
     ctx.add("reload_trained_autocast_max_abs_diff", float((as_trained - logits).abs().max()), "logit")
     # the same model run twice: the floor under which a reload difference is kernel noise, not a lost adapter
     ctx.add("reload_trained_repeat_max_abs_diff", float((logits_of(model, x) - logits).abs().max()), "logit")
-    return {"logits": logits, "picks": picks,
-            "adapter_diff": adapter_max_diff(adapter_state(model), saved_adapter(adapter))}
+    return {"logits": logits, "picks": picks, "adapter_diff": adapter_max_diff(adapter_state(model), saved)}
 
 
-def reload_gate(ctx: Ctx, arm, ref: dict, x, model_dir: str, adapter: Path, lora, plan: dict, rtol: float,
-                log) -> tuple[Gate, str]:
+def reload_gate(ctx: Ctx, arm, ref: dict, x, model_dir: str, adapter: Path, saved: dict, lora, plan: dict,
+                rtol: float, log) -> tuple[Gate, str]:
     """Reload the saved adapter (the trained model is gone by now: two full models may not fit) and compare."""
-    got = reload_model(arm, model_dir, adapter, lora, plan, x, log)
+    got = reload_model(arm, model_dir, adapter, saved, lora, plan, x, log)
     trained = ref["logits"]
     diff = float((trained - got["logits"]).abs().max())
     fresh_diff = float((trained - got["fresh"]).abs().max())
@@ -626,7 +623,8 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, train_path: str, h
     ctx.add("expert_lora_params", sum(t["param"].numel() for t in rec.experts), "params")
     scratch = tempfile.TemporaryDirectory(prefix="moebench-sft-")  # the trainer's output_dir; it saves nothing
     train = packed(tok, read_texts(train_path), s["seq_len"])
-    heldout = packed(tok, read_texts(heldout_path), s["seq_len"])
+    heldout_texts = read_texts(heldout_path)
+    heldout = packed(tok, heldout_texts, s["seq_len"])
     trl_loss = cuda and importlib.util.find_spec("triton") is not None
     ctx.add("loss_path", "trl fused LM head (triton)" if trl_loss else "model's own causal-LM loss (no triton)", "")
     trainer = trainer_class(trl_loss)(
@@ -652,15 +650,17 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, train_path: str, h
     if not lora.experts:
         gates[-1].detail = "lora.experts is false: no expert LoRA to validate"
 
-    kind = save_adapter(model, out_dir / "adapter")
-    x = torch.tensor([tok(read_texts(heldout_path)[0])["input_ids"][: s["reload_tokens"]]],
+    adapter = out_dir / "adapter"
+    kind = save_adapter(model, adapter)
+    saved = saved_adapter(adapter)  # read back once: the reference for both sides of the round trip
+    x = torch.tensor([tok(heldout_texts[0])["input_ids"][: s["reload_tokens"]]],
                      device=next(model.parameters()).device)
-    ref = trained_reference(ctx, trainer, model, x, out_dir / "adapter")
+    ref = trained_reference(ctx, trainer, model, x, saved)
     del trainer, model, rec
     scratch.cleanup()
     free_memory()
-    g, how = reload_gate(ctx, arm, ref, x, model_dir, out_dir / "adapter", lora, tier["plan"], s["reload_rtol"],
-                         log)
+    g, how = reload_gate(ctx, arm, ref, x, model_dir, adapter, saved, lora, tier["plan"], s["reload_rtol"], log)
+    del saved
     gates.append(g)
     free_memory()
     for g in gates:
