@@ -11,12 +11,18 @@ def comparison():
     return {r["arm"]: r for r in csv.DictReader((RUN / "comparison.csv").open())}
 
 
-def readme_rows():
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Results so far", 1)[1].split("\n## ", 1)[0]
+def table_rows(heading: str, width: int):
+    """The cells of every Markdown table row `width` columns wide in the README section under `heading`."""
+    section = (ROOT / "README.md").read_text().split(heading, 1)[1].split("\n## ", 1)[0]
     for line in section.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 7 and cells[0] in comparison() and cells[1] != "skipped":
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == width:
+            yield cells
+
+
+def readme_rows():
+    for cells in table_rows("## Results so far", 7):
+        if cells[0] in comparison() and cells[1] != "skipped":
             yield cells
 
 
@@ -55,12 +61,9 @@ def test_readme_energy_and_draw_figures_are_in_the_metrics():
 
 def test_two_tier_table_matches_each_runs_comparison():
     """The families-by-tiers table: every row against the comparison.csv of the run it names."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Results: two families on two tiers", 1)[1].split("\n## ", 1)[0]
     seen = set()
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) != 7 or not (ROOT / "results" / cells[0] / "comparison.csv").exists():
+    for cells in table_rows("## Results: two families on two tiers", 7):
+        if not (ROOT / "results" / cells[0] / "comparison.csv").exists():
             continue
         run, arm, step, tps, peak, four, speed = cells
         c = {r["arm"]: r for r in csv.DictReader((ROOT / "results" / run / "comparison.csv").open())}[arm]
@@ -86,13 +89,10 @@ def test_validation_table_matches_each_arms_validate_rows():
     verdict.json's training judgement."""
     import json
 
-    text = (ROOT / "README.md").read_text()
-    section = text.split("### Training validation", 1)[1].split("\n## ", 1)[0]
     training = json.loads((RUN / "verdict.json").read_text())["training"]
     seen = set()
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 9 or cells[0] not in training:
+    for cells in table_rows("### Training validation", 9):
+        if cells[0] not in training:
             continue
         arm, steps, rows, held, drop, grads, reload, peak, result = cells
         m = {r["metric"]: r["value"] for r in csv.DictReader((RUN / "validate" / arm / "metrics.csv").open())}
