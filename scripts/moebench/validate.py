@@ -39,7 +39,7 @@ from .bench import Ctx
 from .metrics import log_row, write_rows
 
 DEFAULTS = {"steps": 100, "cpu_steps": 12, "grad_accum": 4, "lr": 2e-4, "warmup_ratio": 0.1,
-            "scheduler": "cosine", "optim": "adamw_8bit", "max_grad_norm": 1.0,
+            "scheduler": "cosine", "optim": "adamw_8bit", "max_grad_norm": 1.0, "packing_strategy": "wrapped",
             "arms": None, "arm_steps": {}, "seq_len": None, "cpu_seq_len": 128, "window": 10, "min_loss_drop": 0.005, "min_heldout_drop": 0.0,
             "min_expert_fraction": 1.0, "reload_rtol": 0.01, "reload_tokens": 64, "timeout_s": 3600}
 
@@ -349,7 +349,7 @@ def read_texts(path: str) -> list[str]:
 
 
 def packed(tokenizer, texts: list[str], seq_len: int) -> list[dict]:
-    """TRL's "wrapped" packing, done here so that every stack trains on the same blocks: the token stream cut
+    """TRL's "wrapped" packing (`validate.packing_strategy`, the one strategy), done here so that every stack trains on the same blocks: the token stream cut
     into seq_len blocks (the last one may be shorter). Left to the trainer, Unsloth's SFTTrainer ignored
     packing=True for gpt_oss on the H100 and trained on 180 single conversations where TRL made 99 blocks."""
     from .bench import token_stream
