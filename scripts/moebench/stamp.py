@@ -47,7 +47,7 @@ def settings(config_path: str | None, **overrides) -> dict:
 
 def ots_binary() -> str:
     """The `ots` of this interpreter's environment, else the one on PATH."""
-    here = Path(sys.executable).parent / "ots"
+    here = Path(sys.executable).absolute().parent / "ots"  # absolute: ots may run in another cwd
     found = str(here) if here.exists() else shutil.which("ots")
     if not found:
         raise StampError("the `ots` command is not installed: pip install opentimestamps-client==0.7.2")
