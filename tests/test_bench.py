@@ -151,7 +151,27 @@ def test_overrunning_draw_becomes_failed_row(setup):
     cfg, tier = variant(d, "slow", {"arm_timeout_s": 20}, {"timed_steps": 5000})
     rows, out = run_arm(d, "hf_bf16", draw=8, config=cfg, tier=tier)
     assert rows["step_s"].status == "failed" and "arm_timeout_s=20" in rows["step_s"].reason
+    assert "(in 5000 timed steps, " in rows["step_s"].reason  # where the draw was when it ran out of time
     assert rows["load_s"].status == "measured"  # what was measured before the overrun stays
+    assert rows["first_step_s"].value > 0  # the warm-up's first step, compile time included
+
+
+def test_progress_reports_a_long_phase_while_it_lasts(caplog):
+    """A first step that compiles for minutes shows in the log as it happens, not only when it ends."""
+    import logging
+    import time
+
+    from moebench.bench import Progress
+
+    log = logging.getLogger("test-progress")
+    with caplog.at_level(logging.INFO, logger="test-progress"):
+        progress = Progress(log, every=0.05, phase="warm-up step 1/3")
+        with progress.beating():
+            time.sleep(0.3)
+        beats = [r.getMessage() for r in caplog.records if r.getMessage().startswith("still working:")]
+        time.sleep(0.2)  # the beat stops with the phase's block
+        assert len([r for r in caplog.records if r.getMessage().startswith("still working:")]) == len(beats)
+    assert len(beats) >= 2 and beats[0].startswith("still working: warm-up step 1/3, ")
 
 
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "olmoe-1b-7b"])

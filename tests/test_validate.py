@@ -294,6 +294,9 @@ def test_real_cpu_fine_tune_learns_and_passes_every_gate(setup, tmp_path):
     assert rows["reload_fresh_logits_max_abs_diff"].value > rows["reload_logits_max_abs_diff"].value
     gj = json.loads((out / "gates.json").read_text())
     assert gj["arm"] == "hf_bf16" and gj["settings"]["optim"] == "adamw_torch" and gj["router"]["0"]["tokens"] > 0
+    # each validation says what it ran on, as a bench draw's env.json does
+    env = gj["environment"]
+    assert env["platform"] and env["packages"]["torch"] and "gpu" in env and env["started"] <= env["ended"]
 
 
 def test_bf16_mixed_precision_reload_compares_plain_forwards(setup, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import os
 import platform
 import signal
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -144,7 +145,8 @@ def make_inputs(model_dir: str, data_path: str, plan: dict, count: int, seed: in
     return [x.to("cuda" if cuda else "cpu") for x in batches(data_path, tok, plan["seq_len"], plan["batch"], count, seed)]
 
 
-def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, log, bare_loop: bool) -> None:
+def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, log, bare_loop: bool,
+        progress: "Progress | None" = None) -> None:
     arm.preimport()  # before transformers: Unsloth patches it at import
     import torch
 
@@ -165,8 +167,12 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, lo
     opt = torch.optim.AdamW(trainable, lr=2e-4)
     model.train()
     losses = []
-    load = warmup(model, opt, xs[:steps_warm], losses, log)
+    load, warm_s = warmup(model, opt, xs[:steps_warm], losses, log, progress)
+    if warm_s:  # compile/autotune cost a user pays once per process: a first step can take minutes
+        ctx.add("first_step_s", warm_s[0], "s")
     router_rows(ctx, load)
+    if progress:
+        progress.enter(f"{steps_timed} timed steps")
     timer = measure.StepTimer(cuda)
     meter = energy.EnergyMeter(backend="auto")
     with meter, energy.ZeusWindow() as zeus:
@@ -210,15 +216,22 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, lo
         ctx.add("harness_over_bare", s["median"] / bare, "ratio")
 
 
-def warmup(model, opt, xs, losses: list, log) -> "routing.RouterLoad":
-    """The untimed warm-up steps, counting which experts the routers pick (hooks stay out of the timed window)."""
+def warmup(model, opt, xs, losses: list, log, progress: "Progress | None" = None):
+    """The untimed warm-up steps, counting which experts the routers pick (hooks stay out of the timed window).
+    Returns the router load and each step's wall time (the first holds any compile/autotune)."""
     load = routing.RouterLoad.of(model)
     load.counting = True
+    times = []
     for i, x in enumerate(xs):
+        if progress:
+            progress.enter(f"warm-up step {i + 1}/{len(xs)}")
+        t = time.perf_counter()
         losses.append(train_step(model, opt, x))
-        log.info("warm-up step %d/%d", i + 1, len(xs))
+        float(losses[-1])  # waits for the step, so the time is the step's and not its launch's
+        times.append(time.perf_counter() - t)
+        log.info("warm-up step %d/%d: %.1f s", i + 1, len(xs), times[-1])
     load.remove()
-    return load
+    return load, times
 
 
 def router_rows(ctx: Ctx, load: "routing.RouterLoad") -> None:
@@ -253,15 +266,58 @@ def bare_loop_step_s(model, opt, xs, cuda: bool) -> float:
     return (time.perf_counter() - t) / len(xs)
 
 
+ENV_PREFIXES = ("UNSLOTH", "E4B", "CUDA_VISIBLE", "OFFLOAD", "SLURM_JOB_ID", "SLURM_JOB_PARTITION", "SLURMD_NODENAME")
+
+
+def environment(started: str, tier: dict) -> dict:
+    """What a measurement ran on and with: stored beside its rows so each result describes itself."""
+    return {"started": started, "ended": datetime.now(timezone.utc).isoformat(), "python": sys.version,
+            "platform": platform.platform(), "packages": versions(),
+            "env": {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)},
+            "plan": tier["plan"], "gpu": tier.get("gpu")}
+
+
 class ArmTimeout(Exception):
     pass
 
 
+class Progress:
+    """Where a draw is: logged every `every` seconds while one phase lasts (a first step can compile for
+    minutes, and a silent log looks hung) and named in a timeout's message."""
+
+    def __init__(self, log, every: float = 60.0, phase: str = "loading the model"):
+        self.log, self.every = log, every
+        self.enter(phase)
+
+    def enter(self, phase: str) -> None:
+        self.phase, self.since = phase, time.monotonic()
+
+    def __str__(self) -> str:
+        return f"{self.phase}, {time.monotonic() - self.since:.0f} s in"
+
+    @contextmanager
+    def beating(self):
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(self.every):
+                self.log.info("still working: %s", self)
+
+        thread = threading.Thread(target=beat, name="progress", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join(timeout=1)
+
+
 @contextmanager
-def time_limit(seconds: int):
-    """Stop a draw that overruns (a slow load can eat a GPU lease); it becomes a failed row."""
+def time_limit(seconds: int, progress: Progress | None = None):
+    """Stop a draw that overruns (a slow load can eat a GPU lease); it becomes a failed row saying where."""
     def fire(signum, frame):
-        raise ArmTimeout(f"draw exceeded arm_timeout_s={seconds} s")
+        where = f" (in {progress})" if progress else ""
+        raise ArmTimeout(f"draw exceeded arm_timeout_s={seconds} s{where}")
 
     old = signal.signal(signal.SIGALRM, fire)
     signal.alarm(seconds)
@@ -295,8 +351,10 @@ def main(argv=None):
         ctx.add("step_s", status="skipped", reason=reason)
     else:
         try:
-            with time_limit(cfg["arm_timeout_s"]):
-                run(ctx, arm, cfg, tier, a.model, a.data, log, bare_loop=a.arm in cfg["bare_loop_arms"])
+            progress = Progress(log)
+            with time_limit(cfg["arm_timeout_s"], progress), progress.beating():
+                run(ctx, arm, cfg, tier, a.model, a.data, log, bare_loop=a.arm in cfg["bare_loop_arms"],
+                    progress=progress)
         except arm_registry.ArmUnavailable as exc:  # the arm itself found it cannot run here: say why
             log.info("skipped at load: %s", exc)
             ctx.add("step_s", status="skipped", reason=str(exc)[:600])
@@ -309,12 +367,7 @@ def main(argv=None):
             ctx.add("error" if timed else "step_s", status="failed", reason=reason)
     for r in ctx.rows:
         log_row(log, r)
-    env = {"arm": arm.name, "draw": a.draw, "started": started, "ended": datetime.now(timezone.utc).isoformat(),
-           "python": sys.version, "platform": platform.platform(), "packages": versions(),
-           "env": {k: v for k, v in os.environ.items() if k.startswith(("UNSLOTH", "E4B", "CUDA_VISIBLE", "OFFLOAD", "SLURM_JOB_ID", "SLURM_JOB_PARTITION",
-                                                                  "SLURMD_NODENAME"))},
-           "plan": tier["plan"], "gpu": tier.get("gpu")}
-    write_json(Path(a.out).parent / "env.json", env)
+    write_json(Path(a.out).parent / "env.json", {"arm": arm.name, "draw": a.draw, **environment(started, tier)})
     write_rows(a.out, ctx.rows)  # last: its existence marks the draw complete
 
 

@@ -523,7 +523,8 @@ def main(argv=None):
         ctx.add("step_s", status="skipped", reason=reason, stage="offload")
     else:
         try:
-            with bench.time_limit(cfg["arm_timeout_s"]):
+            progress = bench.Progress(log, phase=f"{arm.name} with {a.mode}")
+            with bench.time_limit(cfg["arm_timeout_s"], progress), progress.beating():
                 run_mode(ctx, arm, cfg, tier, a.mode, a.model, a.data, log)
         except registry.ArmUnavailable as exc:
             ctx.add("step_s", status="skipped", reason=str(exc)[:600], stage="offload")

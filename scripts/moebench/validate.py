@@ -29,6 +29,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from . import arms as arm_registry
@@ -597,7 +598,7 @@ def reload_gate(ctx: Ctx, arm, ref: dict, x, model_dir: str, adapter: Path, save
 
 
 def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, train_path: str, heldout_path: str, out_dir: Path,
-        log) -> dict:
+        log, progress=None) -> dict:
     """Load, fine-tune, gate, save, reload. Returns the gates.json document (rows go to ctx)."""
     arm.preimport()  # before transformers: Unsloth patches it at import
     import torch
@@ -634,6 +635,8 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, train_path: str, h
     same_data(trainer, train, heldout)
     ctx.add("packed_train_sequences", len(trainer.train_dataset), "count")
     ctx.add("train_tokens_per_epoch", sum(len(b["input_ids"]) for b in train), "tokens")
+    if progress:
+        progress.enter(f"fine-tuning ({s['steps']} optimizer steps)")
     ft = fine_tune(ctx, trainer, rec, out_dir, log)
     for k, v in measure.memory_peak(cuda).items():
         ctx.add(k, v, "GB")
@@ -655,6 +658,8 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, train_path: str, h
     saved = saved_adapter(adapter)  # read back once: the reference for both sides of the round trip
     x = torch.tensor([tok(heldout_texts[0])["input_ids"][: s["reload_tokens"]]],
                      device=next(model.parameters()).device)
+    if progress:
+        progress.enter("reload check")
     ref = trained_reference(ctx, trainer, model, x, saved)
     del trainer, model, rec
     scratch.cleanup()
@@ -711,6 +716,7 @@ def validate_arm(cfg: dict, tier: dict, arm_name: str, model_dir: str, train: st
     from . import bench
 
     log = logger("validate", log_path)
+    started = datetime.now(timezone.utc).isoformat()
     arm = arm_registry.get(arm_name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -722,9 +728,10 @@ def validate_arm(cfg: dict, tier: dict, arm_name: str, model_dir: str, train: st
         doc = {"status": "skipped", "reason": reason}
     else:
         timeout = int({**DEFAULTS, **(cfg.get("validate") or {})}["timeout_s"])
+        progress = bench.Progress(log)
         try:
-            with bench.time_limit(timeout):
-                doc = run(ctx, arm, cfg, tier, model_dir, train, heldout, out, log)
+            with bench.time_limit(timeout, progress), progress.beating():
+                doc = run(ctx, arm, cfg, tier, model_dir, train, heldout, out, log, progress)
         except arm_registry.ArmUnavailable as exc:  # the arm itself found it cannot run here: say why
             log.info("skipped at load: %s", exc)
             doc = {"status": "skipped", "reason": str(exc)[:600]}
@@ -740,7 +747,7 @@ def validate_arm(cfg: dict, tier: dict, arm_name: str, model_dir: str, train: st
     for r in ctx.rows:
         log_row(log, r)
     doc = {"run": cfg["run"], "tier": tier["tier"], "arm": arm.name, "precision": arm.precision, "log": log_path,
-           "packages": bench.versions(), **doc}
+           "packages": bench.versions(), "environment": bench.environment(started, tier), **doc}
     write_json(out / "gates.json", doc)
     write_rows(out / "metrics.csv", ctx.rows)  # last: its existence marks the arm validated
     return doc
