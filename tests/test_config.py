@@ -42,6 +42,18 @@ def test_unknown_arm_and_unknown_key():
     assert "bogus" in bad(bogus=1)
 
 
+def test_unsloth_env_takes_unsloth_switches_only():
+    """A run may set Unsloth's own switches (e.g. keeping experts out of its compile region), nothing else."""
+    from moebench.arms.unsloth import run_env
+
+    c = copy.deepcopy(BASE)
+    c["plan_overrides"] = {"unsloth_env": {"UNSLOTH_BLOCK_MOE": "outside"}}
+    assert run_env(cfgmod.validate(c)["plan_overrides"]) == {"UNSLOTH_BLOCK_MOE": "outside"}
+    assert "HF_TOKEN" in bad(plan_overrides={"unsloth_env": {"HF_TOKEN": "x"}})
+    assert "'plan_overrides.unsloth_env.UNSLOTH_BLOCK_COMPILE'" in bad(
+        plan_overrides={"unsloth_env": {"UNSLOTH_BLOCK_COMPILE": 0}})
+
+
 def test_workflow_stops_before_any_job_on_bad_config(tmp_path):
     root = copy_repo(tmp_path)
     r = snakemake(root, "-n", "--config", "tier=h900")

@@ -125,6 +125,12 @@ def trainable_summary(model) -> dict:
             "trainable_dtypes": sorted({str(p.dtype) for _, p in tr}), "non_lora_trainable": non_lora[:10]}
 
 
+def run_env(plan: dict) -> dict[str, str]:
+    """Unsloth's own switches a run sets in its plan (`unsloth_env`), e.g. UNSLOTH_BLOCK_MOE=outside to keep
+    the experts out of the per-layer torch.compile region (the schema allows UNSLOTH_* names only)."""
+    return {str(k): str(v) for k, v in (plan.get("unsloth_env") or {}).items()}
+
+
 # ---------------------------------------------------------------- the arms
 class _UnslothArm(Arm):
     stack = "unsloth"
@@ -159,7 +165,9 @@ class _UnslothArm(Arm):
         import torch
 
         requested = plan.get("moe_backend") or "grouped_mm"
-        # Read lazily by unsloth_zoo at the first MoE call, so setting it here (after import) is in time.
+        # Read lazily by unsloth_zoo at the first MoE call (and the block-compile switches at the first layer
+        # call), so setting them here, after import, is in time; each draw's env.json records them.
+        os.environ.update(run_env(plan))
         os.environ["UNSLOTH_MOE_BACKEND"] = requested
         from unsloth import FastLanguageModel
 
@@ -172,7 +180,7 @@ class _UnslothArm(Arm):
             model_name=source, max_seq_length=int(plan.get("seq_len", 2048)), dtype=torch.bfloat16,
             full_finetuning=False, local_files_only=True, **kw)
         info = {"loader": f"FastLanguageModel.from_pretrained({kw})", "moe_backend_requested": requested,
-                "checkpoint": source}
+                "checkpoint": source, "unsloth_env": run_env(plan)}
         info["census_after_load"] = census(model)
         gc = plan.get("gradient_checkpointing", "unsloth")
         targets = list(lora.attention) + (list(EXPERT_TARGETS) if lora.experts else [])
