@@ -112,3 +112,20 @@ def test_validation_table_matches_each_arms_validate_rows():
         assert result == training[arm]["result"], arm
         seen.add(arm)
     assert seen == {"unsloth_bf16", "hf_bf16", "e4b_4bit"}
+
+
+def test_olmoe_moe_outside_figures_are_the_runs():
+    """The OLMoE compile-region finding: every figure the README gives is that run's, and the run says it has no
+    verdict (one arm, no in-run reference)."""
+    import json
+
+    run = ROOT / "results" / "h100-olmoe-1b-7b-moe-outside"
+    c = {r["arm"]: r for r in csv.DictReader((run / "comparison.csv").open())}["unsloth_bf16"]
+    rows = {r["metric"]: r["value"] for r in csv.DictReader((run / "metrics.csv").open()) if r["arm"] == "unsloth_bf16"}
+    text = " ".join((ROOT / "README.md").read_text().split())
+    assert f"{float(rows['first_step_s']):.1f} s for its first step" in text
+    assert f"median {float(c['step_s']):.3f} s/step ({float(c['tokens_per_s']):.0f} tokens/s, peak " \
+           f"{float(c['peak_alloc_gb']):.1f} GB" in text
+    assert json.loads((run / "verdict.json").read_text())["verdict"] == "NOT TESTABLE"
+    env = json.loads((run / "arms" / "unsloth_bf16" / "draw1" / "env.json").read_text())
+    assert env["env"]["UNSLOTH_BLOCK_MOE"] == "outside"  # the switch the finding is about really was set
