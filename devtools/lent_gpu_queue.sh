@@ -27,8 +27,11 @@ if [ ! -e /tmp/moebench-queue.started ]; then
       if [[ $run == rm:* ]]; then rm -rf "results/${run#rm:}/model"; echo "== removed ${run#rm:}/model"; continue; fi
       echo "== $(date -u +%T) start $run $*"
       snakemake "$@" --cores 8 --resources gpu=1 --configfile "config/runs/$run.yaml" \
-        --rerun-triggers params input code software-env
-      echo "== $(date -u +%T) end $run rc=$?"
+        --rerun-triggers params input code software-env 2>&1 | tee /tmp/moebench-step.log
+      rc=${PIPESTATUS[0]}
+      # a committed result is "up to date" on a fresh copy (no Snakemake metadata): re-measuring needs --forcerun
+      grep -q "Nothing to be done" /tmp/moebench-step.log && echo "== WARNING: $run ran nothing (to re-measure committed results add --forcerun RULE to the step)"
+      echo "== $(date -u +%T) end $run rc=$rc"
     done
     echo "== QUEUE DONE"' queue "$@" >>"$log" 2>&1 < /dev/null &)
   echo "started the queue on machine $(cat /proc/sys/kernel/random/boot_id)"
