@@ -273,6 +273,21 @@ def _run(setup, tmp_path, name, arm="hf_bf16", **change):
     return doc, {g["name"]: g for g in doc["gates"]}, out
 
 
+def test_overrunning_validation_fails_naming_its_setting_and_phase(setup, tmp_path, monkeypatch):
+    """A fine-tune past validate.timeout_s is a failed arm whose reason says which setting to raise and where it
+    was; the outputs the rule declares exist and say why (no fake curve). The fine-tune is made to hang, so the
+    alarm lands there and not in a half-done import that later tests would inherit."""
+    import time
+
+    monkeypatch.setattr(V, "fine_tune", lambda *a, **k: time.sleep(120))
+    doc, gates, out = _run(setup, tmp_path, "slow", timeout_s=10)
+    assert doc["status"] == "failed" and not gates
+    assert doc["reason"].startswith("ArmTimeout: draw exceeded validate.timeout_s=10 s (in fine-tuning ("), doc["reason"]
+    assert (out / "loss.csv").read_text() == "step,loss\n" and (out / "adapter" / "NO_ADAPTER.txt").exists()
+    rows = {r.metric: r for r in read_rows(out / "metrics.csv")}
+    assert rows["gates_passed"].status == "failed"
+
+
 def test_real_cpu_fine_tune_learns_and_passes_every_gate(setup, tmp_path):
     doc, gates, out = _run(setup, tmp_path, "learn")
     assert doc["status"] == "measured", doc.get("reason")

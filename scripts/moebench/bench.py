@@ -313,11 +313,12 @@ class Progress:
 
 
 @contextmanager
-def time_limit(seconds: int, progress: Progress | None = None):
-    """Stop a draw that overruns (a slow load can eat a GPU lease); it becomes a failed row saying where."""
+def time_limit(seconds: int, progress: Progress | None = None, setting: str = "arm_timeout_s"):
+    """Stop a draw that overruns (a slow load can eat a GPU lease); it becomes a failed row saying where, and
+    which config `setting` to raise."""
     def fire(signum, frame):
         where = f" (in {progress})" if progress else ""
-        raise ArmTimeout(f"draw exceeded arm_timeout_s={seconds} s{where}")
+        raise ArmTimeout(f"draw exceeded {setting}={seconds} s{where}")
 
     old = signal.signal(signal.SIGALRM, fire)
     signal.alarm(seconds)

@@ -730,7 +730,7 @@ def validate_arm(cfg: dict, tier: dict, arm_name: str, model_dir: str, train: st
         timeout = int({**DEFAULTS, **(cfg.get("validate") or {})}["timeout_s"])
         progress = bench.Progress(log)
         try:
-            with bench.time_limit(timeout, progress), progress.beating():
+            with bench.time_limit(timeout, progress, "validate.timeout_s"), progress.beating():
                 doc = run(ctx, arm, cfg, tier, model_dir, train, heldout, out, log, progress)
         except arm_registry.ArmUnavailable as exc:  # the arm itself found it cannot run here: say why
             log.info("skipped at load: %s", exc)
