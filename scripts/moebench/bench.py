@@ -57,6 +57,11 @@ def versions() -> dict:
     return package_versions(PACKAGES)
 
 
+def read_texts(path: str) -> list[str]:
+    """The rendered conversations of a train/held-out .jsonl (one {"text": ...} per line)."""
+    return [json.loads(line)["text"] for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def token_stream(tokenizer, texts: list[str]) -> list[int]:
     """The conversations as one token stream, each closed by EOS: what bench and validate both pack."""
     eos = tokenizer.eos_token_id
@@ -68,8 +73,7 @@ def batches(data_path: str, tokenizer, seq_len: int, batch: int, count: int, see
     position is a real token (no padding, never zeros). Cycles through the stream when it is short."""
     import torch
 
-    texts = [json.loads(line)["text"] for line in Path(data_path).read_text().splitlines()]
-    stream = token_stream(tokenizer, texts)
+    stream = token_stream(tokenizer, read_texts(data_path))
     need = seq_len * batch
     g = torch.Generator().manual_seed(seed)
     ids = torch.tensor(stream, dtype=torch.long)
@@ -146,7 +150,7 @@ def make_inputs(model_dir: str, data_path: str, plan: dict, count: int, seed: in
 
 
 def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, log, bare_loop: bool,
-        progress: "Progress | None" = None) -> None:
+        progress: Progress | None = None) -> None:
     arm.preimport()  # before transformers: Unsloth patches it at import
     import torch
 
@@ -216,7 +220,7 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, lo
         ctx.add("harness_over_bare", s["median"] / bare, "ratio")
 
 
-def warmup(model, opt, xs, losses: list, log, progress: "Progress | None" = None):
+def warmup(model, opt, xs, losses: list, log, progress: Progress | None = None):
     """The untimed warm-up steps, counting which experts the routers pick (hooks stay out of the timed window).
     Returns the router load and each step's wall time (the first holds any compile/autotune)."""
     load = routing.RouterLoad.of(model)

@@ -36,7 +36,7 @@ from . import arms as arm_registry
 from . import config as cfgmod
 from . import routing
 from .io import atomic_write, logger, read_json, write_json
-from .bench import Ctx
+from .bench import Ctx, read_texts
 from .metrics import log_row, write_rows
 
 DEFAULTS = {"steps": 100, "cpu_steps": 12, "grad_accum": 4, "lr": 2e-4, "warmup_ratio": 0.1,
@@ -345,14 +345,11 @@ def trainer_callback(rec: Recorder):
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
-def read_texts(path: str) -> list[str]:
-    return [json.loads(line)["text"] for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def packed(tokenizer, texts: list[str], seq_len: int) -> list[dict]:
-    """TRL's "wrapped" packing (`validate.packing_strategy`, the one strategy), done here so that every stack trains on the same blocks: the token stream cut
-    into seq_len blocks (the last one may be shorter). Left to the trainer, Unsloth's SFTTrainer ignored
-    packing=True for gpt_oss on the H100 and trained on 180 single conversations where TRL made 99 blocks."""
+    """TRL's "wrapped" packing (`validate.packing_strategy`, the one strategy), done here so that every stack
+    trains on the same blocks: the token stream cut into seq_len blocks (the last one may be shorter). Left to
+    the trainer, Unsloth's SFTTrainer ignored packing=True for gpt_oss on the H100 and trained on 180 single
+    conversations where TRL made 99 blocks."""
     from .bench import token_stream
 
     stream = token_stream(tokenizer, texts)

@@ -167,7 +167,8 @@ class _UnslothArm(Arm):
         requested = plan.get("moe_backend") or "grouped_mm"
         # Read lazily by unsloth_zoo at the first MoE call (and the block-compile switches at the first layer
         # call), so setting them here, after import, is in time; each draw's env.json records them.
-        os.environ.update(run_env(plan))
+        switches = run_env(plan)
+        os.environ.update(switches)
         os.environ["UNSLOTH_MOE_BACKEND"] = requested
         from unsloth import FastLanguageModel
 
@@ -180,7 +181,7 @@ class _UnslothArm(Arm):
             model_name=source, max_seq_length=int(plan.get("seq_len", 2048)), dtype=torch.bfloat16,
             full_finetuning=False, local_files_only=True, **kw)
         info = {"loader": f"FastLanguageModel.from_pretrained({kw})", "moe_backend_requested": requested,
-                "checkpoint": source, "unsloth_env": run_env(plan)}
+                "checkpoint": source, "unsloth_env": switches}
         info["census_after_load"] = census(model)
         gc = plan.get("gradient_checkpointing", "unsloth")
         targets = list(lora.attention) + (list(EXPERT_TARGETS) if lora.experts else [])
