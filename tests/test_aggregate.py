@@ -64,3 +64,32 @@ def test_a_long_skip_reason_is_cut_at_a_word_boundary():
     _, why = A.four_bit_reference({"unsloth_4bit": {"arm": "unsloth_4bit", "status": "skipped", "reason": reason}})
     cut = why.split("unsloth_4bit skipped: ", 1)[1].split(";", 1)[0]
     assert cut.endswith(" …") and reason.startswith(cut[:-2]) and len(cut) <= 162 and not cut[:-2].endswith(" ")
+
+
+def _env(arm, start, end, boot=None, gpu="H200"):
+    host = {"hostname": "n1", "boot_id": boot, "gpu_uuid": "GPU-1" if boot else None} if boot else None
+    return {"arm": arm, "started": f"2026-11-23T{start}:00+00:00", "ended": f"2026-11-23T{end}:00+00:00",
+            "gpu": {"name": f"NVIDIA {gpu}"}, **({"host": host} if host else {})}
+
+
+def test_draws_hours_apart_or_on_another_machine_are_separate_sessions():
+    # one invocation: draws minutes apart, same machine -> one session, no note
+    one = [_env("hf_bf16", "09:33", "09:35", "a"), _env("e4b_4bit", "09:35", "09:37", "a")]
+    assert len(aggregate.sessions(one)) == 1 and aggregate.session_note(aggregate.sessions(one)) == ""
+    # a later lease (no machine id recorded: older draws) -> split by the gap
+    two = aggregate.sessions([_env("hf_bf16", "09:33", "09:35"), _env("unsloth_bf16", "16:36", "16:42"),
+                              _env("unsloth_4bit", "16:32", "16:36"), _env("e4b_4bit", "09:35", "09:37")])
+    assert [s["arms"] for s in two] == [["hf_bf16", "e4b_4bit"], ["unsloth_4bit", "unsloth_bf16"]]
+    assert "Measured in 2 sessions" in aggregate.session_note(two)
+    # minutes apart but a different machine (boot id) -> two sessions
+    moved = aggregate.sessions([_env("hf_bf16", "09:33", "09:35", "a"), _env("unsloth_bf16", "09:36", "09:40", "b")])
+    assert len(moved) == 2
+
+
+def test_a_verdict_across_sessions_says_so():
+    sess = [{"arms": ["hf_bf16", "unsloth_4bit"]}, {"arms": ["unsloth_bf16"]}]
+    v = aggregate.split_by_session({"verdict": "NOT VIABLE", "reason": "r", "reference": "unsloth_4bit"}, sess)
+    assert "measured in different sessions" in v["reason"] and v["sessions"] == sess
+    same = aggregate.split_by_session({"verdict": "VIABLE", "reason": "r", "reference": "hf_bf16"}, sess[:1] +
+                                      [{"arms": ["unsloth_bf16", "hf_bf16"]}])
+    assert same["reason"] == "r"

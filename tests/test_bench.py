@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +60,8 @@ def test_hf_bf16_really_trains_on_cpu_with_expert_lora(setup):
     assert logged["step_s"] == rows["step_s"].value
     env = json.loads((out / "env.json").read_text())
     assert env["packages"]["transformers"] == "5.17.0"
+    # the machine is named, so an aggregate can tell draws of different machines apart
+    assert env["host"]["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
 @pytest.mark.parametrize("arm", ["hf_bnb4", "unsloth_bf16", "unsloth_4bit", "e4b_4bit"])

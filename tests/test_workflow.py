@@ -26,6 +26,11 @@ def test_cpu_chain_leaves_every_output(cpu_run):
     skipped = {x.arm for x in rows if x.status == "skipped"}
     assert {"hf_bnb4", "unsloth_bf16", "unsloth_4bit", "e4b_4bit"} <= skipped
     assert "| hf_bf16 | measured | 2 |" in (r / "comparison.md").read_text()
+    # each draw keeps all its process printed (third-party output too) beside its run.log
+    console = (r / "arms/hf_bf16/draw1/console.log").read_text()
+    assert "MOEBENCH_ROW" in console and "step_s" in console
+    # one local invocation is one session: no cross-session note
+    assert len(json.loads((r / "verdict.json").read_text())["sessions"]) == 1
 
 
 def test_second_invocation_does_nothing(cpu_run):

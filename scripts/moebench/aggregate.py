@@ -1,9 +1,11 @@
 """Aggregate a run: all rows into metrics.csv, the comparison table (CSV + Markdown) with speedups against the
-baseline arms, and the verdict. Speedups are ratios of medians measured in the same run on the same machine."""
+baseline arms, and the verdict. Speedups are ratios of medians measured in the same run; where its draws span more
+than one session (machine or lease), the table and the verdict say so."""
 from __future__ import annotations
 
 import argparse
 import statistics
+from datetime import datetime
 from pathlib import Path
 
 from . import config as cfgmod
@@ -97,6 +99,51 @@ def verdict(by_arm: dict, min_speedup: float) -> dict:
             "reason": reason + (f" [{note}]" if note else "")}
 
 
+SESSION_GAP_S = 3600  # the draws of one invocation follow each other within minutes
+
+
+def sessions(envs: list[dict]) -> list[dict]:
+    """Group a run's draws (their env.json) into measuring sessions: a new one starts where the recorded machine
+    changes (boot id and GPU) or more than an hour passes between draws (draws recorded before the machine id
+    was). Ratios between arms of different sessions compare machines as well as stacks."""
+    out: list[dict] = []
+    for e in sorted(envs, key=lambda e: e["started"]):
+        h = e.get("host") or {}
+        key = (h["boot_id"], h.get("gpu_uuid")) if h.get("boot_id") else None
+        start, end = datetime.fromisoformat(e["started"]), datetime.fromisoformat(e.get("ended", e["started"]))
+        last = out[-1] if out else None
+        same = last is not None and (start - last["_end"]).total_seconds() <= SESSION_GAP_S and \
+            (key is None or last["_key"] is None or key == last["_key"])
+        if not same:
+            last = {"_key": key, "_end": end, "arms": [], "from": e["started"], "to": e.get("ended"),
+                    "hostname": h.get("hostname"), "gpu": (e.get("gpu") or {}).get("name")}
+            out.append(last)
+        last["_key"] = last["_key"] or key
+        last["_end"], last["to"] = max(last["_end"], end), max(last["to"] or "", e.get("ended") or "")
+        if e["arm"] not in last["arms"]:
+            last["arms"].append(e["arm"])
+    return [{k: v for k, v in s.items() if not k.startswith("_")} for s in out]
+
+
+def session_note(sess: list[dict]) -> str:
+    """The Markdown line under the table when a run's arms were measured in more than one session."""
+    if len(sess) < 2:
+        return ""
+    parts = [f"{', '.join(s['arms'])} ({s['from'][:16].replace('T', ' ')}–{(s['to'] or '')[11:16]} UTC"
+             f"{', ' + s['gpu'] if s['gpu'] else ''})" for s in sess]
+    return (f"\n**Measured in {len(sess)} sessions**: " + "; ".join(parts) +
+            ". Ratios between arms of different sessions compare machines as well as stacks.\n")
+
+
+def split_by_session(v: dict, sess: list[dict], arm: str = "unsloth_bf16") -> dict:
+    """The verdict says so when its ratio crosses sessions."""
+    where = {a: i for i, s in enumerate(sess) for a in s["arms"]}
+    ref = v.get("reference")
+    if ref and arm in where and ref in where and where[ref] != where[arm]:
+        v["reason"] += f" [{arm} and {ref} were measured in different sessions]"
+    return {**v, "sessions": sess}
+
+
 def _fmt(v, col):
     if v is None or v == "":
         return "—"
@@ -105,14 +152,14 @@ def _fmt(v, col):
     return str(v)
 
 
-def markdown(lines: list[dict], cols: list[str], verdict_doc: dict) -> str:
+def markdown(lines: list[dict], cols: list[str], verdict_doc: dict, note: str = "") -> str:
     show = ["arm", "status", "draws", "step_s", "step_s_iqr", "tokens_per_s", "peak_alloc_gb", "mem_after_load_gb",
             "expert_4bit_fraction"] + [c for c in cols if c.startswith("speedup")] + ["reason"]
     out = ["| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
     for l in lines:
         out.append("| " + " | ".join(_fmt(l.get(c), c) for c in show) + " |")
     head = f"# {lines[0]['run_id']}: {lines[0]['model']} on {lines[0]['tier']}\n\n" if lines else ""
-    return head + "\n".join(out) + f"\n\n**Verdict: {verdict_doc['verdict']}** — {verdict_doc['reason']}\n"
+    return head + "\n".join(out) + f"\n{note}\n**Verdict: {verdict_doc['verdict']}** — {verdict_doc['reason']}\n"
 
 
 def main(argv=None):
@@ -141,9 +188,12 @@ def main(argv=None):
 
     # training health joins the speed verdict; a run whose unsloth_bf16 was not validated is NOT TESTABLE
     v = overall_verdict(v, mark_superseded({d["arm"]: d for d in map(read_json, a.gates)}, rows))
+    envs = [read_json(p) for p in (Path(m).parent / "env.json" for m in a.inputs) if p.exists()]
+    sess = sessions(envs)
+    v = split_by_session(v, sess)
     write_rows(a.metrics, rows + derived)
     atomic_write(a.comparison, buf.getvalue())
-    atomic_write(a.markdown, markdown(lines, cols, v))
+    atomic_write(a.markdown, markdown(lines, cols, v, session_note(sess)))
     write_json(a.verdict, v)
     print(Path(a.markdown).read_text())
 

@@ -278,7 +278,22 @@ def environment(started: str, tier: dict) -> dict:
     return {"started": started, "ended": datetime.now(timezone.utc).isoformat(), "python": sys.version,
             "platform": platform.platform(), "packages": versions(),
             "env": {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)},
-            "plan": tier["plan"], "gpu": tier.get("gpu")}
+            "plan": tier["plan"], "gpu": tier.get("gpu"), "host": host()}
+
+
+def host() -> dict:
+    """Which machine ran this process: arms of one run measured on different machines (or leases) compare the
+    machines as well as the stacks, and the aggregate says so when these differ."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = None
+    gpu_uuid = None
+    if "torch" in sys.modules:  # never import torch just for this (the CPU tests run without it loaded)
+        torch = sys.modules["torch"]
+        if torch.cuda.is_available():
+            gpu_uuid = str(getattr(torch.cuda.get_device_properties(0), "uuid", "")) or None
+    return {"hostname": platform.node(), "boot_id": boot_id, "gpu_uuid": gpu_uuid}
 
 
 class ArmTimeout(Exception):

@@ -1,9 +1,12 @@
 """Expert routing: the MoE shape of any family, a Zipf-law routing skew for random-init models, and the
 router load actually seen (tokens per expert, counted from each router's top-k choice).
 
-A random-init router spreads tokens almost evenly over the experts; a trained one does not. `apply_skew`
-makes the load uneven on purpose so the arms can be compared under skew, and `RouterLoad` measures what the
-skew really did: a setting is never reported as the load.
+A random-init router does not spread tokens evenly, and not as a trained one does: measured in the arms'
+warm-up on GPU, max/mean expert load is 4.9 for GPT-OSS-20B, ~7 for OLMoE and ~13 of a possible 16 for
+Qwen3-30B-A3B (tokens' hidden states share much of their direction, so they pick the same experts), where a
+trained router's balancing loss keeps it far lower. `apply_skew` makes the load more uneven still, on purpose,
+so the arms can be compared under skew, and `RouterLoad` measures what the routers really did: a setting is
+never reported as the load.
 """
 from __future__ import annotations
 

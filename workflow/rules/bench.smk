@@ -12,7 +12,10 @@ rule bench:
     conda:
         "../../environment.yml"
     log:
-        f"{R}/arms/{{arm}}/draw{{draw}}/run.log",
+        run=f"{R}/arms/{{arm}}/draw{{draw}}/run.log",
+        # everything the process printed, third-party libraries included (Unsloth reports what it patched,
+        # compiled or fell back from only on stdout)
+        console=f"{R}/arms/{{arm}}/draw{{draw}}/console.log",
     wildcard_constraints:
         arm="[a-z0-9_]+",
         draw=r"\d+",
@@ -23,4 +26,4 @@ rule bench:
         **TIER_RES,
     shell:
         "python -m moebench.bench --config {params.config} --tier {input.tier} --model {input.model} --data {input.train}"
-        " --arm {wildcards.arm} --draw {wildcards.draw} --out {output.metrics} --log {log}"
+        " --arm {wildcards.arm} --draw {wildcards.draw} --out {output.metrics} --log {log.run} 2>&1 | tee {log.console}"

@@ -11,7 +11,8 @@ rule offload:
     conda:
         "../../environment.yml"
     log:
-        f"{R}/offload/{{arm}}/{{mode}}/run.log",
+        run=f"{R}/offload/{{arm}}/{{mode}}/run.log",
+        console=f"{R}/offload/{{arm}}/{{mode}}/console.log",  # all the process printed (bench.smk says why)
     wildcard_constraints:
         mode="none|plain|unsloth|expert_offload",
     resources:
@@ -21,4 +22,4 @@ rule offload:
         **TIER_RES,
     shell:
         "python -m moebench.offload --config {params.config} --tier {input.tier} --model {input.model}"
-        " --data {input.train} --arm {wildcards.arm} --mode {wildcards.mode} --out {output} --log {log}"
+        " --data {input.train} --arm {wildcards.arm} --mode {wildcards.mode} --out {output} --log {log.run} 2>&1 | tee {log.console}"

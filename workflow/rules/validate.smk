@@ -23,7 +23,8 @@ rule validate:
     conda:
         "../../environment.yml"
     log:
-        f"{R}/validate/{{arm}}/run.log",
+        run=f"{R}/validate/{{arm}}/run.log",
+        console=f"{R}/validate/{{arm}}/console.log",  # all the process printed (bench.smk says why)
     wildcard_constraints:
         arm="[a-z0-9_]+",
     resources:
@@ -34,7 +35,7 @@ rule validate:
     shell:
         "python -m moebench.validate --config {params.config} --tier {input.tier} --model {input.model}"
         " --train {input.train} --heldout {input.heldout} --arm {wildcards.arm} --out-dir {params.out_dir}"
-        " --log {log}"
+        " --log {log.run} 2>&1 | tee {log.console}"
 
 
 VALIDATE_TARGETS = [f"results/{run}/validate/{arm}/metrics.csv" for run, cfg in RUNS.items() for arm in wl.validate_arms(cfg)]
