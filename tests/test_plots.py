@@ -168,6 +168,26 @@ def test_tiers_and_summary(tmp_path):
     assert "**VIABLE**" in s and "fx-cpu" in s
 
 
+def _on_tier(tmp_path, run, tier, skew=0.0):
+    d = write_fixture(tmp_path, run=run)
+    write_json(d / "tier.json", {**json.loads((d / "tier.json").read_text()), "tier": tier})
+    (d / "config.yaml").write_text(f"model: {{name: gpt-oss-20b, routing_skew: {skew}}}\n")
+    return d
+
+
+def test_tier_ratios_pair_only_runs_of_one_setting(tmp_path):
+    a, b = _on_tier(tmp_path, "fx-h100", "h100_80gb"), _on_tier(tmp_path, "fx-h200", "h200_141gb")
+    skewed = _on_tier(tmp_path, "fx-h200-skew", "h200_141gb", skew=1.0)
+    plots.render_runs([skewed, b, a], tmp_path / "_report")
+    t = json.loads((tmp_path / "_report" / "tiers.json").read_text())
+    # one pair: the skewed run shares neither setting nor (with fx-h200) tier; older tier name first
+    assert [r["runs"] for r in t["ratios"]] == [["fx-h100", "fx-h200"]]
+    assert t["ratios"][0]["tokens_per_s_ratio"]["hf_bf16"]["ratio"] == pytest.approx(1.0)
+    assert "fx-h200 over fx-h100" in (tmp_path / "_report" / "tiers.caption.rst").read_text()
+    # the CPU fixture has no model rows of another shape here: all three GPU runs share one panel
+    assert list(t["groups"].values()) == [["fx-h200-skew", "fx-h200", "fx-h100"]]
+
+
 def test_provenance_page_states_status(tmp_path):
     d = write_fixture(tmp_path)
     plots.provenance_page(d, d / "report")

@@ -22,6 +22,7 @@ matplotlib.use("Agg")  # headless: the report builds on machines without a displ
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+import yaml  # noqa: E402
 
 from .io import atomic_write, read_json, write_json  # noqa: E402
 from .metrics import Row, read_rows  # noqa: E402
@@ -530,9 +531,52 @@ def run_label(run: Run) -> str:
 MEMORY_LABEL = {"peak_alloc_gb": "GPU memory allocated by torch", "peak_rss_gb": "host RSS (no GPU)"}
 
 
-def _tier_panel(ax, runs: list[Run], arms: list[str], metric_of, ylabel: str, what: str, notes: list[str]):
-    """One marker per run (hue: run, tier, card) and arm: the run's median of metric_of(run) over draws.
-    Points, not bars: tiers differ by orders of magnitude, and a bar on a log axis has no honest base."""
+def run_setting(run: Run) -> dict:
+    """What two runs on different tiers must share for their ratio to compare the cards alone: the model, its
+    effective shape and plan, LoRA, data and Unsloth's switches (draw counts and time limits may differ)."""
+    d = run.directory
+    cfg = (yaml.safe_load((d / "config.yaml").read_text()) if d and (d / "config.yaml").exists() else None) or {}
+    plan = (run.tier or {}).get("plan") or {}
+    return {"model": cfg.get("model"), "lora": cfg.get("lora"), "data": cfg.get("data"),
+            "plan": {k: plan.get(k) for k in ("model_scale", "seq_len", "batch", "moe_backend",
+                                              "gradient_checkpointing")},
+            "unsloth_env": (cfg.get("plan_overrides") or {}).get("unsloth_env")}
+
+
+def family(run: Run) -> str:
+    """The panel a run is drawn in: its model at its scale (tokens/s compare within one model shape only)."""
+    models = sorted({r.model for r in run.rows if r.stage == "bench" and r.model})
+    scale = ((run.tier or {}).get("plan") or {}).get("model_scale")
+    return f"{'/'.join(models) or 'model ?'} ({scale or 'scale ?'})"
+
+
+def tier_ratios(runs: list[Run]) -> list[dict]:
+    """Runs with the same setting on different tiers: median tokens/s per arm, one tier over the other. Each
+    run's own draws give its medians, so a ratio also spans the two machines' sessions."""
+    out = []
+    for i, a in enumerate(runs):
+        for b in runs[i + 1:]:
+            ta, tb = (a.tier or {}).get("tier"), (b.tier or {}).get("tier")
+            if not ta or not tb or ta == tb or run_setting(a) != run_setting(b):
+                continue
+            a, b = sorted((a, b), key=lambda r: r.tier["tier"])
+            arms = arm_order({r.arm for r in a.rows + b.rows if r.stage == "bench"})
+            sa, sb = (dict((s.arm, s) for s in series(r, "bench", "tokens_per_s", arms)) for r in (a, b))
+            ratios = {arm: {"ratio": sb[arm].median / sa[arm].median, "from": sa[arm].median_ids + sb[arm].median_ids}
+                      for arm in arms if sa[arm].median and sb[arm].median}
+            out.append({"runs": [a.name, b.name], "tiers": [a.tier["tier"], b.tier["tier"]], "family": family(a),
+                        "tokens_per_s_ratio": ratios})
+    return out
+
+
+def _ratio_line(r: dict) -> str:
+    each = ", ".join(f"{arm} {v['ratio']:.2f}x" for arm, v in r["tokens_per_s_ratio"].items()) or "no arm in both"
+    return f"{r['runs'][1]} over {r['runs'][0]} (same setting), tokens/s: {each}"
+
+
+def _tier_panel(ax, runs: list[Run], arms: list[str], metric_of, ylabel: str, notes: list[str]):
+    """One bar per run (hue: run, tier, card) and arm: the run's median of metric_of(run) over draws, on a
+    linear axis from zero (the runs of one panel share a model shape). A missing bar is a gap, noted."""
     recs, caps = [], []
     for run in runs:
         metric = metric_of(run)
@@ -544,49 +588,56 @@ def _tier_panel(ax, runs: list[Run], arms: list[str], metric_of, ylabel: str, wh
                              .get("tier"), "arm": s.arm, "metric": metric, "value": s.median, "from": s.median_ids})
             elif any(r.arm == s.arm for r in run.rows):
                 note(notes, f"{run.name} / {s.arm}: {s.gap}")  # one note when both panels lack it alike
+            else:
+                note(notes, f"{run.name} / {s.arm}: not in this run (its config's arms)")
     if not recs:
-        _empty(ax, f"no measured rows for {what} (no run has a measured bench row)")
+        _empty(ax, "no measured bench rows in these runs")
         return recs, caps
-    df = pd.DataFrame(recs)
-    sns.stripplot(data=df, x="arm", y="value", hue="label", order=arms, ax=ax, dodge=True, jitter=False, size=9,
-                  marker="D")
-    ax.set_yscale("log")
-    lo, hi = df["value"].min(), df["value"].max()
-    span = max(hi / lo, 10.0)
-    ax.set_ylim(lo / span**0.1, hi * span**0.6)  # headroom on the log axis: the legend sits above the markers
-    ax.set_ylabel(ylabel), ax.set_xlabel("")
+    sns.barplot(data=pd.DataFrame(recs), x="arm", y="value", hue="label", order=arms, ax=ax, errorbar=None)
+    ax.set_ylabel(ylabel, fontsize=9), ax.set_xlabel("")
     ax.tick_params(axis="x", rotation=15)
-    ax.legend(fontsize=7, loc="upper left")
     return recs, caps
 
 
 def fig_tiers(runs: list[Run], out: Path):
-    """The tier comparison: tokens/s and peak memory per arm, one marker per run (each run is one tier on one
-    card: its name, tier and GPU label the marker). Memory is each run's own measure, named in the legend: GPU
-    memory allocated by torch on GPU runs, host RSS on CPU runs (there is no GPU memory to compare there)."""
-    arms = arm_order({r.arm for run in runs for r in run.rows if r.stage == "bench"})
+    """The tier comparison: one row of panels per model shape (tokens/s, peak memory), one bar per run and arm;
+    under it, the tokens/s ratio of every pair of runs with the same setting on different tiers. Memory is each
+    run's own measure, named in the legend: GPU memory allocated by torch, host RSS on CPU runs."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(family(run), []).append(run)
     notes: list[str] = []
-    fig, (ax_tps, ax_mem) = _figure(width=16, panels=2)
-    tps, tps_caps = _tier_panel(ax_tps, runs, arms, lambda run: "tokens_per_s",
-                                "median tokens/s over draws (log scale)", "tokens/s", notes)
-    mem, mem_caps = _tier_panel(ax_mem, runs, arms,
-                                lambda run: pick_metric(run, "bench", ["peak_alloc_gb", "peak_rss_gb"]),
-                                "median peak memory, GB = 1e9 bytes (log scale)", "peak memory", notes)
-    ax_tps.set_title("tokens/s per arm and tier (higher is better)", fontsize=10)
-    ax_mem.set_title("peak memory per arm and tier: " + "; ".join(f"{m} = {t}" for m, t in MEMORY_LABEL.items()),
-                     fontsize=10)
-    if len({run.name for run in runs}) < 2:
-        notes.append("only one run is present in results/: nothing to compare across tiers yet")
-    fig.suptitle("Tiers compared: each run on its own card, tier and plan (model scale, sequence length: see its "
-                 "tier.json) — compare arm rankings across tiers; absent markers are gaps, see notes")
+    fig, axes = plt.subplots(max(len(groups), 1), 2, figsize=(17, 3.6 * max(len(groups), 1)), squeeze=False)
+    tps, mem, caps = [], [], []
+    for (name, members), (ax_tps, ax_mem) in zip(sorted(groups.items()), axes):
+        arms = arm_order({r.arm for run in members for r in run.rows if r.stage == "bench"})
+        t, c1 = _tier_panel(ax_tps, members, arms, lambda run: "tokens_per_s", "median tokens/s", notes)
+        m, c2 = _tier_panel(ax_mem, members, arms,
+                            lambda run: pick_metric(run, "bench", ["peak_alloc_gb", "peak_rss_gb"]),
+                            "median peak memory, GB", notes)
+        tps, mem, caps = tps + t, mem + m, caps + [f"**{_lit(name)}**\n", *c1, *c2]
+        ax_tps.set_title(f"{name}: tokens/s per arm (higher is better)", fontsize=10)
+        ax_mem.set_title(f"{name}: peak memory per arm", fontsize=10)
+        if ax_tps.get_legend():
+            ax_tps.get_legend().remove()
+        if ax_mem.get_legend():
+            ax_mem.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="run (tier, card)")
+    ratios = tier_ratios(runs)
+    notes = [f"tier ratio: {_ratio_line(r)}" for r in ratios] + notes
+    if not ratios:
+        notes.insert(0, "no two runs share a setting on different tiers: no tier ratio to give yet")
+    fig.suptitle("Tiers compared, per model shape: compare arm rankings and, where two runs share a setting, the "
+                 "cards (ratios under the panels); a missing bar is a gap, see notes", y=1.0)
+    fig.tight_layout()
     _write_notes(fig, notes, 200)
     _save(fig, out, "tiers", {"runs": [run_label(r) for r in runs],
                               "tiers": {r.name: (r.tier or {}).get("tier") for r in runs},
+                              "groups": {g: [r.name for r in ms] for g, ms in sorted(groups.items())},
                               "bars": [{"run": run_label(next(x for x in runs if x.name == r["run"])), "arm": r["arm"],
                                         "tokens_per_s": r["value"], "from": r["from"]} for r in tps],
-                              "memory": mem, "gaps": notes},
+                              "memory": mem, "ratios": ratios, "gaps": notes},
           "Runs compared: " + ", ".join(_lit(run_label(r)) for r in runs) + ".\n\n"
-          + "\n".join(tps_caps) + "\n" + "\n".join(mem_caps))
+          + "".join(f"* Tier ratio: {_lit(_ratio_line(r))}\n" for r in ratios) + "\n" + "\n".join(caps))
 
 
 def summary_rst(runs: list[Run]) -> str:
