@@ -71,17 +71,46 @@ def test_two_tier_table_matches_each_runs_comparison():
                 f"{float(c['expert_4bit_fraction']):.2f}", f"{float(c['speedup_vs_hf_bf16']):.2f}x") == \
             (step, tps, peak, four, speed), (run, arm)
         seen.add(run)
-    assert seen == {"h100-gptoss20b", "h200-gptoss20b", "h100-qwen3-30b-a3b", "h200-qwen3-30b-a3b", "h100-olmoe-1b-7b"}
+    assert seen == {"h100-gptoss20b", "h200-gptoss20b", "h100-qwen3-30b-a3b", "h200-qwen3-30b-a3b", "h100-olmoe-1b-7b",
+                    "h200-qwen3-30b-a3b-skew"}
 
 
 def test_two_tier_verdict_ratios_are_the_runs():
     import json
 
-    text = (ROOT / "README.md").read_text()
+    text = " ".join((ROOT / "README.md").read_text().split())
     h200 = json.loads((ROOT / "results" / "h200-gptoss20b" / "verdict.json").read_text())
     qwen = json.loads((ROOT / "results" / "h100-qwen3-30b-a3b" / "verdict.json").read_text())
     assert f"8.4x (H200)" in text and f"{h200['speedup']:.1f}" == "8.4"
-    assert qwen["speed_verdict"] == "NOT VIABLE" and f"({qwen['speedup']:.2f}x)" in text
+    assert qwen["speed_verdict"] == "NOT VIABLE" and f"({qwen['speedup']:.2f}x on the H100)" in text
+    q200 = json.loads((ROOT / "results" / "h200-qwen3-30b-a3b" / "verdict.json").read_text())
+    assert q200["speed_verdict"] == "NOT VIABLE" and f"{q200['speedup']:.2f}x unsloth_4bit on the H200" in text
+    # the run spans two sessions and says so; its verdict's two arms share one
+    assert [len(s["arms"]) for s in q200["sessions"]] == [2, 2] and "different sessions" not in q200["reason"]
+
+
+def _metric(run, arm, metric):
+    rows = csv.DictReader((ROOT / "results" / run / "metrics.csv").open())
+    return next(float(r["value"]) for r in rows if r["arm"] == arm and r["metric"] == metric and r["stage"] == "bench")
+
+
+def test_tier_ratios_and_skew_figures_are_the_runs():
+    """The H200-over-H100 ratios are the tier figure's, and the skew bullet's loads and times are the runs'."""
+    text = " ".join((ROOT / "README.md").read_text().split())
+    from moebench import plots
+
+    runs = [plots.load_run(ROOT / "results" / r) for r in ("h100-qwen3-30b-a3b", "h200-qwen3-30b-a3b")]
+    tiers = {tuple(r["runs"]): r["tokens_per_s_ratio"] for r in plots.tier_ratios(runs)}
+    qwen = tiers[("h100-qwen3-30b-a3b", "h200-qwen3-30b-a3b")]
+    assert f"unsloth_4bit only {qwen['unsloth_4bit']['ratio']:.2f}x and unsloth_bf16 " \
+           f"{qwen['unsloth_bf16']['ratio']:.2f}x" in text
+    plain, skew = "h200-qwen3-30b-a3b", "h200-qwen3-30b-a3b-skew"
+    assert f"max/mean {_metric(plain, 'hf_bf16', 'router_max_over_mean'):.1f} to " \
+           f"{_metric(skew, 'hf_bf16', 'router_max_over_mean'):.1f}" in text
+    assert f"{_metric(plain, 'unsloth_bf16', 'step_s'):.3f} → {_metric(skew, 'unsloth_bf16', 'step_s'):.3f} s/step" \
+        in text
+    assert f"first step costs {_metric(plain, 'unsloth_bf16', 'first_step_s'):.1f} s (unsloth_bf16) and " \
+           f"{_metric(plain, 'unsloth_4bit', 'first_step_s'):.1f} s (unsloth_4bit)" in text
 
 
 def test_validation_table_matches_each_arms_validate_rows():
