@@ -83,14 +83,34 @@ def slurm_env():
 
 
 @pytest.fixture(scope="module")
-def slurm_run(slurm_env, tmp_path_factory):
-    """The CPU-tier workflow through the profile, from a fresh copy of the repo, as a cluster user runs it."""
-    root = copy_repo(tmp_path_factory.mktemp("slurm-repo"))
+def cluster_runs(slurm_env, tmp_path_factory):
+    """Every workflow run the cluster tests inspect, submitted at once (they share the cluster's queueing and
+    polling waits instead of adding them up), each from its own fresh copy of the repo, as cluster users run it:
+    `plain` the CPU-tier workflow through the profile; `fanout` the tier fan-out (see FAN below); `wrong` a GPU
+    tier mapped to a CPU partition, up to its detect. Each: (root, exit code or None, output, seconds)."""
+    plain, fan, wrong = (copy_repo(tmp_path_factory.mktemp(n)) for n in ("slurm-repo", "slurm-fanout",
+                                                                        "slurm-wrong-partition"))
+    cmds = {"plain": ([*PROFILES, *QUICK, f"arms=[{', '.join(ARMS)}]"], plain, 540),  # QUICK ends in --config
+            "fanout": ([*PROFILES, *QUICK, *FAN_CONFIG], fan, 540),
+            "wrong": ([*PROFILES, WRONG_TARGET, *QUICK, "cluster={tiers: {h100_80gb: {partition: cpu2}}}"], wrong,
+                      150)}
     mark = len(ctld_log())
-    t0 = time.time()
-    cmd = [str(BIN / "snakemake"), *PROFILES, *QUICK, f"arms=[{', '.join(ARMS)}]"]  # QUICK ends in --config
-    rc, out = bounded(cmd, root, slurm_env, limit=540)
-    return root, rc, out, ctld_log()[mark:], time.time() - t0
+
+    def one(args, root, limit):
+        t0 = time.time()
+        rc, out = bounded([str(BIN / "snakemake"), *args], root, slurm_env, limit)
+        return root, rc, out, time.time() - t0
+
+    with ThreadPoolExecutor(len(cmds)) as pool:
+        futures = {k: pool.submit(one, *v) for k, v in cmds.items()}
+        runs = {k: f.result() for k, f in futures.items()}
+    return runs, ctld_log()[mark:]
+
+
+@pytest.fixture(scope="module")
+def slurm_run(cluster_runs):
+    (root, rc, out, took), ctld = cluster_runs[0]["plain"], cluster_runs[1]
+    return root, rc, out, ctld, took
 
 
 def test_profile_is_found_from_repo_root_and_avoids_the_sacct_hang():
@@ -257,18 +277,11 @@ WRONG_TARGET = "results/local-h100_80gb/tier.json"
 
 
 @pytest.fixture(scope="module")
-def fanout_run(slurm_env, tmp_path_factory):
-    """The fan-out through the profile, and at the same time (sharing the cluster's wait, not adding to it) a GPU
-    tier mapped to a CPU partition, up to its detect; each from its own fresh copy of the repo."""
-    root, wrong = (copy_repo(tmp_path_factory.mktemp(n)) for n in ("slurm-fanout", "slurm-wrong-partition"))
-    mark = len(ctld_log())
-    t0 = time.time()
-    with ThreadPoolExecutor(2) as pool:
-        fan = pool.submit(bounded, [str(BIN / "snakemake"), *PROFILES, *QUICK, *FAN_CONFIG], root, slurm_env, 420)
-        bad = pool.submit(bounded, [str(BIN / "snakemake"), *PROFILES, WRONG_TARGET, *QUICK,
-                                    "cluster={tiers: {h100_80gb: {partition: cpu2}}}"], wrong, slurm_env, 150)
-        (rc, out), (wrong_rc, wrong_out) = fan.result(), bad.result()
-    return root, rc, out, ctld_log()[mark:], time.time() - t0, (wrong, wrong_rc, wrong_out)
+def fanout_run(cluster_runs):
+    """The fan-out and, beside it, the GPU tier on a CPU partition (both started by cluster_runs)."""
+    (root, rc, out, took), ctld = cluster_runs[0]["fanout"], cluster_runs[1]
+    wrong, wrong_rc, wrong_out, _ = cluster_runs[0]["wrong"]
+    return root, rc, out, ctld, took, (wrong, wrong_rc, wrong_out)
 
 
 def test_fanout_sends_each_runs_jobs_to_its_partition(fanout_run):
