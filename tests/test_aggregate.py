@@ -90,6 +90,10 @@ def test_a_verdict_across_sessions_says_so():
     sess = [{"arms": ["hf_bf16", "unsloth_4bit"]}, {"arms": ["unsloth_bf16"]}]
     v = aggregate.split_by_session({"verdict": "NOT VIABLE", "reason": "r", "reference": "unsloth_4bit"}, sess)
     assert "measured in different sessions" in v["reason"] and v["sessions"] == sess
-    same = aggregate.split_by_session({"verdict": "VIABLE", "reason": "r", "reference": "hf_bf16"}, sess[:1] +
-                                      [{"arms": ["unsloth_bf16", "hf_bf16"]}])
+    same = aggregate.split_by_session({"verdict": "VIABLE", "reason": "r", "reference": "hf_bf16"},
+                                      [{"arms": ["e4b_4bit"]}, {"arms": ["unsloth_bf16", "hf_bf16"]}])
     assert same["reason"] == "r"
+    # the reference's draws split over two sessions: its median mixes them, so the ratio crosses sessions
+    mixed = aggregate.split_by_session({"verdict": "VIABLE", "reason": "r", "reference": "hf_bf16"},
+                                       [{"arms": ["hf_bf16"]}, {"arms": ["unsloth_bf16", "hf_bf16"]}])
+    assert "different sessions" in mixed["reason"]

@@ -136,12 +136,15 @@ def session_note(sess: list[dict]) -> str:
 
 
 def split_by_session(v: dict, sess: list[dict], arm: str = "unsloth_bf16") -> dict:
-    """The verdict says so when its ratio crosses sessions."""
-    where = {a: i for i, s in enumerate(sess) for a in s["arms"]}
-    ref = v.get("reference")
-    if ref and arm in where and ref in where and where[ref] != where[arm]:
-        v["reason"] += f" [{arm} and {ref} were measured in different sessions]"
-    return {**v, "sessions": sess}
+    """The verdict says so when its ratio crosses sessions (an arm with draws in two sessions crosses them too)."""
+    where: dict[str, set[int]] = {}
+    for i, s in enumerate(sess):
+        for a in s["arms"]:
+            where.setdefault(a, set()).add(i)
+    ref, reason = v.get("reference"), v.get("reason", "")
+    if ref and arm in where and ref in where and len(where[arm] | where[ref]) > 1:
+        reason += f" [{arm} and {ref} were measured in different sessions]"
+    return {**v, "reason": reason, "sessions": sess}
 
 
 def _fmt(v, col):
