@@ -115,21 +115,20 @@ def sessions(envs: list[dict]) -> list[dict]:
         same = last is not None and (start - last["_end"]).total_seconds() <= SESSION_GAP_S and \
             (key is None or last["_key"] is None or key == last["_key"])
         if not same:
-            last = {"_key": key, "_end": end, "arms": [], "from": e["started"], "to": e.get("ended"),
+            last = {"_key": key, "_end": end, "arms": [], "from": e["started"],
                     "hostname": h.get("hostname"), "gpu": (e.get("gpu") or {}).get("name")}
             out.append(last)
-        last["_key"] = last["_key"] or key
-        last["_end"], last["to"] = max(last["_end"], end), max(last["to"] or "", e.get("ended") or "")
+        last["_key"], last["_end"] = last["_key"] or key, max(last["_end"], end)
         if e["arm"] not in last["arms"]:
             last["arms"].append(e["arm"])
-    return [{k: v for k, v in s.items() if not k.startswith("_")} for s in out]
+    return [{**{k: v for k, v in s.items() if not k.startswith("_")}, "to": s["_end"].isoformat()} for s in out]
 
 
 def session_note(sess: list[dict]) -> str:
     """The Markdown line under the table when a run's arms were measured in more than one session."""
     if len(sess) < 2:
         return ""
-    parts = [f"{', '.join(s['arms'])} ({s['from'][:16].replace('T', ' ')}–{(s['to'] or '')[11:16]} UTC"
+    parts = [f"{', '.join(s['arms'])} ({s['from'][:16].replace('T', ' ')}–{s['to'][11:16]} UTC"
              f"{', ' + s['gpu'] if s['gpu'] else ''})" for s in sess]
     return (f"\n**Measured in {len(sess)} sessions**: " + "; ".join(parts) +
             ". Ratios between arms of different sessions compare machines as well as stacks.\n")

@@ -348,6 +348,15 @@ def time_limit(seconds: int, progress: Progress | None = None, setting: str = "a
         signal.signal(signal.SIGALRM, old)
 
 
+@contextmanager
+def watched(seconds: int, log, phase: str = "loading the model", setting: str = "arm_timeout_s"):
+    """A measuring process's time limit and its heartbeat, sharing one Progress (yielded, so the work can name
+    its phases): a timeout then says where it struck, and a long phase shows in the log while it lasts."""
+    progress = Progress(log, phase=phase)
+    with time_limit(seconds, progress, setting), progress.beating():
+        yield progress
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True)
@@ -371,8 +380,7 @@ def main(argv=None):
         ctx.add("step_s", status="skipped", reason=reason)
     else:
         try:
-            progress = Progress(log)
-            with time_limit(cfg["arm_timeout_s"], progress), progress.beating():
+            with watched(cfg["arm_timeout_s"], log) as progress:
                 run(ctx, arm, cfg, tier, a.model, a.data, log, bare_loop=a.arm in cfg["bare_loop_arms"],
                     progress=progress)
         except arm_registry.ArmUnavailable as exc:  # the arm itself found it cannot run here: say why

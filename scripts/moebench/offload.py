@@ -523,8 +523,7 @@ def main(argv=None):
         ctx.add("step_s", status="skipped", reason=reason, stage="offload")
     else:
         try:
-            progress = bench.Progress(log, phase=f"{arm.name} with {a.mode}")
-            with bench.time_limit(cfg["arm_timeout_s"], progress), progress.beating():
+            with bench.watched(cfg["arm_timeout_s"], log, phase=f"{arm.name} with {a.mode}"):
                 run_mode(ctx, arm, cfg, tier, a.mode, a.model, a.data, log)
         except registry.ArmUnavailable as exc:
             ctx.add("step_s", status="skipped", reason=str(exc)[:600], stage="offload")

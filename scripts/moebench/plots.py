@@ -553,11 +553,11 @@ def family(run: Run) -> str:
 def tier_ratios(runs: list[Run]) -> list[dict]:
     """Runs with the same setting on different tiers: median tokens/s per arm, one tier over the other. Each
     run's own draws give its medians, so a ratio also spans the two machines' sessions."""
-    out = []
+    out, setting = [], {r.name: run_setting(r) for r in runs}  # each config.yaml read once, not per pair
     for i, a in enumerate(runs):
         for b in runs[i + 1:]:
             ta, tb = (a.tier or {}).get("tier"), (b.tier or {}).get("tier")
-            if not ta or not tb or ta == tb or run_setting(a) != run_setting(b):
+            if not ta or not tb or ta == tb or setting[a.name] != setting[b.name]:
                 continue
             a, b = sorted((a, b), key=lambda r: r.tier["tier"])
             arms = arm_order({r.arm for r in a.rows + b.rows if r.stage == "bench"})

@@ -33,10 +33,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import arms as arm_registry
+from . import bench
 from . import config as cfgmod
 from . import routing
 from .io import atomic_write, logger, read_json, write_json
-from .bench import Ctx, read_texts
+from .bench import Ctx, read_texts, token_stream
 from .metrics import log_row, write_rows
 
 DEFAULTS = {"steps": 100, "cpu_steps": 12, "grad_accum": 4, "lr": 2e-4, "warmup_ratio": 0.1,
@@ -350,8 +351,6 @@ def packed(tokenizer, texts: list[str], seq_len: int) -> list[dict]:
     trains on the same blocks: the token stream cut into seq_len blocks (the last one may be shorter). Left to
     the trainer, Unsloth's SFTTrainer ignored packing=True for gpt_oss on the H100 and trained on 180 single
     conversations where TRL made 99 blocks."""
-    from .bench import token_stream
-
     stream = token_stream(tokenizer, texts)
     return [{"input_ids": stream[i:i + seq_len]} for i in range(0, len(stream), seq_len)]
 
@@ -602,7 +601,7 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, train_path: str, h
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from . import bench, measure
+    from . import measure
 
     cuda = torch.cuda.is_available()
     s = run_settings(cfg.get("validate"), tier["plan"], cuda, arm.name)
@@ -710,8 +709,6 @@ def placeholders(out_dir: Path, why: str) -> None:
 def validate_arm(cfg: dict, tier: dict, arm_name: str, model_dir: str, train: str, heldout: str, out_dir,
                  log_path: str) -> dict:
     """One arm, start to finish; writes every output the rule declares and returns the gates.json document."""
-    from . import bench
-
     log = logger("validate", log_path)
     started = datetime.now(timezone.utc).isoformat()
     arm = arm_registry.get(arm_name)
@@ -725,9 +722,8 @@ def validate_arm(cfg: dict, tier: dict, arm_name: str, model_dir: str, train: st
         doc = {"status": "skipped", "reason": reason}
     else:
         timeout = int({**DEFAULTS, **(cfg.get("validate") or {})}["timeout_s"])
-        progress = bench.Progress(log)
         try:
-            with bench.time_limit(timeout, progress, "validate.timeout_s"), progress.beating():
+            with bench.watched(timeout, log, setting="validate.timeout_s") as progress:
                 doc = run(ctx, arm, cfg, tier, model_dir, train, heldout, out, log, progress)
         except arm_registry.ArmUnavailable as exc:  # the arm itself found it cannot run here: say why
             log.info("skipped at load: %s", exc)
