@@ -1,6 +1,8 @@
 """The one tidy metrics schema: every stage writes these rows, every plot and the provenance read them.
 
-A row whose status is not `measured` carries no value: plots draw it as a labelled gap, never a zero.
+A `skipped`/`failed`/`unavailable` row carries no value: plots draw it as a labelled gap, never a zero. A
+`degraded` row keeps the value measured on a fallback path a library announced (the matched line is its reason):
+it is shown as such and never carries a verdict.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable
 
-STATUSES = ("measured", "skipped", "failed", "unavailable")
+STATUSES = ("measured", "degraded", "skipped", "failed", "unavailable")
+VALUED = ("measured", "degraded")  # statuses whose rows carry a number
 
 
 @dataclass
@@ -36,10 +39,10 @@ class Row:
     def __post_init__(self):
         if self.status not in STATUSES:
             raise ValueError(f"status {self.status!r} is not one of {STATUSES}")
-        if self.status != "measured":
+        if self.status != "measured" and not self.reason:
+            raise ValueError(f"a {self.status} row needs a reason ({self.arm}/{self.metric})")
+        if self.status not in VALUED:
             self.value, self.spread = None, None
-            if not self.reason:
-                raise ValueError(f"a {self.status} row needs a reason ({self.arm}/{self.metric})")
         elif self.value is None or (isinstance(self.value, float) and not math.isfinite(self.value)):
             raise ValueError(f"a measured row needs a finite value ({self.arm}/{self.metric}: {self.value!r})")
 
