@@ -204,7 +204,8 @@ def child_hf(a, res):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from moebench.arms.unsloth import census, expert_lora_coverage, trainable_summary, versions
+    from moebench.inspect import census, expert_lora_coverage, trainable_summary
+    from moebench.io import package_versions
 
     kw = {}
     if a.variant == "hf_bnb4":
@@ -224,7 +225,7 @@ def child_hf(a, res):
     info["expert_lora"] = expert_lora_coverage(model, int(model.config.num_hidden_layers))
     info["trainable"] = trainable_summary(model)
     info["experts_implementation"] = getattr(model.config, "_experts_implementation", None)
-    info["versions"] = versions("transformers", "peft", "bitsandbytes", "torch")
+    info["versions"] = package_versions(("transformers", "peft", "bitsandbytes", "torch"))
     res["load_s"] = time.time() - t0
     res["info"] = info
     _train(model, a, res)
@@ -240,7 +241,7 @@ def child_unsloth_make_prequant(a, res):
     import unsloth  # noqa: F401
     from unsloth import FastLanguageModel
 
-    from moebench.arms.unsloth import census
+    from moebench.inspect import census
 
     t0 = time.time()
     model, tok = FastLanguageModel.from_pretrained(model_name=str(WORK / "modulelist"), max_seq_length=a.seq,
@@ -284,7 +285,7 @@ def child_e4b_loader_bf16(a, res):
     os.environ["E4B_GPTOSS_EXPERT_LORA"] = "1"
     import experts4bit_qlora as e4b
 
-    from moebench.arms.unsloth import census
+    from moebench.inspect import census
 
     model, _ = e4b.load_moe_4bit_streaming(str(WORK / "bf16"), "cuda", torch.bfloat16, 16, 16, quant_type="nf4")
     res["info"] = {"census": census(model), "experts_class": type(model.model.layers[0].mlp.experts).__name__}
@@ -296,7 +297,6 @@ def run_child(a):
     res = {"variant": a.variant, "ok": False}
     t0 = time.time()
     try:
-        sys.path.insert(0, str(ROOT / "scripts"))
         if a.variant == "build":
             res.update(child_build(a))
         elif a.variant in ("hf_bf16", "hf_bnb4"):
@@ -376,7 +376,9 @@ def main():
         cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", name, "--result", str(rp), "--layers", str(a.layers),
                "--scale", a.scale, "--device", a.device] + (["--modulelist"] if a.modulelist else []) + [
                "--seq", str(a.seq), "--batch", str(a.batch), "--warmup", str(a.warmup), "--steps", str(a.steps)]
-        env = {**os.environ, "UNSLOTH_COMPILE_LOCATION": str(WORK / "unsloth_compiled_cache")}
+        # moebench: installed (`pip install -e .`) or, in an uninstalled bundle, this checkout's scripts/
+        env = {**os.environ, "UNSLOTH_COMPILE_LOCATION": str(WORK / "unsloth_compiled_cache"),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "scripts"), os.environ.get("PYTHONPATH")]))}
         print(f"== {name} (timeout {min(tmo, left):.0f}s)", flush=True)
         t0 = time.time()
         try:

@@ -13,7 +13,8 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 if [ ! -d /tmp/site ]; then
   mkdir -p /tmp/site && tar xzf .gpu-bundle/site.tgz -C /tmp/site
 fi
-export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+# moebench: the queue's copy of this checkout (the bundle has no editable install of it)
+export PYTHONPATH=/tmp/mb/scripts:/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 export TRITON_CACHE_AUTOTUNING=1  # later processes reuse Triton autotune results (first steps only; timed steps unaffected)
 command -v python >/dev/null || ln -sf "$(command -v python3)" /tmp/site/bin/python  # rules call `python`
 log=/tmp/moebench-queue.log
