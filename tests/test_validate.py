@@ -9,9 +9,10 @@ import sys
 import pytest
 
 from conftest import ROOT, tiny_workdir
-from moebench import arms, bench, routing
+from moebench import arms, harness, routing
 from moebench import config as cfgmod
 from moebench import validate as V
+from moebench import verdict as VD
 from moebench.metrics import parse_log_rows, read_rows
 
 FALLING = [3.0 - 0.1 * i for i in range(20)]
@@ -126,20 +127,22 @@ def _doc(status="measured", passed=True, failing=()):
 
 
 def test_overall_verdict_needs_speed_and_training():
-    viable = {"verdict": "VIABLE", "reason": "unsloth_bf16 is 2.14x e4b_4bit", "speedup": 2.14,
-              "reference": "e4b_4bit"}
-    assert V.overall_verdict(viable, {"unsloth_bf16": _doc()})["verdict"] == "VIABLE"
-    bad = V.overall_verdict(viable, {"unsloth_bf16": _doc(passed=False, failing=("loss_drop",))})
+    viable = {"verdict": "VIABLE", "reason": "unsloth_bf16 is 2.14x unsloth_4bit", "speedup": 2.14,
+              "reference": "unsloth_4bit"}
+    assert VD.overall_verdict(viable, {"unsloth_bf16": _doc()})["verdict"] == "VIABLE"
+    bad = VD.overall_verdict(viable, {"unsloth_bf16": _doc(passed=False, failing=("loss_drop",))})
     assert bad["verdict"] == "NOT VIABLE" and "loss_drop" in bad["reason"] and bad["speed_verdict"] == "VIABLE"
-    assert V.overall_verdict(viable, {"unsloth_bf16": _doc("skipped", None)})["verdict"] == "NOT TESTABLE"
-    assert V.overall_verdict(viable, {})["verdict"] == "NOT TESTABLE"
+    assert VD.overall_verdict(viable, {"unsloth_bf16": _doc("skipped", None)})["verdict"] == "NOT TESTABLE"
+    assert VD.overall_verdict(viable, {})["verdict"] == "NOT TESTABLE"
     slow = {**viable, "verdict": "NOT VIABLE", "speedup": 1.1}
-    assert V.overall_verdict(slow, {"unsloth_bf16": _doc()})["verdict"] == "NOT VIABLE"
+    assert VD.overall_verdict(slow, {"unsloth_bf16": _doc()})["verdict"] == "NOT VIABLE"
     untestable = {"verdict": "NOT TESTABLE", "reason": "unsloth_bf16 skipped", "reference": None}
-    assert V.overall_verdict(untestable, {"unsloth_bf16": _doc()})["verdict"] == "NOT TESTABLE"
-    noted = V.overall_verdict(viable, {"unsloth_bf16": _doc(), "e4b_4bit": _doc(passed=False, failing=("finite",))})
-    assert noted["verdict"] == "VIABLE" and "e4b_4bit's training validation: FAIL" in noted["reason"]
-    assert noted["training"]["e4b_4bit"]["result"] == "FAIL"
+    assert VD.overall_verdict(untestable, {"unsloth_bf16": _doc()})["verdict"] == "NOT TESTABLE"
+    # another arm failing its fine-tune is recorded; the reference failing voids the comparison
+    noted = VD.overall_verdict(viable, {"unsloth_bf16": _doc(), "e4b_4bit": _doc(passed=False, failing=("finite",))})
+    assert noted["verdict"] == "VIABLE" and noted["training"]["e4b_4bit"]["result"] == "FAIL"
+    void = VD.overall_verdict(viable, {"unsloth_bf16": _doc(), "unsloth_4bit": _doc(passed=False, failing=("finite",))})
+    assert void["verdict"] == "NOT TESTABLE" and "unsloth_4bit's training fails" in void["reason"]
 
 
 def test_a_reload_measured_by_the_superseded_check_counts_as_not_measured():
@@ -152,15 +155,15 @@ def test_a_reload_measured_by_the_superseded_check_counts_as_not_measured():
 
     docs = {"new": _doc(), "old": _doc(passed=False, failing=("reload",)),
             "old_bad": _doc(passed=False, failing=("reload", "finite")), "gone": _doc("skipped", None)}
-    marked = V.mark_superseded(docs, [row("new", V.PLAIN_FORWARD_ROW), row("old", "gate_reload")])
+    marked = VD.mark_superseded(docs, [row("new", VD.PLAIN_FORWARD_ROW), row("old", "gate_reload")])
     assert "reload_superseded" not in marked["new"] and "reload_superseded" not in marked["gone"]
-    t = {a: V._arm_training(d) for a, d in marked.items()}
+    t = {a: VD._arm_training(d) for a, d in marked.items()}
     assert t["new"]["result"] == "PASS" and t["gone"]["result"] == "SKIPPED"
-    assert t["old"] == {"result": "UNVERIFIED", "why": V.SUPERSEDED, "gates": [
+    assert t["old"] == {"result": "UNVERIFIED", "why": VD.SUPERSEDED, "gates": [
         "finite", "loss_drop", "heldout_drop", "expert_grads", "reload (superseded)"]}
     assert t["old_bad"]["result"] == "FAIL" and "reload" not in t["old_bad"]["why"]
     viable = {"verdict": "VIABLE", "reason": "fast", "reference": "e4b_4bit"}
-    v = V.overall_verdict(viable, {"unsloth_bf16": marked["old"]})
+    v = VD.overall_verdict(viable, {"unsloth_bf16": marked["old"]})
     assert v["verdict"] == "NOT TESTABLE" and "superseded" in v["reason"]
 
 
@@ -201,7 +204,7 @@ def _loaded(d, cfg):
     import torch
 
     torch.manual_seed(0)
-    return arms.get("hf_bf16").load(str(d / "model"), bench.lora_spec(cfg), {"seq_len": 64}).model
+    return arms.get("hf_bf16").load(str(d / "model"), harness.lora_spec(cfg), {"seq_len": 64}).model
 
 
 def _step(model, rec):

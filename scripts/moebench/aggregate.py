@@ -4,46 +4,58 @@ than one session (machine or lease), the table and the verdict say so."""
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import re
 import statistics
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
 from . import config as cfgmod
 from .io import atomic_write, read_json, shorten, write_json
 from .metrics import Row, read_many, write_rows
+from .verdict import Draw, beside, mark_superseded, overall_verdict, speed_verdict
 
 COLUMNS = ["run_id", "tier", "model", "arm", "precision", "status", "reason", "draws", "step_s", "step_s_iqr",
            "draw_range_s", "tokens_per_s", "peak_alloc_gb", "mem_after_load_gb", "load_s", "expert_lora_params",
            "expert_4bit_fraction"]
 
 
-def _measured(rows, metric):
-    return [r for r in rows if r.metric == metric and r.status == "measured"]
+VALUED = ("measured", "degraded")
+
+
+def _valued(rows, metric):
+    return [r for r in rows if r.metric == metric and r.status in VALUED]
 
 
 def arm_summary(arm: str, rows: list[Row]) -> dict:
-    """One line per arm: medians over draws (each draw's value is itself a median over timed steps)."""
+    """One line per arm: medians over draws (each draw's value is itself a median over timed steps); peak memory
+    is the largest draw's. A line with any degraded draw is `degraded` and says which line betrayed it."""
     mine = [r for r in rows if r.arm == arm and r.stage == "bench"]
-    steps = _measured(mine, "step_s")
+    steps = _valued(mine, "step_s")
     first = mine[0]
     out = {"run_id": first.run_id, "tier": first.tier, "model": first.model, "arm": arm, "precision": first.precision}
     if not steps:
         bad = next((r for r in mine if r.status != "measured"), first)
         return {**out, "status": bad.status, "reason": bad.reason, "draws": 0}
-    med = lambda m: statistics.median(r.value for r in _measured(mine, m)) if _measured(mine, m) else None
-    mx = lambda m: max((r.value for r in _measured(mine, m)), default=None)
-    step = statistics.median(r.value for r in steps)
-    tok = med("tokens_per_s")
-    return {**out, "status": "measured", "reason": "", "draws": len(steps), "step_s": step,
+    med = lambda m: statistics.median(r.value for r in _valued(mine, m)) if _valued(mine, m) else None
+    mx = lambda m: max((r.value for r in _valued(mine, m)), default=None)
+    degraded = next((r for r in steps if r.status == "degraded"), None)
+    flagged = [r for r in mine if r.metric == "spread_flag" and r.status in VALUED and r.value]
+    return {**out, "status": "degraded" if degraded else "measured", "reason": degraded.reason if degraded else "",
+            "draws": len(steps), "step_s": statistics.median(r.value for r in steps),
             "step_s_iqr": statistics.median(r.spread or 0.0 for r in steps),
             "draw_range_s": max(r.value for r in steps) - min(r.value for r in steps),
-            "tokens_per_s": tok, "peak_alloc_gb": mx("peak_alloc_gb") or mx("peak_rss_gb"),
+            "tokens_per_s": med("tokens_per_s"), "peak_alloc_gb": mx("peak_alloc_gb") or mx("peak_rss_gb"),
             "mem_after_load_gb": med("alloc_after_load_gb") or med("rss_after_load_gb"), "load_s": med("load_s"),
-            "expert_lora_params": med("expert_lora_params"), "expert_4bit_fraction": med("expert_weights_4bit_fraction")}
+            "expert_lora_params": med("expert_lora_params"), "expert_4bit_fraction": med("expert_weights_4bit_fraction"),
+            "spread_flagged": len(flagged)}
 
 
 def compare(rows: list[Row], arms: list[str], baselines: list[str]) -> tuple[list[dict], list[Row]]:
-    """Comparison lines, plus `compare` rows (speedups) so the provenance holds every derived number too."""
+    """Comparison lines, plus `compare` rows (speedups) so the provenance holds every derived number too. A ratio
+    with a degraded side is itself degraded."""
     lines = [arm_summary(a, rows) for a in arms if any(r.arm == a for r in rows)]
     by_arm = {l["arm"]: l for l in lines}
     derived = []
@@ -51,52 +63,72 @@ def compare(rows: list[Row], arms: list[str], baselines: list[str]) -> tuple[lis
         for base in baselines:
             col = f"speedup_vs_{base}"
             b = by_arm.get(base)
-            if line["status"] != "measured" or not b or b["status"] != "measured":
+            if line["status"] not in VALUED or not b or b["status"] not in VALUED:
                 line[col] = None
                 continue
             line[col] = b["step_s"] / line["step_s"]
+            bad = next((l for l in (line, b) if l["status"] == "degraded"), None)
             derived.append(Row(line["run_id"], line["tier"], line["model"], line["arm"], line["precision"], "compare",
-                               col, line[col], "x", line["draws"], None, "measured", "",
-                               "comparison.csv"))
+                               col, line[col], "x", line["draws"], None, "degraded" if bad else "measured",
+                               f"{bad['arm']} degraded: {bad['reason']}" if bad else "", "comparison.csv"))
     return lines, derived
 
 
-FOUR_BIT = ("unsloth_4bit", "e4b_4bit", "hf_bnb4")
+# ---- the draws the verdict rests on ----------------------------------------------------------------------------
+TIMED_STEP = re.compile(r"timed step (\d+)/(\d+): ([0-9.eE+-]+) s")
 
 
-def four_bit_reference(by_arm: dict) -> tuple[dict | None, str]:
-    """The 4-bit QLoRA arm bf16 Split LoRA is judged against: unsloth_4bit when it was measured, else the
-    fastest measured arm whose experts really are 4-bit after load (the census, not the flag: hf_bnb4 leaves
-    GPT-OSS's fused experts in bf16)."""
-    q = by_arm.get("unsloth_4bit")
-    if q and q["status"] == "measured":
-        return q, ""
-    why = f"unsloth_4bit {q['status']}: {shorten(q['reason'], 160)}" if q else "unsloth_4bit not in this run"
-    real = [l for a, l in by_arm.items() if a in FOUR_BIT and l["status"] == "measured"
-            and (l.get("expert_4bit_fraction") or 0) > 0.5]
-    if not real:
-        return None, why + "; no other arm with 4-bit experts was measured"
-    best = min(real, key=lambda l: l["step_s"])
-    return best, f"{why}; judged against {best['arm']}, the fastest measured arm with 4-bit experts"
+def step_times(draw_dir: Path) -> list[float]:
+    """A draw's timed step times: steps.csv where the draw wrote one, else its run.log's per-step lines."""
+    csv_path = draw_dir / "steps.csv"
+    if csv_path.exists():
+        with open(csv_path) as f:
+            return [float(r["seconds"]) for r in csv.DictReader(f)]
+    log = draw_dir / "run.log"
+    return [float(m.group(3)) for m in TIMED_STEP.finditer(log.read_text())] if log.exists() else []
 
 
-def verdict(by_arm: dict, min_speedup: float) -> dict:
-    """The seed notebook's rule: bf16 Split LoRA is worth it when it beats 4-bit QLoRA by min_speedup with
-    expert LoRA present. Training gates join once the validation stage has run."""
-    bf = by_arm.get("unsloth_bf16")
-    ref, note = four_bit_reference(by_arm)
-    if not bf or bf["status"] != "measured" or ref is None:
-        why = f"unsloth_bf16 {bf['status']} ({bf['reason']})" if bf and bf["status"] != "measured" else \
-            ("unsloth_bf16 not in this run" if not bf else note)
-        return {"verdict": "NOT TESTABLE", "reason": why, "speedup": None, "min_speedup": min_speedup,
-                "reference": None}
-    sp = ref["step_s"] / bf["step_s"]
-    lora_ok = (bf.get("expert_lora_params") or 0) > 0
-    ok = sp >= min_speedup and lora_ok
-    reason = f"unsloth_bf16 is {sp:.2f}x {ref['arm']} (rule: >= {min_speedup}x, expert LoRA present)"
-    return {"verdict": "VIABLE" if ok else "NOT VIABLE", "speedup": sp, "min_speedup": min_speedup,
-            "reference": ref["arm"], "expert_lora_present": lora_ok,
-            "reason": reason + (f" [{note}]" if note else "")}
+def console_degraded(rows: list[Row], draw_dirs: list[Path], cfg: dict) -> list[Row]:
+    """Re-read each draw's console.log for the fallback lines its arm declares: a draw measured before the
+    process looked for them (committed runs) is degraded all the same. Rows are returned, not changed."""
+    from .harness import degraded_matches
+
+    hits = {}
+    for d in draw_dirs:
+        console = d / "console.log"
+        if console.exists():
+            arm, k = d.parent.name, int(d.name.removeprefix("draw"))
+            found = degraded_matches(console.read_text(errors="replace"), degraded_patterns(cfg, arm),
+                                     cfg.get("recompile_limit"))
+            if found:
+                hits[(arm, k)] = f"console: {shorten(found[0], 240)}" + (f" (+{len(found) - 1} more)" if len(found) > 1 else "")
+    return [replace(r, status="degraded", reason=hits[(r.arm, r.draw)])
+            if r.status == "measured" and r.stage == "bench" and (r.arm, r.draw) in hits else r for r in rows]
+
+
+def degraded_patterns(cfg: dict, arm: str) -> list[str]:
+    pats = cfg.get("degraded_patterns") or {}
+    return list(pats.get(arm, [])) + list(pats.get("all", []))
+
+
+def read_draws(rows: list[Row], draw_dirs: list[Path]) -> dict[str, list[Draw]]:
+    """arm -> its draws as the verdict sees them: status from the step_s row, step times, start time."""
+    out: dict[str, list[Draw]] = {}
+    for d in draw_dirs:
+        arm, k = d.parent.name, int(d.name.removeprefix("draw"))
+        mine = [r for r in rows if r.arm == arm and r.draw == k and r.stage == "bench"]
+        step = next((r for r in mine if r.metric == "step_s"), None)
+        if step is None:
+            continue
+        val = lambda m: next((r.value for r in mine if r.metric == m and r.status in VALUED), None)
+        env = read_json(d / "env.json") if (d / "env.json").exists() else {}
+        steps = step_times(d) if step.status in VALUED else []
+        status, reason = step.status, step.reason
+        if status in VALUED and not steps:
+            status, reason = "failed", f"no per-step times in {d} (steps.csv or run.log)"
+        out.setdefault(arm, []).append(Draw(arm, k, steps, status, reason, env.get("started", ""),
+                                            val("expert_lora_params"), val("expert_weights_4bit_fraction")))
+    return out
 
 
 SESSION_GAP_S = 3600  # the draws of one invocation follow each other within minutes
@@ -154,14 +186,67 @@ def _fmt(v, col):
     return str(v)
 
 
-def markdown(lines: list[dict], cols: list[str], verdict_doc: dict, note: str = "") -> str:
+def markdown(lines: list[dict], cols: list[str], verdict_doc: dict, notes: list[str] = ()) -> str:
     show = ["arm", "status", "draws", "step_s", "step_s_iqr", "tokens_per_s", "peak_alloc_gb", "mem_after_load_gb",
             "expert_4bit_fraction"] + [c for c in cols if c.startswith("speedup")] + ["reason"]
     out = ["| " + " | ".join(show) + " |", "|" + "---|" * len(show)]
     for l in lines:
-        out.append("| " + " | ".join(_fmt(l.get(c), c) for c in show) + " |")
+        cells = [_fmt(l.get(c), c) for c in show]
+        if l.get("spread_flagged"):  # shown, not dropped: a noisy draw is still a draw
+            cells[show.index("step_s_iqr")] += f" ⚠ {l['spread_flagged']} draw(s) over the spread limit"
+        out.append("| " + " | ".join(cells) + " |")
     head = f"# {lines[0]['run_id']}: {lines[0]['model']} on {lines[0]['tier']}\n\n" if lines else ""
-    return head + "\n".join(out) + f"\n{note}\n**Verdict: {verdict_doc['verdict']}** — {verdict_doc['reason']}\n"
+    body = "\n".join(out) + "\n" + "".join(f"\n{n}\n" for n in notes if n)
+    return head + body + f"\n**Verdict: {verdict_doc['verdict']}** — {verdict_doc['reason']}\n" + beside_note(verdict_doc)
+
+
+def beside_note(v: dict) -> str:
+    """Other 4-bit arms, beside the reference and never in its place."""
+    parts = [f"{a} {d['speedup']:.2f}x ({d['draws']} draw(s); experts 4-bit: "
+             f"{'—' if d['expert_4bit_fraction'] is None else format(d['expert_4bit_fraction'], '.0%')})"
+             for a, d in (v.get("beside") or {}).items()]
+    return ("\nBeside the reference (not the verdict's): unsloth_bf16 vs " + "; ".join(parts) + "\n") if parts else ""
+
+
+SHAPE_KEYS = ("seq_len", "batch")
+
+
+def shape(envs: list[dict], cfg: dict) -> dict:
+    """The shape the draws ran at and whether the run overrode its tier's own plan (and why)."""
+    plan = next((e["plan"] for e in envs if e.get("plan")), {})
+    over = {k: v for k, v in (cfg.get("plan_overrides") or {}).items()}
+    out = {k: plan.get(k) for k in SHAPE_KEYS}
+    if out["seq_len"] and out["batch"]:
+        out["tokens_per_step"] = out["seq_len"] * out["batch"]
+    out["overrides"] = over
+    out["why"] = cfg.get("plan_overrides_why") or ("(no reason given)" if any(k in over for k in SHAPE_KEYS) else "")
+    return out
+
+
+def shape_note(sh: dict) -> str:
+    if not sh.get("seq_len"):
+        return ""
+    line = f"**Shape**: batch {sh['batch']} × seq {sh['seq_len']} = {sh.get('tokens_per_step')} tokens per step"
+    if sh["overrides"]:
+        line += (" — overrides the tier's plan: " + ", ".join(f"{k} {v}" for k, v in sh["overrides"].items())
+                 + (f" ({sh['why']})" if sh["why"] else ""))
+    else:
+        line += " (the tier's own plan)"
+    return line
+
+
+def conditions_note(envs: list[dict]) -> str:
+    """Where the arms ran under different conditions (attention, checkpointing, dtypes, optimizer, compile):
+    a ratio between them is then a stack ratio, and the table says so."""
+    per_arm: dict[str, dict] = {}
+    for e in envs:
+        per_arm.setdefault(e["arm"], e.get("conditions") or {})
+    keys = sorted({k for c in per_arm.values() for k in c})
+    differ = [k for k in keys if len({str(c.get(k)) for c in per_arm.values()}) > 1]
+    if not differ:
+        return ""
+    rows = [f"- {k}: " + "; ".join(f"{a} {c.get(k, '—')}" for a, c in sorted(per_arm.items())) for k in differ]
+    return "**Conditions that differ between arms** (ratios below compare stacks, not only expert LoRA):\n" + "\n".join(rows)
 
 
 def main(argv=None):
@@ -175,27 +260,29 @@ def main(argv=None):
     ap.add_argument("--verdict", required=True)
     a = ap.parse_args(argv)
     cfg = cfgmod.load(a.config)
-    rows = read_many(a.inputs)
+    draw_dirs = [Path(m).parent for m in a.inputs if Path(m).parent.parent.parent.name == "arms"]
+    rows = console_degraded(read_many(a.inputs), draw_dirs, cfg)
     lines, derived = compare(rows, cfg["arms"], cfg.get("baselines", []))
     cols = COLUMNS + [f"speedup_vs_{b}" for b in cfg.get("baselines", [])]
-    import csv, io
-
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
     for l in lines:
         w.writerow({k: ("" if l.get(k) is None else l.get(k)) for k in cols})
-    v = verdict({l["arm"]: l for l in lines}, cfg["verdict"]["min_speedup"])
-    from .validate import mark_superseded, overall_verdict
-
+    vc, draws = cfg["verdict"], read_draws(rows, draw_dirs)
+    v = speed_verdict(draws, vc["min_speedup"], vc.get("min_draws", 3), vc.get("allow_degraded", False),
+                      vc.get("bootstrap_reps", 2000), vc.get("level", 0.95))
+    v["beside"] = beside(draws)
     # training health joins the speed verdict; a run whose unsloth_bf16 was not validated is NOT TESTABLE
     v = overall_verdict(v, mark_superseded({d["arm"]: d for d in map(read_json, a.gates)}, rows))
-    envs = [read_json(p) for p in (Path(m).parent / "env.json" for m in a.inputs) if p.exists()]
+    envs = [{**read_json(d / "env.json"), "arm": d.parent.name} for d in draw_dirs if (d / "env.json").exists()]
     sess = sessions(envs)
     v = split_by_session(v, sess)
+    v["shape"] = shape(envs, cfg)
     write_rows(a.metrics, rows + derived)
     atomic_write(a.comparison, buf.getvalue())
-    atomic_write(a.markdown, markdown(lines, cols, v, session_note(sess)))
+    notes = [shape_note(v["shape"]), conditions_note(envs), session_note(sess)]
+    atomic_write(a.markdown, markdown(lines, cols, v, notes))
     write_json(a.verdict, v)
     print(Path(a.markdown).read_text())
 
