@@ -6,7 +6,7 @@ GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 # Rules call `python -m moebench...`: the venv's python must come first on PATH for every job.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup run test report config-doc lint
+.PHONY: setup run test report config-doc docs lint
 setup: $(VENV)/.installed
 
 # The pinned stack first, then moebench itself as an editable package (pyproject.toml: scripts/moebench), so every
@@ -35,6 +35,11 @@ test: setup
 # config/README.md lists every config key; it is generated from workflow/schemas/config.schema.yaml.
 config-doc: setup
 	$(PY) -m moebench.report.configdoc --out config/README.md
+
+# README.md and docs/results.md: results figures rendered from the committed runs' provenance (templates in
+# docs/templates/); docs/figures.json lists each figure's provenance ids.
+docs: setup
+	$(PY) -m moebench.report.readme
 
 lint: setup
 	$(VENV)/bin/snakemake --lint
