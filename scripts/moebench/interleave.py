@@ -1,0 +1,82 @@
+"""Measure the verdict pair interleaved: draw 1 of each arm, then draw 2 of each, … (A B A B …), each draw its own
+Snakemake job and so its own fresh process, on one machine in one sitting, so that drift (clocks, heat, other
+tenants) hits both arms alike. Snakemake alone would run all draws of one arm, then the other's.
+
+    python -m moebench.interleave --configfile config/runs/h200-gptoss20b-tier.yaml -- --cores 8 --resources gpu=1
+
+Runs, in order: the inputs every draw needs (tier, data, model, and the checked 4-bit checkpoint where an arm
+needs one), the interleaved draws, then the rest of the workflow (other arms, aggregate, provenance). Resumable:
+a draw already on disk is kept (Snakemake's own bookkeeping) unless --force re-measures it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+VERDICT_ARMS = ("unsloth_bf16", "unsloth_4bit")
+
+
+def order(arms: list[str], draws: int) -> list[tuple[str, int]]:
+    """(arm, draw) in the order they run: every arm's draw k before any arm's draw k+1."""
+    return [(arm, k) for k in range(1, draws + 1) for arm in arms]
+
+
+def prerequisites(run: str, arms: list[str], model: str, gpu: bool) -> list[str]:
+    out = [f"results/{run}/tier.json", f"results/{run}/data/data.sha256", f"results/{run}/model.sha256"]
+    if gpu and model == "gpt-oss-20b" and "unsloth_4bit" in arms:
+        out.append(f"results/{run}/model-unsloth-bnb4.check.json")
+    return out
+
+
+def snakemake(args: list[str], targets: list[str], log) -> int:
+    cmd = [sys.executable, "-m", "snakemake", *args, *targets]
+    log(f"$ {' '.join(cmd)}")
+    return subprocess.call(cmd)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configfile", required=True, help="the run's config (config/runs/<run>.yaml)")
+    ap.add_argument("--arms", nargs="+", default=list(VERDICT_ARMS), help="arms to interleave (default: the verdict pair)")
+    ap.add_argument("--draws", type=int, default=None, help="draws of each (default: the tier plan's verdict_draws)")
+    ap.add_argument("--force", action="store_true", help="re-measure draws already on disk")
+    ap.add_argument("--no-rest", action="store_true", help="stop after the interleaved draws")
+    ap.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="after --: passed to every snakemake call")
+    a = ap.parse_args(argv)
+    extra = [x for x in a.snakemake_args if x != "--"]
+    cfg = yaml.safe_load(Path(a.configfile).read_text())
+    run = cfg["run"]
+    base = ["--configfile", a.configfile, *extra]
+    log = lambda m: print(f"[interleave {time.strftime('%H:%M:%S')}] {m}", flush=True)
+    model = (cfg.get("model") or {}).get("name", "gpt-oss-20b")
+    tier_json = Path(f"results/{run}/tier.json")
+    if snakemake(base, [str(tier_json)], log):
+        sys.exit(f"interleave: detecting the tier of {run} failed (see above)")
+    tier = json.loads(tier_json.read_text())
+    gpu = tier.get("gpu") is not None
+    if snakemake(base, prerequisites(run, a.arms, model, gpu), log):
+        sys.exit(f"interleave: building the inputs of {run} failed (see above)")
+    plan = tier["plan"]
+    n = a.draws or plan.get("verdict_draws") or plan["draws"]
+    seq = order(a.arms, n)
+    failed = []
+    for i, (arm, k) in enumerate(seq, 1):
+        target = f"results/{run}/arms/{arm}/draw{k}/metrics.csv"
+        log(f"[{i}/{len(seq)}] {arm} draw {k}")
+        if snakemake(base + (["--force"] if a.force else []), [target], log):
+            failed.append(target)  # a failed draw is a result too: its rows say why; go on with the others
+    if failed:
+        log(f"{len(failed)} draw(s) ended with an error: {failed}")
+    if not a.no_rest:
+        log("the rest of the workflow")
+        sys.exit(snakemake(base, [], log))
+
+
+if __name__ == "__main__":
+    main()
