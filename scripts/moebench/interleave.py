@@ -60,8 +60,11 @@ def main(argv=None):
         sys.exit(f"interleave: detecting the tier of {run} failed (see above)")
     tier = json.loads(tier_json.read_text())
     gpu = tier.get("gpu") is not None
-    if snakemake(base, prerequisites(run, a.arms, model, gpu), log):
+    need = prerequisites(run, a.arms, model, gpu)
+    if snakemake(base, need[:3], log):
         sys.exit(f"interleave: building the inputs of {run} failed (see above)")
+    if need[3:] and snakemake(base, need[3:], log):  # the 4-bit checkpoint failed its check (or its build)
+        log(f"{need[3]} was not made: unsloth_4bit cannot be timed (see its log); the other draws go on")
     plan = tier["plan"]
     n = a.draws or plan.get("verdict_draws") or plan["draws"]
     seq = order(a.arms, n)
