@@ -297,3 +297,101 @@ def test_real_nvml_measures_a_busy_gpu(tmp_path):
     rows = {x.metric: x for x in E.energy_rows(r, idle, tokens=1000, **ROW)}
     assert rows["j_per_token"].status == "measured" and rows["j_per_token"].value > 0
     E.write_trace(tmp_path / "trace.csv", r)
+
+
+# ---- conditions of a window, settling before the idle baseline
+class FakeNvmlState(FakeNvml):
+    """Adds the clock/limit/temperature/throttle reads; `throttle` is the reasons bitmask at each read."""
+
+    def __init__(self, *a, throttle=(0x0, 0x4), temps=(40, 71), **k):
+        super().__init__(*a, **k)
+        self.throttle, self.temps = list(throttle), list(temps)
+
+    def nvmlDeviceGetClockInfo(self, h, kind):
+        return {1: 1980, 2: 3201}[kind]  # SM, memory (E.NVML_CLOCK_SM, E.NVML_CLOCK_MEM)
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h):
+        return 700_000
+
+    def nvmlDeviceGetTemperature(self, h, sensor):
+        return self.temps.pop(0)
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+        return self.throttle.pop(0)
+
+
+def test_throttle_names():
+    assert E.throttle_names(0) == "none"
+    assert E.throttle_names(0x4 | 0x40) == "sw_power_cap|hw_thermal_slowdown"
+    assert E.throttle_names(0x1000) == "0x1000"
+
+
+def test_window_records_conditions_at_start_and_end():
+    fake = FakeNvmlState(energy_mj=[0, 100_000], power_mw=300_000)
+    with E.EnergyMeter(backend="nvml", nvml=fake, hz=100) as m:
+        time.sleep(0.05)
+    r = m.result
+    assert r.state_start == {"sm_clock_mhz": 1980, "mem_clock_mhz": 3201, "power_limit_w": 700.0, "temp_c": 40,
+                             "throttle": "none"}
+    assert r.state_end["temp_c"] == 71 and r.state_end["throttle"] == "sw_power_cap"
+    rows = _by_metric(E.energy_rows(r, None, tokens=10, **ROW))
+    assert rows["gpu_temp_c_start"].value == 40 and rows["gpu_temp_c_end"].value == 71
+    assert rows["gpu_throttle_end"].value == "sw_power_cap" and rows["gpu_power_limit_w_start"].value == 700.0
+    assert rows["power_samples"].value == len(r.trace) >= 2 and rows["energy_window_s"].value == r.seconds
+
+
+def test_a_state_nvml_refuses_is_unavailable_not_zero():
+    class NoTemp(FakeNvmlState):
+        def nvmlDeviceGetTemperature(self, h, sensor):
+            raise NotSupported("Not Supported")
+
+    src = E.NvmlSource(nvml=NoTemp())
+    rows = _by_metric(E.state_rows("gpu", "_start", src.state(), dict(ROW, stage="energy")))
+    assert rows["gpu_temp_c_start"].status == "unavailable" and rows["gpu_temp_c_start"].value is None
+    assert rows["gpu_sm_clock_mhz_start"].value == 1980
+
+
+class ScriptedPower:
+    """A source whose power follows `watts(t)` on a fake clock that `sleep` advances: no real waiting."""
+
+    name, device = "nvml", "gpu0"
+
+    def __init__(self, watts):
+        self.t, self.watts, self.e = 0.0, watts, 0.0
+
+    def sleep(self, s):
+        self.e += self.watts(self.t) * s
+        self.t += s
+
+    def clock(self):
+        return self.t
+
+    def power_w(self):
+        return self.watts(self.t)
+
+    def energy_j(self):
+        return self.e
+
+
+def test_settle_waits_for_power_to_come_down():
+    src = ScriptedPower(lambda t: 60.0 + 80.0 * 0.5 ** t)  # decays from 140 W towards 60 W
+    settled, waited, means = E.settle(src, tol=0.05, max_s=30, sleep=src.sleep, clock=src.clock)
+    assert settled and 3 <= waited <= 10
+    assert abs(means[-1] - means[-2]) / means[-1] < 0.05 and abs(means[-3] - means[-2]) / means[-2] >= 0.05
+
+
+def test_settle_is_capped_and_idle_says_it_did_not_settle():
+    src = ScriptedPower(lambda t: 100.0 if int(t) % 2 else 200.0)  # never settles
+    idle = E.idle_baseline(2.0, sleep=src.sleep, settle_max_s=5.0, source=src, clock=src.clock, hz=1000)
+    assert idle.status == "measured" and idle.settle_s >= 5.0 and "not settled within 5 s" in idle.settle_note
+    rows = _by_metric(E.energy_rows(_res(1000.0, 10.0), idle, tokens=500, **ROW))
+    assert rows["idle_settle_s"].value >= 5.0 and "not settled" in rows["idle_settle_s"].reason
+
+
+def test_idle_after_settling_reads_the_settled_power():
+    src = ScriptedPower(lambda t: 60.0 + 80.0 * 0.5 ** t)
+    idle = E.idle_baseline(3.0, sleep=src.sleep, settle_max_s=30.0, source=src, clock=src.clock, hz=1000)
+    assert idle.settle_note == "" and idle.mean_w == pytest.approx(60.0, abs=2.0)
+    unsettled = E.idle_baseline(3.0, sleep=ScriptedPower(src.watts).sleep, source=ScriptedPower(src.watts),
+                                hz=1000)
+    assert unsettled.settle_s is None  # settle_max_s 0: not waited for, and recorded as such

@@ -67,6 +67,40 @@ class NvmlSource:
     def power_w(self) -> float:
         return self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1e3  # mW, averaged by the driver
 
+    def state(self) -> dict:
+        """Clocks, power limit, temperature and throttle reasons now: the conditions a window ran under (a
+        throttled or hot card makes a slower, cheaper-per-second step). A value NVML refuses is None."""
+        n, h = self.nvml, self.handle
+
+        def read(fn, scale=1.0):
+            try:
+                return fn() / scale
+            except Exception:
+                return None
+
+        reasons = getattr(n, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+            getattr(n, "nvmlDeviceGetCurrentClocksThrottleReasons", None)
+        mask = read(lambda: reasons(h)) if reasons else None
+        return {"sm_clock_mhz": read(lambda: n.nvmlDeviceGetClockInfo(h, NVML_CLOCK_SM)),
+                "mem_clock_mhz": read(lambda: n.nvmlDeviceGetClockInfo(h, NVML_CLOCK_MEM)),
+                "power_limit_w": read(lambda: n.nvmlDeviceGetEnforcedPowerLimit(h), 1e3),
+                "temp_c": read(lambda: n.nvmlDeviceGetTemperature(h, NVML_TEMPERATURE_GPU)),
+                "throttle": None if mask is None else throttle_names(int(mask))}
+
+
+# NVML's enum values (nvml.h), so a fake NVML needs no constants
+NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 1, 2, 0
+THROTTLE_BITS = {0x1: "gpu_idle", 0x2: "applications_clocks_setting", 0x4: "sw_power_cap", 0x8: "hw_slowdown",
+                 0x10: "sync_boost", 0x20: "sw_thermal_slowdown", 0x40: "hw_thermal_slowdown",
+                 0x80: "hw_power_brake_slowdown", 0x100: "display_clock_setting"}
+
+
+def throttle_names(mask: int) -> str:
+    """NVML's clock-event (throttle) bitmask as names joined by '|' ('none' for 0, unknown bits in hex)."""
+    names = [name for bit, name in THROTTLE_BITS.items() if mask & bit]
+    rest = mask & ~sum(THROTTLE_BITS)
+    return "|".join(names + ([hex(rest)] if rest else [])) or "none"
+
 
 def _is_not_supported(nvml, exc: Exception) -> bool:
     cls = getattr(nvml, "NVMLError_NotSupported", None)
@@ -176,6 +210,10 @@ class EnergyResult:
     seconds: float | None = None
     peak_w: float | None = None
     trace: list[tuple[float, float]] = field(default_factory=list)  # (t_s, watts)
+    state_start: dict = field(default_factory=dict)  # NVML clocks/limit/temperature/throttle (GPU only)
+    state_end: dict = field(default_factory=dict)
+    settle_s: float | None = None  # idle baseline: seconds waited for power to settle first
+    settle_note: str = ""  # idle baseline: why it measured before power settled ("" when settled)
 
     @property
     def mean_w(self) -> float | None:
@@ -255,10 +293,16 @@ class EnergyMeter:
             self._e0 = self.source.energy_j()
         except CounterUnsupported as e:
             self._e0, self._counter_error = None, str(e)
+        self._state0 = _state(self.source)
         self._t0 = self.clock()
         self._sampler = PowerSampler(self.source.power_w, self.hz, self.clock)
         self._sampler.start(self._t0)
         return self
+
+    @property
+    def samples(self) -> int | None:
+        """Power samples taken so far in this window (None when nothing is measured): the window's floor."""
+        return len(self._sampler.samples) if self._sampler is not None else None
 
     def __exit__(self, *exc):
         if self._unavailable:
@@ -268,6 +312,7 @@ class EnergyMeter:
         self._sampler.sample()  # a last point at the very end of the window
         seconds = self.clock() - self._t0
         self.result = self._finish(seconds, self._sampler.samples)
+        self.result.state_start, self.result.state_end = self._state0, _state(self.source)
         return False
 
     def _finish(self, seconds: float, trace: list[tuple[float, float]]) -> EnergyResult:
@@ -285,10 +330,55 @@ class EnergyMeter:
                             f"(energy counter not supported: {self._counter_error})", **base)
 
 
-def idle_baseline(seconds: float = 10.0, sleep=time.sleep, **meter_kwargs) -> EnergyResult:
-    """What the device draws with nothing running, measured in the same job with the same meter."""
-    with EnergyMeter(**meter_kwargs) as m:
+def _state(source) -> dict:
+    read = getattr(source, "state", None)
+    return read() if read else {}
+
+
+def settle(source, tol: float = 0.05, max_s: float = 30.0, sleep=time.sleep, clock=time.monotonic,
+           period: float = 1.0, hz: float = 10.0) -> tuple[bool, float, list[float]]:
+    """Wait until two successive `period`-second mean powers differ by less than `tol` (a fraction of the
+    latter), or `max_s` has passed. A card that just finished other work (or was just opened) draws more for a
+    while, and an idle baseline read then is too high. Returns (settled, seconds waited, the means)."""
+    t0, means = clock(), []
+    while True:
+        ws = []
+        for _ in range(max(1, round(period * hz))):
+            w = source.power_w()
+            if w is not None:
+                ws.append(w)
+            sleep(1.0 / hz)
+        means.append(sum(ws) / len(ws) if ws else None)
+        a, b = means[-2:] if len(means) > 1 else (None, None)
+        if a and b and abs(b - a) / b < tol:
+            return True, clock() - t0, means
+        if clock() - t0 >= max_s:
+            return False, clock() - t0, means
+
+
+def idle_baseline(seconds: float = 10.0, sleep=time.sleep, settle_tol: float = 0.05, settle_max_s: float = 0.0,
+                  **meter_kwargs) -> EnergyResult:
+    """What the device draws with nothing running, measured in the same job with the same meter: after power
+    has settled (`settle`, up to `settle_max_s`; 0 skips it). Called before the arm's process creates a CUDA
+    context (with backend "nvml" nothing here touches CUDA): a context alone draws tens of watts more, and
+    arms that create theirs at import would otherwise get a higher baseline than the others."""
+    kw = dict(meter_kwargs)
+    settled, waited, means, note = True, 0.0, [], ""
+    if settle_max_s > 0 and kw.get("source") is None:
+        try:
+            kw["source"] = open_source(kw.get("backend", "auto"), kw.get("index", 0), kw.get("nvml"),
+                                       kw.get("rapl_root", RAPL_ROOT))
+        except EnergyUnavailable as e:
+            return EnergyResult("unavailable", kw.get("backend", "auto"), reason=str(e))
+    if settle_max_s > 0:
+        settled, waited, means = settle(kw["source"], settle_tol, settle_max_s, sleep=sleep,
+                                        clock=kw.get("clock", time.monotonic))
+        if not settled:
+            last = ", ".join("?" if m is None else f"{m:.1f}" for m in means[-3:])
+            note = f"power not settled within {settle_max_s:g} s (last 1 s means {last} W, tol {settle_tol:.0%})"
+    with EnergyMeter(**kw) as m:
         sleep(seconds)
+    m.result.settle_s, m.result.settle_note = (waited if settle_max_s > 0 else None), note
     return m.result
 
 
@@ -325,6 +415,31 @@ def energy_rows(result: EnergyResult, idle: EnergyResult | None, tokens: int, **
     put("idle_w", "W", idle_w, idle_why)
     if result.status == "measured":
         rows.append(Row(metric="energy_method", value=result.method, **kw))  # counter vs integrated samples
+        rows.append(Row(metric="energy_window_s", value=float(result.seconds), unit="s", **kw))
+        rows.append(Row(metric="power_samples", value=float(len(result.trace)), unit="count", **kw))
+    if idle is not None and idle.status == "measured" and idle.settle_s is not None:
+        rows.append(Row(metric="idle_settle_s", value=float(idle.settle_s), unit="s", reason=idle.settle_note, **kw))
+    rows += state_rows("gpu", "_start", result.state_start, kw) + state_rows("gpu", "_end", result.state_end, kw)
+    if idle is not None:
+        rows += state_rows("idle_gpu", "", idle.state_start, kw)
+    return rows
+
+
+STATE_UNITS = {"sm_clock_mhz": "MHz", "mem_clock_mhz": "MHz", "power_limit_w": "W", "temp_c": "C", "throttle": ""}
+
+
+def state_rows(prefix: str, suffix: str, state: dict, kw: dict) -> list[Row]:
+    """One row per NVML reading of a window's start or end, e.g. gpu_sm_clock_mhz_start; one NVML refused is
+    unavailable, never a zero."""
+    rows = []
+    for key, unit in STATE_UNITS.items():
+        if key not in state:
+            continue
+        v, metric = state[key], f"{prefix}_{key}{suffix}"
+        if v is None:
+            rows.append(Row(metric=metric, unit=unit, status="unavailable", reason="NVML did not report it", **kw))
+        else:
+            rows.append(Row(metric=metric, unit=unit, value=v if isinstance(v, str) else float(v), **kw))
     return rows
 
 

@@ -93,18 +93,25 @@ def summary(counts: list[float]) -> dict:
 
 class RouterLoad:
     """Tokens per expert per layer, from each router's top-k indices while `counting` is on. Counts stay on the
-    device (no sync per step); read them once with `counts()`."""
+    device: each layer's tally is allocated once and the hook adds into it with `index_add_`, which never
+    reads a value back (CUDA `torch.bincount` reads the largest index to the host: a sync per layer and step).
+    `mark()` snapshots the running tallies (still on the device) so a window, e.g. the timed steps, can be
+    read once at its end (`window`); `counts()` reads everything counted."""
 
     def __init__(self, model, num_experts: int, top_k: int):
         import torch
 
         self.torch = torch
         self.num_experts, self.top_k = num_experts, top_k
-        self.tallies: dict = {}
         self.counting = False
         self.keeping = False  # keep each layer's top-k sets of the last forward (picks), e.g. to compare two models
         self.picks: dict = {}
-        self.hooks = [mod.register_forward_hook(self._hook(layer)) for layer, mod in routers(model)]
+        self.marks: list = []  # cumulative [layer, expert] tallies at each mark(), on the device
+        found = routers(model) if num_experts > 0 else []  # no expert count: nothing to count into
+        # allocated up front, so the hook (possibly traced into a compiled layer) only adds in place
+        self.tallies = {layer: torch.zeros(num_experts, dtype=torch.long, device=_device(mod))
+                        for layer, mod in found}
+        self.hooks = [mod.register_forward_hook(self._hook(layer)) for layer, mod in found]
 
     @classmethod
     def of(cls, model) -> "RouterLoad":
@@ -124,8 +131,9 @@ class RouterLoad:
                 self.picks[layer] = idx.detach().reshape(-1, idx.shape[-1]).sort(-1).values.cpu()
             if not self.counting:
                 return
-            c = self.torch.bincount(idx.reshape(-1).long(), minlength=self.num_experts)[: self.num_experts]
-            self.tallies[layer] = self.tallies[layer] + c if layer in self.tallies else c
+            flat = idx.detach().reshape(-1).long()
+            tally = self.tallies[layer]
+            tally.index_add_(0, flat.to(tally.device), self.torch.ones_like(flat, device=tally.device))
         return hook
 
     def _indices(self, out):
@@ -140,6 +148,46 @@ class RouterLoad:
                 return t.detach().topk(self.top_k, dim=-1).indices
         return None
 
+    def mark(self) -> None:
+        """Snapshot the running tallies (device to device, no sync): call at a window's start and after each
+        of its steps."""
+        if self.tallies:
+            dev = next(iter(self.tallies.values())).device
+            self.marks.append(self.torch.stack([t.to(dev) for t in self.tallies.values()]))
+
+    def window(self, start: int = 0, end: int | None = None) -> dict[int, list[int]]:
+        """Tokens per expert per layer between marks `start` and `end` (default: the last); read to the host
+        here, once. Marks 0..n bracket n steps, so steps i..j (from 0) are window(i, j + 1)."""
+        if not self.marks:
+            return {}
+        end = len(self.marks) - 1 if end is None else end
+        diff = (self.marks[end] - self.marks[start]).cpu()
+        return {layer: [int(x) for x in row] for layer, row in zip(self.tallies, diff) if int(row.sum()) > 0}
+
+    def counts(self) -> dict[int, list[int]]:
+        """Everything counted, per layer that reported (a layer whose router never reported is left out)."""
+        out = {}
+        for layer, c in sorted(self.tallies.items()):
+            c = [int(x) for x in c.cpu()]
+            if sum(c):
+                out[layer] = c
+        return out
+
+    def overall(self, counts: dict[int, list[int]] | None = None) -> dict:
+        """Mean over layers of each layer's summary of `counts` (default: everything counted); {} when no
+        router reported."""
+        return overall(self.counts() if counts is None else counts)
+
+    def drift(self) -> dict:
+        """The load of the first and the last quarter of the marked steps and how far it moved: mean over
+        layers of the total-variation distance between the two token shares per expert (0 = the same
+        routing, 1 = disjoint experts). {} with fewer than two marked steps."""
+        n = len(self.marks) - 1
+        if n < 2:
+            return {}
+        q = max(1, n // 4)
+        return load_drift(self.window(0, q), self.window(n - q, n)) | {"quarter_steps": q}
+
     @staticmethod
     def flips(a: dict, b: dict) -> float | None:
         """Fraction of (token, layer) pairs whose top-k expert set differs between two `picks`: top-k routing
@@ -150,19 +198,38 @@ class RouterLoad:
             return None
         return sum(int((a[l] != b[l]).any(-1).sum()) for l in layers) / n
 
-    def counts(self) -> dict[int, list[int]]:
-        return {l: [int(x) for x in c.cpu()] for l, c in sorted(self.tallies.items())}
-
-    def overall(self) -> dict:
-        """Mean over layers of each layer's summary (None when no router reported)."""
-        per = [summary(c) for c in self.counts().values()]
-        per = [s for s in per if s["entropy_norm"] is not None]
-        if not per:
-            return {}
-        return {k: sum(s[k] for s in per) / len(per) for k in ("entropy_norm", "max_over_mean", "unused")} | {
-            "layers": len(per), "max_over_mean_worst": max(s["max_over_mean"] for s in per)}
-
     def remove(self):
         for h in self.hooks:
             h.remove()
         self.hooks = []
+
+
+def _device(mod):
+    """Where a router's tally lives: beside its weight (a weight still on the meta device counts on the CPU)."""
+    dev = mod.weight.device
+    return "cpu" if dev.type == "meta" else dev
+
+
+def overall(counts: dict[int, list[int]]) -> dict:
+    """Mean over layers of each layer's `summary` (layers with no tokens left out); {} when none counted."""
+    per = [summary(c) for c in counts.values()]
+    per = [s for s in per if s["entropy_norm"] is not None]
+    if not per:
+        return {}
+    return {k: sum(s[k] for s in per) / len(per) for k in ("entropy_norm", "max_over_mean", "unused")} | {
+        "layers": len(per), "max_over_mean_worst": max(s["max_over_mean"] for s in per)}
+
+
+def load_drift(first: dict[int, list[int]], last: dict[int, list[int]]) -> dict:
+    """How routing moved between two windows: max/mean load of each and the mean over layers of the
+    total-variation distance between their token shares per expert (0 = same shares, 1 = disjoint)."""
+    layers = [l for l in first if l in last and sum(first[l]) and sum(last[l])]
+    if not layers:
+        return {}
+    tv = []
+    for l in layers:
+        a, b = sum(first[l]), sum(last[l])
+        tv.append(0.5 * sum(abs(x / a - y / b) for x, y in zip(first[l], last[l])))
+    return {"tv": sum(tv) / len(tv), "layers": len(layers),
+            "max_over_mean_first": overall({l: first[l] for l in layers})["max_over_mean"],
+            "max_over_mean_last": overall({l: last[l] for l in layers})["max_over_mean"]}
