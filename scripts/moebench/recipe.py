@@ -1,0 +1,409 @@
+"""The recipe for this card: from a run's measured grid (arm x batch x sequence x checkpointing/offload mode), the
+fastest configuration that fits with memory headroom, the smallest-memory one that still trains, and the one with
+the lowest net J/token (gross beside it).
+
+Only measured settings compete (nothing is interpolated between grid points). A setting's value is the median over
+its draws (fresh processes); a pick needs `min_draws` of them, `close_draws` when it is within `close` of the
+runner-up, and says what is missing when it has fewer ("needs 1 more draw") instead of pretending. Degraded rows
+(a fallback path a library announced) are left out unless `recipe.allow_degraded`. Arms that cannot win a pick are
+named with the reason, so a refining search spends no GPU time on them.
+
+Reads the tidy rows of bench, energy, offload (uncapped) and sweep; writes recipe.json and recipe.md, the page
+with a ready-to-paste training snippet per pick (scripts/moebench/snippets/).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+
+from .grid import is_capped, mode_of, parse_shape_metric
+from .io import atomic_write, logger, read_json, write_json
+from .metrics import Row, read_many
+
+DEFAULTS = {"headroom": 0.10, "min_draws": 2, "close_draws": 3, "close": 0.05, "allow_degraded": False}
+STAGES = ("bench", "energy", "offload", "sweep")
+GIB, GB = 2**30, 1e9
+SNIPPETS = Path(__file__).with_name("snippets")
+
+
+# ---------------------------------------------------------------- the grid
+@dataclass
+class Draw:
+    """One fresh process at one setting: what it measured."""
+    source: str
+    draw: int | None
+    stage: str = ""
+    tokens_per_s: float | None = None
+    peak_gib: float | None = None
+    peak_metric: str = ""
+    loss_first: float | None = None
+    loss_last: float | None = None
+    j_net: float | None = None
+    j_gross: float | None = None
+    degraded: list[str] = field(default_factory=list)
+    failed: str | None = None  # OOM or crash at this setting
+    ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Setting:
+    arm: str
+    precision: str
+    batch: int
+    seq: int
+    mode: str
+    draws: dict = field(default_factory=dict)  # (source, draw) -> Draw
+    skipped: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.arm} · batch {self.batch} × seq {self.seq} · {self.mode}"
+
+    def spec(self) -> dict:
+        return {"arm": self.arm, "precision": self.precision, "batch": self.batch, "seq_len": self.seq,
+                "mode": self.mode}
+
+    def ran(self) -> list[Draw]:
+        return [d for d in self.draws.values() if d.tokens_per_s is not None and not d.failed]
+
+    def failures(self) -> list[str]:
+        return [d.failed for d in self.draws.values() if d.failed]
+
+    def degraded(self) -> list[str]:
+        return [why for d in self.draws.values() for why in d.degraded]
+
+    def values(self, attr: str) -> list[float]:
+        return [getattr(d, attr) for d in self.ran() if getattr(d, attr) is not None]
+
+    def peak(self) -> float | None:
+        """The largest peak over the draws: a setting fits only if every draw fitted."""
+        v = self.values("peak_gib")
+        return max(v) if v else None
+
+    def trains(self) -> bool | None:
+        """Finite loss that falls over the run, in every draw (None: no loss recorded)."""
+        pairs = [(d.loss_first, d.loss_last) for d in self.ran() if d.loss_first is not None and d.loss_last is not None]
+        if not pairs:
+            return None
+        return all(math.isfinite(a) and math.isfinite(b) and b < a for a, b in pairs)
+
+
+def _mem_gib(row: Row) -> float:
+    return float(row.value) * (GIB if row.unit == "GiB" else GB) / GIB
+
+
+def _row_id(r: Row) -> str:
+    """The same id provenance gives the number (provenance.number_id)."""
+    d = "all" if r.draw in (None, "") else f"d{int(r.draw)}"
+    return f"{r.run_id}/{r.stage}/{r.arm}/{d}/{r.metric}"
+
+
+def setting_of(row: Row, plan: dict) -> tuple[tuple, str] | None:
+    """(grid key, plain metric name) of a row, or None when the row is not a point of this card's grid."""
+    if row.stage not in STAGES or is_capped(row.metric):
+        return None
+    arm, _, mode = row.arm.partition("+")  # offload rows are "<arm>+<mode>"
+    shaped = parse_shape_metric(row.metric)
+    metric, batch, seq = (shaped[0], shaped[1], shaped[2]) if shaped else (row.metric, plan["batch"], plan["seq_len"])
+    return (arm, row.precision, int(batch), int(seq), mode or mode_of(plan.get("gradient_checkpointing"))), metric
+
+
+def collect(rows: list[Row], plan: dict) -> dict[tuple, Setting]:
+    grid: dict[tuple, Setting] = {}
+    for r in rows:
+        where = setting_of(r, plan)
+        if where is None:
+            continue
+        key, metric = where
+        s = grid.setdefault(key, Setting(*key))
+        if r.status == "skipped":
+            s.skipped = s.skipped or r.reason
+            continue
+        d = s.draws.setdefault((r.source, r.draw), Draw(r.source, r.draw, r.stage))
+        if r.status == "failed" and metric in ("step_s", "tokens_per_s", "error", "fits"):
+            d.failed = d.failed or r.reason
+        if r.status == "degraded":
+            d.degraded.append(f"{metric}: {r.reason}")
+        if r.status in ("measured", "degraded") and isinstance(r.value, (int, float)):
+            _put(d, metric, r)
+    return grid
+
+
+def _put(d: Draw, metric: str, r: Row) -> None:
+    if metric == "tokens_per_s":
+        d.tokens_per_s = float(r.value)
+    elif metric in ("peak_reserved_gb", "peak_alloc_gb"):
+        # reserved is what the card must hold (the allocator's cache included); alloc only when reserved is absent
+        if metric == "peak_reserved_gb" or d.peak_metric != "peak_reserved_gb":
+            d.peak_gib, d.peak_metric = _mem_gib(r), metric
+    elif metric in ("loss_first", "loss_last"):
+        setattr(d, metric, float(r.value))
+    elif metric == "j_per_token_net":
+        d.j_net = float(r.value)
+    elif metric == "j_per_token":
+        d.j_gross = float(r.value)
+    else:
+        return
+    d.ids.append(_row_id(r))
+
+
+# ---------------------------------------------------------------- the picks
+PICKS = {
+    "fastest": ("the fastest configuration that fits with headroom", "tokens_per_s", "tokens/s", True),
+    "smallest": ("the smallest-memory configuration that trains", "peak_gib", "GiB", False),
+    "lowest_energy": ("the lowest net energy per token (fits with headroom)", "j_net", "J/token", False),
+}
+
+
+def eligibility(s: Setting, pick: str, limit_gib: float | None, allow_degraded: bool) -> str | None:
+    """Why setting `s` cannot be `pick` (None: it can)."""
+    if s.skipped and not s.draws:
+        return f"skipped: {s.skipped}"
+    if s.failures():
+        n, m = len(s.failures()), len(s.draws)
+        return f"failed in {n} of {m} draws ({s.failures()[0]})"
+    if not s.ran():
+        return "no measured draw"
+    if s.degraded() and not allow_degraded:
+        return f"degraded ({s.degraded()[0]}); recipe.allow_degraded is false"
+    peak = s.peak()
+    if peak is None:
+        return "peak memory not recorded"
+    if pick in ("fastest", "lowest_energy") and limit_gib is not None and peak > limit_gib:
+        return f"peak {peak:.1f} GiB above the headroom limit {limit_gib:.1f} GiB"
+    if pick == "smallest":
+        t = s.trains()
+        if t is None:
+            return "no loss recorded (loss_first/loss_last), so training is not shown"
+        if not t:
+            return "loss not finite or did not fall"
+    if pick == "lowest_energy" and not s.values("j_net"):
+        return "no net J/token measured"
+    return None
+
+
+def score(s: Setting, attr: str) -> float:
+    return statistics.median(s.values(attr)) if attr != "peak_gib" else s.peak()
+
+
+def choose(grid: dict, pick: str, limit_gib: float | None, rules: dict) -> dict:
+    title, attr, unit, higher = PICKS[pick]
+    cands = [s for s in grid.values() if eligibility(s, pick, limit_gib, rules["allow_degraded"]) is None]
+    out = {"question": title, "metric": attr, "unit": unit}
+    if not cands:
+        why = ("nothing was measured" if not grid else
+               "every setting ran out of memory" if all(s.failures() and not s.ran() for s in grid.values()) else
+               "no setting qualifies (see `excluded`)")
+        return {**out, "status": "none", "reason": why}
+    # best first; ties broken by fewer draws needed elsewhere: less memory, then the label, so the pick is stable
+    ranked = sorted(cands, key=lambda s: ((-1 if higher else 1) * score(s, attr), s.peak(), s.label))
+    best = ranked[0]
+    value = score(best, attr)
+    vals = best.values(attr)
+    out.update(status="measured", setting=best.spec(), label=best.label, value=value, n=len(best.ran()),
+               min=min(vals), max=max(vals), draws=vals,
+               spread="min–max over fresh-process draws" if len(vals) > 1 else "one draw: no spread",
+               ids=sorted({i for d in best.ran() for i in d.ids}),
+               sources=sorted({d.source for d in best.ran()}))
+    need = rules["min_draws"]
+    if len(ranked) > 1:
+        other = score(ranked[1], attr)
+        gap = abs(value - other) / abs(value) if value else 0.0
+        out["runner_up"] = {"label": ranked[1].label, "value": other, "gap": gap, "n": len(ranked[1].ran())}
+        if gap <= rules["close"]:
+            need = rules["close_draws"]
+            out["runner_up"]["note"] = f"within {rules['close']:.0%}: the pick needs {need} draws"
+            if gap == 0:
+                out["runner_up"]["note"] += " (a tie)"
+    if pick == "lowest_energy":
+        gross = best.values("j_gross")
+        out["gross_j_per_token"] = statistics.median(gross) if gross else None
+    if pick == "smallest":
+        out["tokens_per_s"] = statistics.median(best.values("tokens_per_s"))
+    n = len(best.ran())
+    if n < need:
+        k = need - n
+        out.update(status="needs draws", missing=f"needs {k} more draw{'s' if k > 1 else ''}", draws_needed=k)
+    return out
+
+
+# ---------------------------------------------------------------- pruning
+def prune(grid: dict) -> list[dict]:
+    """Arms that cannot win a pick: none of their settings ran, or at every shape they share with another arm
+    that arm is faster, smaller and no hungrier for energy. A refining search skips them."""
+    by_arm: dict[str, list[Setting]] = {}
+    for s in grid.values():
+        by_arm.setdefault(s.arm, []).append(s)
+    out = []
+    for arm, settings in sorted(by_arm.items()):
+        ran = [s for s in settings if s.ran() and not s.failures()]
+        if not ran:
+            why = next((s.skipped for s in settings if s.skipped), None) or next(
+                (s.failures()[0] for s in settings if s.failures()), "no measured setting")
+            out.append({"arm": arm, "why": f"no setting of it ran: {why}"})
+            continue
+        for other in sorted(by_arm):
+            if other != arm and (why := _dominated(ran, by_arm[other])):
+                out.append({"arm": arm, "why": f"{other} beats it at every shared shape: {why}"})
+                break
+    return out
+
+
+def _dominated(mine: list[Setting], theirs: list[Setting]) -> str | None:
+    reasons = []
+    for s in mine:
+        rivals = [t for t in theirs if (t.batch, t.seq) == (s.batch, s.seq) and t.ran() and not t.failures()]
+        beat = [t for t in rivals if _beats(t, s)]
+        if not beat:
+            return None
+        t = beat[0]
+        reasons.append(f"{s.batch}×{s.seq}: {score(t, 'tokens_per_s'):.0f} vs {score(s, 'tokens_per_s'):.0f} tokens/s, "
+                       f"{t.peak():.1f} vs {s.peak():.1f} GiB")
+    return "; ".join(reasons)
+
+
+def _beats(t: Setting, s: Setting) -> bool:
+    if t.peak() is None or s.peak() is None:
+        return False
+    faster = score(t, "tokens_per_s") > score(s, "tokens_per_s")
+    smaller = t.peak() <= s.peak()
+    te, se = t.values("j_net"), s.values("j_net")
+    greener = not te or not se or statistics.median(te) <= statistics.median(se)
+    return faster and smaller and greener
+
+
+# ---------------------------------------------------------------- the search
+def search(rows: list[Row], tier: dict, rules: dict | None = None) -> dict:
+    rules = {**DEFAULTS, **(rules or {})}
+    plan, gpu = tier["plan"], tier.get("gpu")
+    grid = collect(rows, plan)
+    card = gpu.get("memory_gb") if gpu else None  # GiB (detect: total_memory / 2**30)
+    limit = card * (1 - rules["headroom"]) if card else None
+    picks = {p: choose(grid, p, limit, rules) for p in PICKS}
+    excluded = []
+    for s in sorted(grid.values(), key=lambda s: s.label):
+        whys = {p: w for p in PICKS if (w := eligibility(s, p, limit, rules["allow_degraded"]))}
+        if whys:
+            excluded.append({"label": s.label, "setting": s.spec(), "why": whys})
+    nxt = [{"pick": p, "label": v["label"], "setting": v["setting"], "draws_needed": v["draws_needed"]}
+           for p, v in picks.items() if v.get("draws_needed")]
+    return {"run": rows[0].run_id if rows else None, "tier": tier.get("tier"),
+            "card": {"name": (gpu or {}).get("name"), "memory_gib": card},
+            "headroom": rules["headroom"], "limit_gib": limit, "rules": rules, "picks": picks,
+            "grid": [_summary(s) for s in sorted(grid.values(), key=lambda s: s.label)],
+            "pruned": prune(grid), "excluded": excluded, "next": nxt,
+            "note": None if gpu else "CPU tier: no card memory, so no headroom limit; the picks describe the CPU run"}
+
+
+def _summary(s: Setting) -> dict:
+    tps = s.values("tokens_per_s")
+    return {"label": s.label, "setting": s.spec(), "draws": len(s.ran()), "failed": s.failures(),
+            "tokens_per_s": statistics.median(tps) if tps else None, "peak_gib": s.peak(), "trains": s.trains(),
+            "j_per_token_net": statistics.median(s.values("j_net")) if s.values("j_net") else None,
+            "skipped": s.skipped}
+
+
+# ---------------------------------------------------------------- snippets and the page
+def snippet_kind(setting: dict) -> str:
+    arm, mode = setting["arm"], setting["mode"]
+    if arm.startswith("unsloth"):
+        return "unsloth_trl"
+    if arm.startswith("e4b"):
+        return "e4b"
+    return "hf_peft_offload" if mode == "expert_offload" else "hf_peft"
+
+
+def render_snippet(setting: dict, cfg: dict, plan: dict, model: str = "path/to/model",
+                   data: str = "train.jsonl", out: str = "lora-out", max_steps: int = 100) -> str:
+    """A ready-to-paste training script with the pick's settings (the template in snippets/<kind>.py.tmpl)."""
+    kind = snippet_kind(setting)
+    lora = cfg.get("lora", {})
+    attn = list(lora.get("attention", ["q_proj", "k_proj", "v_proj", "o_proj"]))
+    mode = setting["mode"]
+    arm = setting["arm"]
+    gc_unsloth = {"unsloth": '"unsloth"', "plain": "True", "none": "False"}.get(mode, "True")
+    load = {"unsloth_bf16": "load_in_4bit=False, load_in_16bit=True",
+            "unsloth_4bit": "load_in_4bit=True",
+            "unsloth_fp8": "load_in_4bit=False, load_in_fp8=True"}.get(arm, "load_in_4bit=False, load_in_16bit=True")
+    env = {"UNSLOTH_MOE_BACKEND": plan.get("moe_backend") or "grouped_mm", **(plan.get("unsloth_env") or {})}
+    fields = dict(model=model, data=data, out=out, seq=setting["seq_len"], batch=setting["batch"],
+                  r=lora.get("r", 64), alpha=lora.get("alpha", 64), attention=repr(attn),
+                  experts="True" if lora.get("experts", True) else "False", max_steps=max_steps,
+                  gc="False" if mode == "none" else "True", gc_unsloth=gc_unsloth, load=load, arm=arm,
+                  quant=", quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\", "
+                        "bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)"
+                  if arm == "hf_bnb4" else "",
+                  quant_import="from transformers import BitsAndBytesConfig\n" if arm == "hf_bnb4" else "",
+                  env=repr(env), label=f"{arm}, batch {setting['batch']} x seq {setting['seq_len']}, {mode}")
+    return Template((SNIPPETS / f"{kind}.py.tmpl").read_text()).substitute(fields)
+
+
+def _fmt(v, unit="") -> str:
+    if v is None:
+        return "—"
+    return (f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}") + (f" {unit}" if unit else "")
+
+
+def render_md(doc: dict, cfg: dict, plan: dict) -> str:
+    card = doc["card"]
+    lines = [f"# Recipe: {doc['run']} on {card['name'] or 'CPU'}", ""]
+    if doc["limit_gib"] is not None:
+        lines.append(f"Card memory {card['memory_gib']} GiB; headroom {doc['headroom']:.0%} leaves "
+                     f"{doc['limit_gib']:.1f} GiB for a configuration to count as fitting.")
+    if doc.get("note"):
+        lines.append(doc["note"])
+    lines += ["", "Each pick is a measured setting (never interpolated): the median over fresh-process draws, "
+              "min–max beside it. A pick needs "
+              f"{doc['rules']['min_draws']} draws ({doc['rules']['close_draws']} within "
+              f"{doc['rules']['close']:.0%} of the runner-up).", "",
+              "| pick | setting | value | draws (min–max) | status |", "|---|---|---|---|---|"]
+    for p, v in doc["picks"].items():
+        if v["status"] == "none":
+            lines.append(f"| {v['question']} | — | — | — | none: {v['reason']} |")
+            continue
+        extra = f" (gross {_fmt(v.get('gross_j_per_token'))})" if p == "lowest_energy" else ""
+        status = v["status"] + (f": {v['missing']}" if v.get("missing") else "")
+        lines.append(f"| {v['question']} | {v['label']} | {_fmt(v['value'], v['unit'])}{extra} | "
+                     f"{v['n']} ({_fmt(v['min'])}–{_fmt(v['max'])}) | {status} |")
+    if doc["pruned"]:
+        lines += ["", "Arms that cannot win a pick (not refined further):", ""]
+        lines += [f"- {x['arm']}: {x['why']}" for x in doc["pruned"]]
+    if doc["next"]:
+        lines += ["", "Still to measure before these picks stand:", ""]
+        lines += [f"- {x['label']}: {x['draws_needed']} more draw(s) (for {x['pick']})" for x in doc["next"]]
+    seen = set()
+    for p, v in doc["picks"].items():
+        if v["status"] == "none" or v["label"] in seen:
+            continue
+        seen.add(v["label"])
+        lines += ["", f"## Training snippet: {v['label']} ({p})", "", "```python",
+                  render_snippet(v["setting"], cfg, plan).rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    from . import config as cfgmod
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--tier", required=True)
+    ap.add_argument("--metrics", nargs="+", required=True, help="tidy metrics tables (the run's metrics.csv)")
+    ap.add_argument("--out", required=True, help="recipe.json")
+    ap.add_argument("--markdown", required=True, help="recipe.md")
+    ap.add_argument("--log", required=True)
+    a = ap.parse_args(argv)
+    log = logger("recipe", a.log)
+    cfg, tier = cfgmod.load(a.config), read_json(a.tier)
+    doc = search(read_many(a.metrics), tier, cfg.get("recipe"))
+    for p, v in doc["picks"].items():
+        log.info("%s: %s", p, v.get("label") or v.get("reason"))
+    write_json(a.out, doc)
+    atomic_write(a.markdown, render_md(doc, cfg, tier["plan"]))
+
+
+if __name__ == "__main__":
+    main()

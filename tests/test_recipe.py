@@ -1,0 +1,169 @@
+"""The recipe search on synthetic grids: headroom, ties, everything out of memory, degraded rows, too few draws,
+pruning; and the rows it reads (bench, energy, offload, sweep) mapped onto the right grid point."""
+import json
+
+import pytest
+
+from moebench import grid, provenance, recipe
+from moebench.metrics import Row, write_rows
+
+TIER = {"tier": "h200_141gb", "gpu": {"name": "NVIDIA H200", "memory_gb": 100.0},
+        "plan": {"batch": 2, "seq_len": 4096, "gradient_checkpointing": "unsloth"}}
+
+
+def draw(arm, d, tps, peak_gib, stage="bench", loss=(3.0, 2.5), j=None, status="measured", reason="", metric_at=""):
+    """The rows one fresh process writes at one setting (metric_at: a sweep's '@1x8192' suffix)."""
+    base = dict(run_id="r", tier="h200_141gb", model="m", arm=arm, precision="bf16", stage=stage,
+                source=f"{arm}/{stage}/draw{d}{metric_at}/run.log", draw=d)
+    rows = [Row(**base, metric=f"tokens_per_s{metric_at}", value=tps, unit="tokens/s", status=status, reason=reason),
+            Row(**base, metric=f"peak_reserved_gb{metric_at}", value=peak_gib * 2**30 / 1e9, unit="GB")]
+    if loss:
+        rows += [Row(**base, metric=f"loss_first{metric_at}", value=loss[0], unit="nats"),
+                 Row(**base, metric=f"loss_last{metric_at}", value=loss[1], unit="nats")]
+    if j:
+        e = dict(base, stage="energy")
+        rows += [Row(**e, metric="j_per_token_net", value=j[0], unit="J/token"),
+                 Row(**e, metric="j_per_token", value=j[1], unit="J/token")]
+    return rows
+
+
+def oom(arm, d, stage="bench", metric_at=""):
+    return [Row("r", "h200_141gb", "m", arm, "bf16", stage, f"step_s{metric_at}", status="failed",
+                reason="OOM: CUDA out of memory", source=f"{arm}/d{d}{metric_at}", draw=d)]
+
+
+def test_fastest_pick_is_measured_with_its_draws_spread_and_ids():
+    rows = draw("a", 1, 1000, 50) + draw("a", 2, 1100, 50) + draw("b", 1, 500, 30) + draw("b", 2, 520, 30)
+    p = recipe.search(rows, TIER)["picks"]["fastest"]
+    assert p["status"] == "measured" and p["setting"] == {"arm": "a", "precision": "bf16", "batch": 2,
+                                                          "seq_len": 4096, "mode": "unsloth"}
+    assert p["value"] == 1050 and (p["min"], p["max"], p["n"]) == (1000, 1100, 2)
+    assert "r/bench/a/d1/tokens_per_s" in p["ids"] and len(p["sources"]) == 2
+    assert p["runner_up"]["label"].startswith("b ·")
+
+
+def test_headroom_boundary_on_the_cards_memory():
+    # card 100 GiB, 10% headroom: 90 GiB fits, just above does not
+    fits = draw("a", 1, 900, 90.0) + draw("a", 2, 900, 90.0)
+    over = draw("b", 1, 2000, 90.01) + draw("b", 2, 2000, 90.01)
+    doc = recipe.search(fits + over, TIER)
+    assert doc["limit_gib"] == pytest.approx(90.0)
+    assert doc["picks"]["fastest"]["setting"]["arm"] == "a"
+    assert any(x["setting"]["arm"] == "b" and "above the headroom limit" in x["why"]["fastest"] for x in doc["excluded"])
+    assert recipe.search(fits + over, TIER, {"headroom": 0.05})["picks"]["fastest"]["setting"]["arm"] == "b"
+
+
+def test_a_tie_needs_three_draws_and_says_so():
+    rows = draw("a", 1, 1000, 50) + draw("a", 2, 1000, 50) + draw("b", 1, 1000, 60) + draw("b", 2, 1000, 60)
+    p = recipe.search(rows, TIER)["picks"]["fastest"]
+    assert p["setting"]["arm"] == "a"  # the tie goes to the smaller memory, deterministically
+    assert p["runner_up"]["gap"] == 0 and "tie" in p["runner_up"]["note"]
+    assert p["status"] == "needs draws" and p["missing"] == "needs 1 more draw"
+    doc = recipe.search(rows + draw("a", 3, 1000, 50), TIER)
+    assert doc["picks"]["fastest"]["status"] == "measured" and not doc["next"]
+
+
+def test_within_five_percent_needs_three_draws_beyond_it_two():
+    close = draw("a", 1, 1000, 50) + draw("a", 2, 1000, 50) + draw("b", 1, 960, 50) + draw("b", 2, 960, 50)
+    assert recipe.search(close, TIER)["picks"]["fastest"]["draws_needed"] == 1
+    far = draw("a", 1, 1000, 50) + draw("a", 2, 1000, 50) + draw("b", 1, 900, 50) + draw("b", 2, 900, 50)
+    assert recipe.search(far, TIER)["picks"]["fastest"]["status"] == "measured"
+
+
+def test_too_few_draws_are_named_not_hidden():
+    doc = recipe.search(draw("a", 1, 1000, 50), TIER)
+    p = doc["picks"]["fastest"]
+    assert p["status"] == "needs draws" and p["missing"] == "needs 1 more draw" and p["spread"].startswith("one draw")
+    assert doc["next"][0]["draws_needed"] == 1 and doc["next"][0]["setting"]["arm"] == "a"
+
+
+def test_everything_out_of_memory_gives_no_pick_and_says_why():
+    rows = oom("a", 1) + oom("a", 2) + oom("b", 1)
+    doc = recipe.search(rows, TIER)
+    for p in doc["picks"].values():
+        assert p["status"] == "none" and p["reason"] == "every setting ran out of memory"
+    assert {x["arm"] for x in doc["pruned"]} == {"a", "b"}
+    assert "OOM" in doc["pruned"][0]["why"]
+
+
+def test_an_oom_in_one_draw_disqualifies_the_setting():
+    rows = draw("a", 1, 2000, 50) + oom("a", 2) + draw("b", 1, 500, 30) + draw("b", 2, 500, 30)
+    doc = recipe.search(rows, TIER)
+    assert doc["picks"]["fastest"]["setting"]["arm"] == "b"
+    assert "failed in 1 of 2 draws" in next(x for x in doc["excluded"] if x["setting"]["arm"] == "a")["why"]["fastest"]
+
+
+def test_degraded_rows_are_excluded_unless_allowed():
+    deg = draw("a", 1, 3000, 50, status="degraded", reason="fell back to the eager loop") + \
+        draw("a", 2, 3000, 50, status="degraded", reason="fell back to the eager loop")
+    ok = draw("b", 1, 1000, 50) + draw("b", 2, 1000, 50)
+    assert recipe.search(deg + ok, TIER)["picks"]["fastest"]["setting"]["arm"] == "b"
+    assert recipe.search(deg + ok, TIER, {"allow_degraded": True})["picks"]["fastest"]["setting"]["arm"] == "a"
+
+
+def test_smallest_that_trains_needs_a_falling_finite_loss():
+    rows = (draw("tiny", 1, 100, 10, loss=(3.0, 3.1)) + draw("tiny", 2, 100, 10, loss=(3.0, 3.2))  # loss rises
+            + draw("noloss", 1, 100, 12, loss=None) + draw("noloss", 2, 100, 12, loss=None)
+            + draw("ok", 1, 100, 20) + draw("ok", 2, 100, 20) + draw("big", 1, 900, 80) + draw("big", 2, 900, 80))
+    doc = recipe.search(rows, TIER)
+    p = doc["picks"]["smallest"]
+    assert p["setting"]["arm"] == "ok" and p["value"] == pytest.approx(20) and p["unit"] == "GiB"
+    why = {x["setting"]["arm"]: x["why"].get("smallest") for x in doc["excluded"]}
+    assert why["tiny"] == "loss not finite or did not fall" and why["noloss"].startswith("no loss recorded")
+
+
+def test_lowest_net_energy_with_gross_beside_it():
+    rows = (draw("a", 1, 1000, 50, j=(0.5, 0.9)) + draw("a", 2, 1000, 50, j=(0.7, 1.1))
+            + draw("b", 1, 900, 40, j=(0.3, 0.6)) + draw("b", 2, 900, 40, j=(0.3, 0.6)) + draw("c", 1, 99, 9))
+    p = recipe.search(rows, TIER)["picks"]["lowest_energy"]
+    assert p["setting"]["arm"] == "b" and p["value"] == 0.3 and p["gross_j_per_token"] == 0.6
+    assert p["runner_up"]["value"] == pytest.approx(0.6)
+
+
+def test_dominated_and_skipped_arms_are_pruned_with_reasons():
+    rows = (draw("fast", 1, 1000, 40, j=(0.3, 0.5)) + draw("fast", 2, 1000, 40, j=(0.3, 0.5))
+            + draw("slow", 1, 300, 60, j=(0.9, 1.2)) + draw("slow", 2, 300, 60, j=(0.9, 1.2))
+            + draw("mixed", 1, 200, 10) + draw("mixed", 2, 200, 10)
+            + [Row("r", "t", "m", "gone", "nf4", "bench", "step_s", status="skipped", reason="needs CUDA", draw=1)])
+    pruned = {x["arm"]: x["why"] for x in recipe.search(rows, TIER)["pruned"]}
+    assert set(pruned) == {"slow", "gone"}
+    assert pruned["slow"].startswith("fast beats it") and "1000 vs 300 tokens/s" in pruned["slow"]
+    assert "needs CUDA" in pruned["gone"]
+
+
+def test_rows_map_onto_their_grid_points():
+    plan = TIER["plan"]
+    r = Row("r", "t", "m", "hf_bf16+expert_offload", "bf16", "offload", "tokens_per_s", 5.0)
+    assert recipe.setting_of(r, plan)[0] == ("hf_bf16", "bf16", 2, 4096, "expert_offload")
+    s = Row("r", "t", "m", "unsloth_bf16", "bf16", "sweep", grid.shape_metric("tokens_per_s", 1, 16384), 5.0)
+    assert recipe.setting_of(s, plan) == (("unsloth_bf16", "bf16", 1, 16384, "unsloth"), "tokens_per_s")
+    for capped in (grid.shape_metric("fits", 1, 8192, 24), "tokens_per_s@cap24[ckpt=plain]"):
+        assert recipe.setting_of(Row("r", "t", "m", "a", "bf16", "sweep", capped, 1.0), plan) is None
+    assert recipe.setting_of(Row("r", "t", "m", "a", "bf16", "compare", "speedup_vs_x", 1.0), plan) is None
+    assert grid.parse_shape_metric("tokens_per_s@1x16384@cap40") == ("tokens_per_s", 1, 16384, 40.0)
+    assert grid.mode_of(False) == "none" and grid.mode_of(True) == "plain" and grid.mode_of("unsloth") == "unsloth"
+    assert recipe._row_id(r) == provenance.row_id(r)
+
+
+def test_sweep_points_compete_with_bench_points():
+    at = "@1x16384"
+    rows = (draw("a", 1, 1000, 50) + draw("a", 2, 1000, 50)
+            + draw("a", 0, 1500, 85, stage="sweep", metric_at=at) + draw("a", 1, 1480, 86, stage="sweep", metric_at=at))
+    p = recipe.search(rows, TIER)["picks"]["fastest"]
+    assert (p["setting"]["batch"], p["setting"]["seq_len"], p["n"]) == (1, 16384, 2)
+
+
+def test_main_writes_json_and_a_page_with_a_snippet(tmp_path):
+    from conftest import ROOT
+
+    rows = draw("hf_bf16", 1, 1000, 50, j=(0.5, 0.9)) + draw("hf_bf16", 2, 1010, 50, j=(0.5, 0.9))
+    write_rows(tmp_path / "metrics.csv", rows)
+    (tmp_path / "tier.json").write_text(json.dumps(TIER))
+    recipe.main(["--config", str(ROOT / "config" / "config.yaml"), "--tier", str(tmp_path / "tier.json"),
+                 "--metrics", str(tmp_path / "metrics.csv"), "--out", str(tmp_path / "recipe.json"),
+                 "--markdown", str(tmp_path / "recipe.md"), "--log", str(tmp_path / "recipe.log")])
+    doc = json.loads((tmp_path / "recipe.json").read_text())
+    assert doc["picks"]["fastest"]["status"] == "measured" and doc["headroom"] == 0.1
+    md = (tmp_path / "recipe.md").read_text()
+    assert "| the fastest configuration that fits with headroom | hf_bf16 · batch 2 × seq 4096 · unsloth |" in md
+    assert "from peft import LoraConfig" in md and "SEQ_LEN, BATCH, MAX_STEPS = 4096, 2, 100" in md
