@@ -101,3 +101,21 @@ def test_a_wrong_checkpoint_fails(tmp_path, bad):
                 q[f"{p}{e}.weight"] = ws[(e + 1) % E]
     res = check(tmp_path, q)
     assert not res["passed"] and res["problems"]
+
+
+def test_unsloth_4bit_refuses_a_checkpoint_that_failed_its_check(tmp_path):
+    from moebench import arms
+
+    model = tmp_path / "model"
+    model.mkdir()
+    save_file({"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(2, 2)}, str(model / "model.safetensors"))
+    q = tmp_path / "model-unsloth-bnb4"
+    q.mkdir()
+    save_file({"x": torch.zeros(1)}, str(q / "model.safetensors"))
+    arm = arms.get("unsloth_4bit")
+    assert arm.refusal(str(model), {}) is None  # a checkpoint on disk and no check record: as before
+    (tmp_path / "model-unsloth-bnb4.check.json").write_text('{"passed": false, "problems": ["layer 3: router differs"]}')
+    why = arm.refusal(str(model), {})
+    assert "failed its check" in why and "router differs" in why
+    (tmp_path / "model-unsloth-bnb4.check.json").write_text('{"passed": true, "problems": []}')
+    assert arm.refusal(str(model), {}) is None
