@@ -4,7 +4,8 @@
 # waits; later calls with the same arguments keep waiting. Each call tars every run's results (no model
 # weights, no adapters) into $OUT, so what finished comes back even if the machine goes away.
 #   devtools/lent_gpu_queue.sh WAIT_SECONDS "RUN [snakemake args...]" ["RUN ..." ...]
-# A step whose RUN starts with "rm:" deletes results/<run>/model instead (the disk holds one full model).
+# A step whose RUN starts with "rm:" deletes results/<run>/model instead (the disk holds one full model); one
+# that starts with "il:" runs that run through moebench.interleave (the verdict pair's draws A B A B, then the rest).
 # The queue runs in its own copy of the tree (/tmp/mb): the tool re-copies tracked files into the repo at each
 # call, which would overwrite results the queue is still rewriting.
 set -uo pipefail
@@ -27,8 +28,14 @@ if [ ! -e /tmp/moebench-queue.started ]; then
       set -- $step; run=$1; shift
       if [[ $run == rm:* ]]; then rm -rf "results/${run#rm:}/model"; echo "== removed ${run#rm:}/model"; continue; fi
       echo "== $(date -u +%T) start $run $*"
-      snakemake "$@" --cores 8 --resources gpu=1 --configfile "config/runs/$run.yaml" \
-        --rerun-triggers params input code software-env 2>&1 | tee /tmp/moebench-step.log
+      common=(--cores 8 --resources gpu=1 --rerun-triggers params input code software-env)
+      if [[ $run == il:* ]]; then
+        run=${run#il:}
+        python -m moebench.interleave --configfile "config/runs/$run.yaml" -- "$@" "${common[@]}" --keep-going \
+          2>&1 | tee /tmp/moebench-step.log
+      else
+        snakemake "$@" "${common[@]}" --configfile "config/runs/$run.yaml" 2>&1 | tee /tmp/moebench-step.log
+      fi
       rc=${PIPESTATUS[0]}
       # a committed result is "up to date" on a fresh copy (no Snakemake metadata): re-measuring needs --forcerun
       grep -q "Nothing to be done" /tmp/moebench-step.log && echo "== WARNING: $run ran nothing (to re-measure committed results add --forcerun RULE to the step)"
@@ -45,10 +52,10 @@ end=$((SECONDS + wait_s))
 while [ $SECONDS -lt $end ] && ! grep -q "== QUEUE DONE" "$log"; do sleep 5; done
 grep -q "== QUEUE DONE" "$log" && echo "QUEUE DONE" || echo "STILL RUNNING"
 cd /tmp/mb
-runs=$(for s in "$@"; do r=${s%% *}; [[ $r == rm:* ]] || echo "results/$r"; done | sort -u)
+runs=$(for s in "$@"; do r=${s%% *}; r=${r#il:}; [[ $r == rm:* ]] || echo "results/$r"; done | sort -u)
 # shellcheck disable=SC2086
 tar czf "$out/results.tgz" --exclude='*/model' --exclude='*/model.partial' --exclude='*/adapter' \
   --exclude='*-unsloth-bnb4' $(for r in $runs; do [ -d "$r" ] && echo "$r"; done) .snakemake/log 2>/dev/null
 cp "$log" "$out/queue.log"
-grep -E "^== |steps \(|Error|rror:|Finished job" "$log" | tail -40
+grep -E "^== |^\[interleave|steps \(|Error|rror:|quantcheck:|Finished job" "$log" | tail -40
 df -h . | tail -1; nvidia-smi --query-gpu=memory.used,power.draw --format=csv,noheader
