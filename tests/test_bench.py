@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, tiny_workdir
-from moebench import arms, bench, measure, models
+from moebench import arms, harness, measure, models
 from moebench import config as cfgmod
 from moebench.io import write_json
 from moebench.metrics import read_rows, parse_log_rows
@@ -74,7 +74,7 @@ def test_gpu_arms_are_skipped_with_reason_on_cpu(setup, arm):
 
 def test_bf16_not_viable_tier_skips_bf16_arm():
     plan = {"bf16_viable": False}
-    reason = bench.unavailable(arms.get("hf_bf16"), plan, cuda=False)
+    reason = harness.unavailable(arms.get("hf_bf16"), plan, cuda=False)
     assert "do not fit" in reason
 
 
@@ -164,7 +164,7 @@ def test_progress_reports_a_long_phase_while_it_lasts(caplog):
     import logging
     import time
 
-    from moebench.bench import Progress
+    from moebench.harness import Progress
 
     log = logging.getLogger("test-progress")
     with caplog.at_level(logging.INFO, logger="test-progress"):

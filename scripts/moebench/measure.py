@@ -1,4 +1,4 @@
-"""Shared measurement: timers, memory, the FLOP model, dtype census and the expert-LoRA check.
+"""Shared measurement: timers, memory and the FLOP model (what was loaded: `inspect`).
 
 Every arm is measured by this code, so arms differ only in how they load and run the model.
 """
@@ -159,46 +159,3 @@ def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
         with t:
             a @ b
     return 2 * n**3 / summary(t.times)["median"] / 1e12
-
-
-# ---- what really got loaded -------------------------------------------------------------------------------
-def category(name: str) -> str:
-    if ".experts." in name or name.endswith(".experts") or "experts" in name.split(".")[-2:]:
-        return "expert"
-    if "self_attn" in name:
-        return "attention"
-    if "router" in name or ".gate." in name:
-        return "router"
-    return "other"
-
-
-def dtype_census(model) -> dict:
-    """Bytes and element counts per (category, storage dtype) of every parameter and buffer: shows which
-    weights were really quantized (a 4-bit weight is stored as uint8 with a quant_state), whatever a flag said."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    seen = set()
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        if "lora_" in name:
-            cat = "lora"
-        else:
-            cat = category(name)
-        dt = str(t.dtype).replace("torch.", "")
-        if getattr(t, "quant_state", None) is not None or type(t).__name__ == "Params4bit":
-            dt = "nf4/" + dt
-        cell = out.setdefault(cat, {}).setdefault(dt, {"tensors": 0, "elements": 0, "gb": 0.0})
-        cell["tensors"] += 1
-        cell["elements"] += t.numel()
-        cell["gb"] += t.numel() * t.element_size() / GB
-    return out
-
-
-def expert_lora_check(model) -> dict:
-    """Do LoRA adapters sit on every expert tensor, and did each get a non-zero gradient? Call after backward."""
-    expert_lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n and "expert" in n]
-    layers = {n.split(".layers.")[1].split(".")[0] for n, _ in expert_lora if ".layers." in n}
-    nonzero = [n for n, p in expert_lora if p.grad is not None and bool(p.grad.abs().sum() > 0)]
-    return {"expert_lora_tensors": len(expert_lora), "expert_lora_params": sum(p.numel() for _, p in expert_lora),
-            "layers_with_expert_lora": len(layers), "expert_lora_nonzero_grad": len(nonzero)}

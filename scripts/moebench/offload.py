@@ -34,6 +34,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from .harness import is_oom
 from .metrics import Row
 
 GIB = 2**30
@@ -75,18 +76,6 @@ def _torch_cuda():
     import torch
 
     return torch.cuda
-
-
-def is_oom(exc: BaseException) -> bool:
-    """torch.OutOfMemoryError, or an allocator error that only says so in its message (bitsandbytes, triton)."""
-    try:
-        import torch
-
-        if isinstance(exc, torch.OutOfMemoryError):
-            return True
-    except ImportError:
-        pass
-    return "out of memory" in str(exc).lower()
 
 
 @dataclass
@@ -451,34 +440,34 @@ def _timed_tokens_per_s(model, opt, xs, cuda, warm: int = 1, meter=None) -> tupl
     """Warm up, then time; the energy meter (when given) covers the timed steps only."""
     from contextlib import nullcontext
 
-    from . import bench, measure
+    from . import harness, measure
 
     for x in xs[:warm]:
-        bench.train_step(model, opt, x)
+        harness.train_step(model, opt, x)
     timer = measure.StepTimer(cuda)
     with meter or nullcontext():
         for x in xs[warm:]:
             with timer:
-                bench.train_step(model, opt, x)
+                harness.train_step(model, opt, x)
     s = measure.summary(timer.times)
     return xs[0].numel() / s["median"], timer.times
 
 
 def run_mode(ctx, arm, cfg: dict, tier: dict, mode: str, model_dir: str, data_path: str, log) -> None:
     """Load the arm in this mode, time it uncapped (speed, peak memory, energy), then under each memory cap."""
-    from . import bench, energy, measure
+    from . import energy, harness, measure
 
     arm.preimport()
     import torch
 
     cuda = torch.cuda.is_available()
     plan, _ = mode_plan(arm, mode, tier["plan"])
-    model = bench.load_model(ctx, arm, cfg, plan, model_dir, log, cuda)
+    model = harness.load_model(ctx, arm, cfg, plan, model_dir, log, cuda)
     offloader = ExpertOffloader(model, "cuda").attach() if mode == "expert_offload" else None
     if offloader:
         ctx.add("alloc_after_offload_gb", torch.cuda.memory_allocated() / 1e9, "GB")
     steps = cfg["offload"]["steps"]
-    xs = bench.make_inputs(model_dir, data_path, plan, steps + 1, cfg["seed"], cuda)
+    xs = harness.make_inputs(model_dir, data_path, plan, steps + 1, cfg["seed"], cuda)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     model.train()
     torch.cuda.reset_peak_memory_stats()
@@ -489,21 +478,21 @@ def run_mode(ctx, arm, cfg: dict, tier: dict, mode: str, model_dir: str, data_pa
     ctx.add("tokens_per_s", tps, "tokens/s", n=s["n"], stage="offload")
     for k, v in measure.memory_peak(cuda).items():
         ctx.add(k, v, "GB", stage="offload")
-    ctx.rows.extend(energy.energy_rows(meter.result, None, xs[0].numel() * s["n"], **bench._row_kwargs(ctx)))
+    ctx.rows.extend(energy.energy_rows(meter.result, None, xs[0].numel() * s["n"], **ctx.row_kwargs()))
     if offloader:
         log.info("offloader stats: %s", offloader.stats)
     for cap in sorted(caps_from_config(cfg), reverse=True):
         att = try_at_cap(cap, lambda: _timed_tokens_per_s(model, opt, xs[: min(len(xs), 4)], cuda)[0])
         log.info("cap %s GiB: %s %s", cap, att.outcome, att.reason)
-        ctx.rows.extend(fit_rows(att, **bench._row_kwargs(ctx)))
+        ctx.rows.extend(fit_rows(att, **ctx.row_kwargs()))
 
 
 def main(argv=None):
     import argparse
 
     from . import arms as registry
-    from . import bench
     from . import config as cfgmod
+    from . import harness
     from .io import logger, read_json
     from .metrics import log_row, write_rows
 
@@ -514,26 +503,14 @@ def main(argv=None):
     log = logger("offload", a.log)
     cfg, tier = cfgmod.load(a.config), read_json(a.tier)
     arm = registry.get(a.arm)
-    ctx = bench.Ctx(cfg["run"], tier["tier"], cfg["model"]["name"], f"{arm.name}+{a.mode}", arm.precision, 1, a.log)
+    ctx = harness.Ctx(cfg["run"], tier["tier"], cfg["model"]["name"], f"{arm.name}+{a.mode}", arm.precision, 1,
+                      a.log)
     _, reason = mode_plan(arm, a.mode, tier["plan"])
-    reason = reason or bench.unavailable(arm, tier["plan"], tier.get("gpu") is not None, a.model)
+    reason = reason or harness.unavailable(arm, tier["plan"], tier.get("gpu") is not None, a.model)
     if reason is None and tier.get("gpu") is None:
         reason = "offload and memory caps measure GPU memory; the CPU tier has none"
-    if reason:
-        ctx.add("step_s", status="skipped", reason=reason, stage="offload")
-    else:
-        try:
-            with bench.watched(cfg["arm_timeout_s"], log, phase=f"{arm.name} with {a.mode}"):
-                run_mode(ctx, arm, cfg, tier, a.mode, a.model, a.data, log)
-        except registry.ArmUnavailable as exc:
-            ctx.add("step_s", status="skipped", reason=str(exc)[:600], stage="offload")
-        except Exception as exc:  # noqa: BLE001 - a failed mode is a row, the workflow goes on
-            import traceback
-
-            log.error("failed: %s\n%s", exc, traceback.format_exc())
-            kind = "OOM" if is_oom(exc) else type(exc).__name__
-            ctx.add("step_s", status="failed", reason=f"{kind}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
-                    stage="offload")
+    harness.guarded(ctx, log, lambda _: run_mode(ctx, arm, cfg, tier, a.mode, a.model, a.data, log),
+                    cfg["arm_timeout_s"], skip=reason, stage="offload", phase=f"{arm.name} with {a.mode}")
     for r in ctx.rows:
         if r.stage == "bench":  # load-time rows of this process belong to the offload stage
             r.stage = "offload"

@@ -27,17 +27,15 @@ import math
 import re
 import tempfile
 import time
-import traceback
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 from . import arms as arm_registry
-from . import bench
 from . import config as cfgmod
-from . import routing
+from . import harness, routing
 from .io import atomic_write, logger, read_json, write_json
-from .bench import Ctx, read_texts, token_stream
+from .harness import Ctx, read_texts, token_stream
 from .gates import (Gate, _finite, gate_expert_grads, gate_finite, gate_heldout,  # noqa: F401
                     gate_loss_drop, gate_reload, judge, window_means)
 from .metrics import log_row, write_rows
@@ -435,7 +433,7 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, train_path: str, h
     cuda = torch.cuda.is_available()
     s = run_settings(cfg.get("validate"), tier["plan"], cuda, arm.name)
     log.info("settings: %s", json.dumps(s, sort_keys=True))
-    lora = bench.lora_spec(cfg)
+    lora = harness.lora_spec(cfg)
     torch.manual_seed(cfg["seed"])
     t0 = time.perf_counter()
     model = arm.load(model_dir, lora, tier["plan"]).model
@@ -545,31 +543,20 @@ def validate_arm(cfg: dict, tier: dict, arm_name: str, model_dir: str, train: st
     out.mkdir(parents=True, exist_ok=True)
     ctx = Ctx(cfg["run"], tier["tier"], cfg["model"]["name"], arm.name, arm.precision, None, log_path,
               stage="validate")
-    reason = bench.unavailable(arm, tier["plan"], tier.get("gpu") is not None, model_dir)
-    if reason:
-        log.info("skipped: %s", reason)
-        doc = {"status": "skipped", "reason": reason}
-    else:
-        timeout = int({**DEFAULTS, **(cfg.get("validate") or {})}["timeout_s"])
-        try:
-            with bench.watched(timeout, log, setting="validate.timeout_s") as progress:
-                doc = run(ctx, arm, cfg, tier, model_dir, train, heldout, out, log, progress)
-        except arm_registry.ArmUnavailable as exc:  # the arm itself found it cannot run here: say why
-            log.info("skipped at load: %s", exc)
-            doc = {"status": "skipped", "reason": str(exc)[:600]}
-        except Exception as exc:  # OOM or crash: failed rows with the error; the workflow goes on
-            log.error("failed: %s\n%s", exc, traceback.format_exc())
-            kind = "OOM" if "out of memory" in str(exc).lower() else type(exc).__name__
-            doc = {"status": "failed", "reason": f"{kind}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+    skip = harness.unavailable(arm, tier["plan"], tier.get("gpu") is not None, model_dir)
+    timeout = int({**DEFAULTS, **(cfg.get("validate") or {})}["timeout_s"])
+    # a run that does not finish leaves a `gates_passed` row saying why there is no verdict (rows before it stay)
+    outcome = harness.guarded(ctx, log, lambda progress: run(ctx, arm, cfg, tier, model_dir, train, heldout, out,
+                                                              log, progress),
+                              timeout, skip=skip, metric="gates_passed", setting="validate.timeout_s")
+    doc = outcome.result if outcome.status == "measured" else {"status": outcome.status, "reason": outcome.reason}
     if doc["status"] != "measured":
-        # rows measured before a failure stay; the verdict row says why there is no verdict
-        ctx.add("gates_passed", status=doc["status"], reason=doc["reason"])
         doc.update(passed=None, gates=[])
         placeholders(out, f"{arm.name} {doc['status']}: {doc['reason']}")
     for r in ctx.rows:
         log_row(log, r)
     doc = {"run": cfg["run"], "tier": tier["tier"], "arm": arm.name, "precision": arm.precision, "log": log_path,
-           "packages": bench.versions(), "environment": bench.environment(started, tier), **doc}
+           "packages": harness.versions(), "environment": harness.environment(started, tier), **doc}
     write_json(out / "gates.json", doc)
     write_rows(out / "metrics.csv", ctx.rows)  # last: its existence marks the arm validated
     return doc

@@ -23,8 +23,8 @@ from __future__ import annotations
 import os
 
 from .base import Arm, Loaded, LoRASpec
+from ..inspect import census, expert_lora_coverage, trainable_summary
 from ..io import package_versions
-from .unsloth import census, expert_lora_coverage, trainable_summary
 
 
 def model_type(model_dir: str) -> str:

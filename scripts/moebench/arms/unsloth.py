@@ -12,117 +12,17 @@ census of the weights after load (on a bf16 checkpoint `load_in_4bit` may leave 
 """
 from __future__ import annotations
 
+import json
 import os
-import re
 import tempfile
-from collections import defaultdict
+from pathlib import Path
 
+from ..inspect import census, expert_lora_coverage, trainable_summary
 from ..io import package_versions
 from .base import Arm, ArmUnavailable, Loaded, LoRASpec
 
 # Unsloth's own default; get_peft_model maps gate/up/down onto the expert tensors of a MoE.
 EXPERT_TARGETS = ("gate_proj", "up_proj", "down_proj")
-
-
-# ---------------------------------------------------------------- census (shared with the e4b arm)
-def _category(name: str) -> str:
-    if "lora_" in name or "_lora_" in name or "lora_A" in name or "lora_B" in name:
-        return "lora"
-    if ".experts." in name or name.endswith(".experts") or "experts" in name.split("."):
-        return "expert"
-    if "self_attn" in name:
-        return "attention"
-    return "other"
-
-
-def _storage(t, name: str = "") -> str:
-    """How a tensor is stored: 'nf4'/'fp4' for a quantized bnb weight, `quant-meta` for absmax/quant maps
-    (fp32 statistics beside packed 4-bit codes), else its torch dtype."""
-    if "absmax" in name or "quant_map" in name:
-        return "quant-meta"
-    cls = type(t).__name__
-    if cls == "Params4bit":
-        qs = getattr(t, "quant_state", None)
-        if qs is None:
-            return f"Params4bit-without-quant_state({str(t.dtype).replace('torch.', '')})"
-        return getattr(qs, "quant_type", "4bit")
-    return str(t.dtype).replace("torch.", "")
-
-
-def census(model) -> dict:
-    """Storage of every parameter and buffer by category (expert/attention/other/lora) and dtype.
-
-    Returns {"by_category": {cat: {storage: {"tensors", "numel", "bytes"}}}, "experts_4bit": bool,
-    "expert_bf16_bytes": int, "notes": [...]}. A packed 4-bit tensor is uint8 in torch terms: bnb's
-    Params4bit is named by its quant_type; e4b's packed expert buffers are reported as `uint8` under
-    `expert` beside their fp32 absmax."""
-    by = defaultdict(lambda: defaultdict(lambda: {"tensors": 0, "numel": 0, "bytes": 0}))
-    notes = []
-    seen = set()
-    named = [(n, t) for n, t in model.named_parameters(remove_duplicate=False)]
-    named += [(n, t) for n, t in model.named_buffers(remove_duplicate=False)]
-    for name, t in named:
-        if id(t) in seen or t is None:
-            continue
-        seen.add(id(t))
-        st = _storage(t, name)
-        if st.startswith("Params4bit-without"):
-            notes.append(f"no quant_state: {name}")
-        cell = by[_category(name)][st]
-        cell["tensors"] += 1
-        cell["numel"] += t.numel()
-        cell["bytes"] += t.numel() * t.element_size()
-    exp = by.get("expert", {})
-    big_float = {k: v for k, v in exp.items() if k in ("bfloat16", "float16", "float32") and v["numel"] > 1_000_000}
-    four = {k: v for k, v in exp.items() if k in ("nf4", "fp4", "uint8")}
-    return {
-        "by_category": {c: dict(v) for c, v in by.items()},
-        "experts_4bit": bool(four) and not big_float,
-        "expert_float_bytes": sum(v["bytes"] for v in big_float.values()),
-        "expert_4bit_bytes": sum(v["bytes"] for v in four.values()),
-        "notes": notes[:20] + ([f"... {len(notes) - 20} more"] if len(notes) > 20 else []),
-    }
-
-
-def expert_lora_coverage(model, num_layers: int) -> dict:
-    """Which decoder layers carry trainable LoRA tensors on their experts, and on which projections."""
-    # PEFT's target_parameters wrappers nest (experts.base_layer.lora_A...), so the name alone does not say
-    # which tensor an adapter belongs to: read the wrapper's own `parameter_name`.
-    owner = {}
-    for mname, mod in model.named_modules():
-        pname = getattr(mod, "parameter_name", None)
-        if isinstance(pname, str):
-            for n, _ in mod.named_parameters(prefix=mname):
-                if n.startswith(mname + ".lora_"):
-                    owner[n] = pname
-    layers, per_expert = defaultdict(set), defaultdict(set)
-    names = []
-    for n, p in model.named_parameters():
-        if not p.requires_grad or _category(n) != "lora" or "experts" not in n:
-            continue
-        names.append(n)
-        m = re.search(r"layers\.(\d+)\.", n)
-        if m:
-            src = owner.get(n, n)
-            proj = "gate_up" if "gate_up" in src else "down" if "down" in src else "?"
-            layers[int(m.group(1))].add(proj)
-            e = re.search(r"(gate_up_projs|down_projs)\.(\d+)\.", n)
-            if e:  # Unsloth's per-expert Linear layout: one adapter per expert
-                per_expert[(int(m.group(1)), proj)].add(int(e.group(2)))
-    covered = sorted(i for i, s in layers.items() if {"gate_up", "down"} <= s)
-    out = {"layers_with_expert_lora": covered, "all_layers": covered == list(range(num_layers)),
-           "projections": {i: sorted(s) for i, s in layers.items()}, "n_tensors": len(names),
-           "example_names": names[:6]}
-    if per_expert:
-        out["experts_per_layer_proj"] = {f"{k[0]}.{k[1]}": len(v) for k, v in sorted(per_expert.items())}
-    return out
-
-
-def trainable_summary(model) -> dict:
-    tr = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    non_lora = [n for n, _ in tr if _category(n) != "lora"]
-    return {"trainable_tensors": len(tr), "trainable_numel": sum(p.numel() for _, p in tr),
-            "trainable_dtypes": sorted({str(p.dtype) for _, p in tr}), "non_lora_trainable": non_lora[:10]}
 
 
 def run_env(plan: dict) -> dict[str, str]:
@@ -154,7 +54,15 @@ class _UnslothArm(Arm):
 
     def refusal(self, model_dir: str, plan: dict) -> str | None:
         source = self.checkpoint(model_dir, plan)
-        if source == model_dir or has_any_weights(source):
+        if source == model_dir:
+            return None
+        checked = Path(source.rstrip("/") + ".check.json")  # rule model_bnb4's record (moebench.quantcheck)
+        if checked.exists():
+            doc = json.loads(checked.read_text())
+            if not doc.get("passed"):
+                return (f"{self.name}: the pre-quantized checkpoint {source} failed its check against the bf16 "
+                        f"model, so it is not timed: {'; '.join(doc.get('problems', []))[:400]}")
+        if has_any_weights(source):
             return None
         return (f"{self.name}: {model_dir} stores GPT-OSS experts fused (transformers layout); Unsloth's 4-bit "
                 "GPT-OSS class reads per-expert Linear keys, so load_in_4bit=True on it leaves every expert and "
@@ -320,7 +228,7 @@ class Unsloth4bit(_UnslothArm):
 
 
 ARMS = (UnslothBF16, Unsloth4bit)
-__all__ = ["UnslothBF16", "Unsloth4bit", "census", "expert_lora_coverage", "observe_backend", "ArmUnavailable"]
+__all__ = ["UnslothBF16", "Unsloth4bit", "observe_backend", "ArmUnavailable"]
 
 
 def main(argv=None):
