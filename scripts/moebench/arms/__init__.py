@@ -11,6 +11,7 @@ REGISTRY: dict[str, str] = {
     "hf_bnb4": "hf:HFBnb4",
     "unsloth_bf16": "unsloth:UnslothBF16",
     "unsloth_4bit": "unsloth:Unsloth4bit",
+    "unsloth_fp8": "unsloth_fp8:UnslothFP8",
     "e4b_4bit": "e4b:E4B4bit",
 }
 
@@ -20,7 +21,7 @@ class Broken(Arm):
 
     def __init__(self, name: str, error: str):
         self.name, self.error = name, error
-        self.precision = "nf4" if name.endswith(("4bit", "bnb4")) else "bf16"
+        self.precision = "nf4" if name.endswith(("4bit", "bnb4")) else "fp8" if name.endswith("fp8") else "bf16"
 
     def unavailable_reason(self, cuda: bool) -> str | None:
         return f"{self.name}: its module failed to import ({self.error})"
