@@ -74,3 +74,41 @@ def test_every_run_config_is_valid_before_it_costs_gpu_time(path):
     assert c["run"] == path.stem
     spec = cfgmod.load_yaml("models.yaml")[c["model"]["name"]]
     assert c.get("plan_overrides", {}).get("model_scale", "full") in spec
+
+
+def test_config_strings_are_coerced_to_the_schema_types():
+    """`snakemake --config` hands nested values (and top-level 'false') over as strings: 'false' must not count as
+    true, '3' must be a number, 'null' must be null; a string the schema wants stays a string."""
+    c = copy.deepcopy(BASE)
+    c.update(sweeps="false", lora={**c["lora"], "r": "3"}, validate={"seq_len": "null", "lr": "2e-4"},
+             provenance={**c["provenance"], "require_stamp": "false", "min_calendars": "1", "timeout_s": "2.5"},
+             offload={**c["offload"], "caps_gb": ["24", "40"]})
+    c = cfgmod.validate(c)
+    assert c["sweeps"] is False and c["lora"]["r"] == 3 and c["validate"]["seq_len"] is None
+    assert c["provenance"]["require_stamp"] is False and c["provenance"]["min_calendars"] == 1
+    assert c["provenance"]["timeout_s"] == 2.5 and c["validate"]["lr"] == 2e-4 and c["offload"]["caps_gb"] == [24, 40]
+    assert "'provenance.require_stamp'" in bad(provenance={"require_stamp": "maybe"})
+    assert "'provenance.calendars.0'" in bad(provenance={"calendars": ["ftp://x"]})
+
+
+def _git(root, *args):
+    import subprocess
+
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
+
+
+def test_dry_run_with_config_override_writes_nothing(tmp_path):
+    """Parsing the workflow (a dry run, even one naming a committed run and overriding its settings) leaves a fresh
+    clone's tree exactly as it was: each run's config.yaml is written by a job, never at parse time."""
+    root = copy_repo(tmp_path)
+    _git(root, "init", "-q")
+    _git(root, "add", "-A")
+    _git(root, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "clone")
+    committed = sorted(p.relative_to(root) for p in (root / "results").glob("*/config.yaml"))
+    assert committed, "no committed run to check against"
+    for args in (["--config", "provenance={require_stamp: false, timeout_s: 1}"],
+                 ["--config", f"run={committed[0].parts[1]}", "sweeps=false"]):
+        r = snakemake(root, "-n", *args)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert _git(root, "status", "--porcelain") == "", args
+    assert not (root / "results" / "local").exists()

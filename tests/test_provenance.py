@@ -250,6 +250,7 @@ from moebench import workflowlib as wl  # noqa: E402
 RUN = config["run"]
 R = f"results/{RUN}"
 CONFIG = f"{R}/config.yaml"
+RUN_CONFIG = CONFIG  # the main Snakefile's checkpoint run_config writes it; here the test does
 
 
 include: "rules/provenance.smk"

@@ -38,18 +38,45 @@ def _with_defaults(schema: dict, config: dict) -> None:
             _with_defaults(sub, config[key])
 
 
-def _coerce(schema: dict, config: dict) -> None:
-    """`snakemake --config 'plan_overrides={seq_len: 2048}'` hands nested values over as strings: read them
-    as YAML scalars where the schema wants a number or a boolean."""
-    for key, sub in schema.get("properties", {}).items():
-        value = config.get(key)
-        if isinstance(value, dict):
-            _coerce(sub, value)
-        elif isinstance(value, str) and sub.get("type") in ("integer", "number", "boolean"):
+# `snakemake --config` reads every nested value, and top-level booleans other than True/False, as a YAML string
+# ('false', '3', 'null'): read such a string as YAML where the schema wants a number, a boolean or null.
+_SCALARS = {"integer", "number", "boolean", "null"}
+
+
+def _types(schema: dict) -> set[str]:
+    t = schema.get("type")
+    return {t} if isinstance(t, str) else set(t or ())
+
+
+def _coerce_value(schema: dict, value):
+    """`value` with each string the schema types as a number, a boolean or null read as YAML (a string that does
+    not read as such stays, and validation then names it)."""
+    if isinstance(value, dict):
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        for key, v in value.items():
+            sub = props.get(key, extra if isinstance(extra, dict) else {})
+            value[key] = _coerce_value(sub, v)
+        return value
+    if isinstance(value, list):
+        return [_coerce_value(schema.get("items") or {}, v) for v in value]
+    if isinstance(value, str) and _types(schema) & _SCALARS and "string" not in _types(schema):
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            return value
+        if isinstance(parsed, str) and "number" in _types(schema):  # PyYAML reads '2e-4' as a string
             try:
-                config[key] = yaml.safe_load(value)
-            except yaml.YAMLError:
-                pass
+                parsed = float(parsed)
+            except ValueError:
+                return value
+        wanted = {bool: "boolean", int: "integer", float: "number", type(None): "null"}.get(type(parsed))
+        if wanted in _types(schema) or (wanted == "integer" and "number" in _types(schema)):
+            return parsed
+    return value
+
+
+def _coerce(schema: dict, config: dict) -> None:
+    _coerce_value(schema, config)
 
 
 def validate(config: dict, schema_path: Path = SCHEMA) -> dict:

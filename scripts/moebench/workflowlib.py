@@ -1,7 +1,9 @@
-"""Helpers the Snakefile calls at parse time (kept here so they are unit-tested, not buried in rules)."""
+"""Helpers the Snakefile calls at parse time (kept here so they are unit-tested, not buried in rules). None of them
+writes a file: parsing the workflow must leave the tree as it was."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -30,19 +32,29 @@ def check_executor(workflow) -> None:
                            "cluster's login node (or load its Slurm module), or run locally: snakemake --cores 2")
 
 
-def write_effective_config(config: dict, path: str) -> str:
-    """Write the validated config for the rules to read; leave the file alone when unchanged so a rerun with
-    nothing changed does nothing (Snakemake compares modification times)."""
-    text = yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=True)
-    p = Path(path)
-    if not p.exists() or p.read_text() != text:
-        atomic_write(p, text)
+def config_text(config: dict) -> str:
+    """The run's validated config as the YAML its jobs read (sorted keys: the same config, the same bytes)."""
+    return yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=True)
+
+
+def config_digest(config: dict) -> str:
+    """sha256 of config_text: the param that reruns checkpoint run_config when the run's config changes."""
+    return hashlib.sha256(config_text(config).encode()).hexdigest()
+
+
+def write_effective_config(text: str, path: str, log: str | None = None) -> str:
+    """Job body of checkpoint run_config: write the config text (never called at parse time, so parsing the
+    workflow, `snakemake -n` included, writes nothing). Consumers take the file as an ancient() input: rewriting it
+    reruns no job by itself; each rule's `settings` param decides which of its jobs the change concerns."""
+    atomic_write(Path(path), text)
+    if log:
+        atomic_write(Path(log), f"{path} written, sha256 {hashlib.sha256(text.encode()).hexdigest()}\n")
     return path
 
 
 def effective_config(config: dict) -> str:
-    """The run's validated config at results/<run>/config.yaml (every job of the run reads this file)."""
-    return write_effective_config(config, f"results/{config['run']}/config.yaml")
+    """Where the run's validated config lives, results/<run>/config.yaml (made by checkpoint run_config)."""
+    return f"results/{config['run']}/config.yaml"
 
 
 # ---- several tiers in one invocation (config `cluster.tiers`) -----------------------------------------------
@@ -142,7 +154,12 @@ def validate_arms(config: dict) -> list[str]:
 
 def draw_targets(tier_json: str, results: str, arms: list[str]) -> list[str]:
     plan = json.loads(Path(tier_json).read_text())["plan"]
-    return [f"{results}/arms/{arm}/draw{k}/metrics.csv" for arm in arms for k in range(1, plan["draws"] + 1)]
+    # the verdict pair gets the plan's verdict_draws (>= 3 on GPU tiers), every other arm its draws
+    n = {arm: max(plan["draws"], plan.get("verdict_draws", 0)) if arm in VERDICT_ARMS else plan["draws"] for arm in arms}
+    return [f"{results}/arms/{arm}/draw{k}/metrics.csv" for arm in arms for k in range(1, n[arm] + 1)]
+
+
+VERDICT_ARMS = ("unsloth_bf16", "unsloth_4bit")
 
 
 # Which config keys each stage's results depend on. Rules pass `settings(config, stage)` as a param, so

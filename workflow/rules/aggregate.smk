@@ -1,5 +1,6 @@
 rule aggregate:
     input:
+        run_config=ancient(RUN_CONFIG),  # made by rule run_config; its rewrite alone reruns nothing
         draws=draws,
         gates=lambda w: [f"results/{w.run}/validate/{arm}/gates.json" for arm in wl.validate_arms(RUNS[w.run])],
     output:

@@ -1,5 +1,6 @@
 rule bench:
     input:
+        run_config=ancient(RUN_CONFIG),  # made by rule run_config; its rewrite alone reruns nothing
         tier=f"{R}/tier.json",
         model=f"{R}/model",
         train=f"{R}/data/train.jsonl",

@@ -1,5 +1,6 @@
 rule data:
     input:
+        run_config=ancient(RUN_CONFIG),  # made by rule run_config; its rewrite alone reruns nothing
         model=f"{R}/model",
     output:
         train=f"{R}/data/train.jsonl",

@@ -1,4 +1,6 @@
 checkpoint detect:
+    input:
+        run_config=ancient(RUN_CONFIG),  # made by rule run_config; its rewrite alone reruns nothing
     output:
         tier=f"{R}/tier.json",
     params:

@@ -1,5 +1,6 @@
 rule model:
     input:
+        run_config=ancient(RUN_CONFIG),  # made by rule run_config; its rewrite alone reruns nothing
         tier=f"{R}/tier.json",
     output:
         model=directory(f"{R}/model"),

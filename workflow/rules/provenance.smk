@@ -16,6 +16,7 @@ localrules:
 
 rule provenance:
     input:
+        run_config=ancient(RUN_CONFIG),  # made by rule run_config; its rewrite alone reruns nothing
         metrics=f"{R}/metrics.csv",
         tier=f"{R}/tier.json",
         data=f"{R}/data/data.sha256",
@@ -44,6 +45,7 @@ rule provenance:
 
 rule stamp:
     input:
+        run_config=ancient(RUN_CONFIG),  # made by rule run_config; its rewrite alone reruns nothing
         provenance=f"{R}/provenance.json",
     output:
         f"{R}/provenance_stamp.json",

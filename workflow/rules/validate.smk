@@ -6,6 +6,7 @@ VALIDATE_TIMEOUT_S = config.get("validate", {}).get("timeout_s", 3600)
 
 rule validate:
     input:
+        run_config=ancient(RUN_CONFIG),  # made by rule run_config; its rewrite alone reruns nothing
         tier=f"{R}/tier.json",
         model=f"{R}/model",
         train=f"{R}/data/train.jsonl",
