@@ -4,9 +4,11 @@ Every arm is measured by this code, so arms differ only in how they load and run
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 GB = 1e9
 
@@ -90,8 +92,12 @@ class FlopModel:
     2P for the weight gradient only where the weight trains (the LoRA factors). Frozen base weights therefore
     cost 4P, LoRA weights 6P. Only the top-k routed experts count as active. Attention scores (QK^T and AV)
     add 4 * ctx * heads * head_dim per token and layer forward and twice that backward, where ctx is the mean
-    causal context (seq/2 for full layers, min(window, seq/2) for sliding ones). Gradient checkpointing
-    recomputes the forward once more.
+    causal context (seq/2 for full layers, min(window, seq/2) for sliding ones).
+
+    Model FLOPs (MFU's numerator) count the training step once, with no recompute. Hardware FLOPs (HFU's)
+    add what gradient checkpointing recomputes: the decoder layers' forward once more (HF's and Unsloth's
+    checkpointing wrap each decoder layer; the LM head runs once and is not recomputed). On a 4-bit arm the
+    same FLOPs are counted: its matmuls run on dequantized bf16 tiles, so utilization is against the bf16 rate.
     """
 
     layers: int
@@ -123,10 +129,17 @@ class FlopModel:
     def active_expert_params(self) -> int:
         return self.top_k * (self.hidden * 2 * self.inter + self.inter * self.hidden)
 
+    def layer_active_params(self) -> int:
+        """Frozen matmul parameters of the decoder layers a token passes through (attention, top-k experts,
+        router): what checkpointing recomputes."""
+        return self.layers * (self.attn_params() + self.active_expert_params() + self.hidden * self.experts)
+
+    def head_params(self) -> int:
+        return self.hidden * self.vocab
+
     def frozen_active_params(self) -> int:
         """Matmul parameters each token passes through (embedding lookup is no matmul; lm_head is)."""
-        per_layer = self.attn_params() + self.active_expert_params() + self.hidden * self.experts
-        return self.layers * per_layer + self.hidden * self.vocab
+        return self.layer_active_params() + self.head_params()
 
     def lora_active_params(self) -> int:
         r, q, kv = self.lora_r, self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -140,10 +153,28 @@ class FlopModel:
         per = 4 * self.heads * self.head_dim
         return per * (full * ctx_full + self.sliding_layers * ctx_slide)
 
+    def flops_per_token(self, seq: int, recompute: bool) -> float:
+        """Training FLOPs per token: model FLOPs, plus the decoder layers' forward again with `recompute`."""
+        attn = self.attention_flops_per_token(seq)
+        fwd = 2 * self.frozen_active_params() + 2 * self.lora_active_params() + attn
+        bwd = 2 * self.frozen_active_params() + 4 * self.lora_active_params() + 2 * attn
+        layers_fwd = 2 * self.layer_active_params() + 2 * self.lora_active_params() + attn
+        return fwd + bwd + (layers_fwd if recompute else 0)
+
     def step_flops(self, tokens: int, seq: int, recompute: bool) -> float:
-        fwd = 2 * self.frozen_active_params() + 2 * self.lora_active_params() + self.attention_flops_per_token(seq)
-        bwd = 2 * self.frozen_active_params() + 4 * self.lora_active_params() + 2 * self.attention_flops_per_token(seq)
-        return tokens * (fwd + bwd + (fwd if recompute else 0))
+        return tokens * self.flops_per_token(seq, recompute)
+
+
+def recomputes(plan: dict) -> bool:
+    """Does the plan's gradient checkpointing recompute the forward (any mode but off)?"""
+    return bool(plan.get("gradient_checkpointing"))
+
+
+def utilization(model_flops: float, hardware_flops: float, step_s: float, peak_tflops: float) -> dict:
+    """MFU (model FLOPs, no recompute) and HFU (with recompute) of one step time against a peak rate."""
+    if step_s <= 0 or peak_tflops <= 0:
+        raise ValueError(f"utilization needs a positive step time and peak (got {step_s} s, {peak_tflops} TFLOP/s)")
+    return {"mfu": model_flops / step_s / 1e12 / peak_tflops, "hfu": hardware_flops / step_s / 1e12 / peak_tflops}
 
 
 def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
@@ -159,3 +190,164 @@ def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
         with t:
             a @ b
     return 2 * n**3 / summary(t.times)["median"] / 1e12
+
+
+# ---- steady warm-up ---------------------------------------------------------------------------------------
+def variation(xs: list[float]) -> float:
+    """(max - min) / median: how much a run of step times varies, as a fraction of its middle."""
+    med = statistics.median(xs)
+    return (max(xs) - min(xs)) / med if med > 0 else math.inf
+
+
+@dataclass
+class WarmupPolicy:
+    """Warm up at least `min_steps`, then go on until the last `k` step times vary by less than `tol`
+    (variation), never past `max_steps`. A first step that compiles or autotunes, or a kernel that settles
+    late, stays out of the timed window."""
+
+    min_steps: int
+    max_steps: int
+    k: int
+    tol: float
+
+    @classmethod
+    def from_plan(cls, plan: dict) -> "WarmupPolicy":
+        """Plan keys warmup_steps (the minimum), warmup_max, steady_k, steady_tol; a plan without the last three
+        (an older tier.json) warms up exactly warmup_steps."""
+        lo = int(plan["warmup_steps"])
+        hi = max(lo, int(plan.get("warmup_max") or lo))
+        k = int(plan.get("steady_k") or 3)
+        if k < 2:
+            raise ValueError(f"plan steady_k={k}: need at least 2 step times to judge steadiness (set >= 2)")
+        return cls(lo, hi, k, float(plan.get("steady_tol", 0.05)))
+
+    def steady(self, times: list[float]) -> bool:
+        return len(times) >= self.k and variation(times[-self.k:]) < self.tol
+
+    def more(self, times: list[float]) -> bool:
+        """Take another warm-up step after these?"""
+        n = len(times)
+        return n < self.min_steps or (n < self.max_steps and not self.steady(times))
+
+    def outcome(self, times: list[float]) -> tuple[bool, str]:
+        """(steady, why not) once warm-up has ended."""
+        if self.steady(times):
+            return True, ""
+        if len(times) < self.k:
+            return False, f"{len(times)} warm-up steps, fewer than steady_k={self.k}: steadiness not judged"
+        return False, (f"not steady after warmup_max={self.max_steps} steps: the last {self.k} varied "
+                       f"{variation(times[-self.k:]):.1%} (steady_tol {self.tol:.1%})")
+
+
+# ---- the timed window -------------------------------------------------------------------------------------
+@dataclass
+class WindowPolicy:
+    """How long the timed window runs: at least `steps` steps AND `min_s` seconds AND (where energy is measured)
+    `min_samples` power samples (ML.ENERGY's validation rule: >= 30 s, >= 60 samples), never past `max_steps`.
+    A window that stops short of its floor says why (`shortfall`)."""
+
+    steps: int
+    min_s: float = 0.0
+    min_samples: int = 0
+    max_steps: int | None = None
+    stall_s: float = 60.0  # power samples that never come (a failing sensor) cannot hold the window open
+
+    @classmethod
+    def from_plan(cls, plan: dict, arm: str = "") -> "WindowPolicy":
+        """Plan keys timed_steps, min_timed_s, min_power_samples, max_timed_steps (all arms) and
+        arm_max_timed_steps ({arm: cap}, a slow arm)."""
+        caps = [c for c in (plan.get("max_timed_steps"), (plan.get("arm_max_timed_steps") or {}).get(arm)) if c]
+        return cls(int(plan["timed_steps"]), float(plan.get("min_timed_s") or 0.0),
+                   int(plan.get("min_power_samples") or 0), min(caps) if caps else None)
+
+    def done(self, n: int, elapsed: float, samples: int | None) -> bool:
+        """Stop after n timed steps, `elapsed` s of window and `samples` power samples (None: no meter)?"""
+        if self.max_steps and n >= self.max_steps:
+            return True
+        if n < self.steps or elapsed < self.min_s:
+            return False
+        if samples is None or samples >= self.min_samples:
+            return True
+        return elapsed >= self.min_s + self.stall_s
+
+    def shortfall(self, n: int, elapsed: float, samples: int | None) -> str:
+        """Why a finished window falls short of the floor ("" when it does not)."""
+        short = []
+        if n < self.steps:
+            short.append(f"{n} of timed_steps={self.steps} steps")
+        if elapsed < self.min_s:
+            short.append(f"{elapsed:.1f} s of min_timed_s={self.min_s:g}")
+        if samples is not None and samples < self.min_samples:
+            short.append(f"{samples} of min_power_samples={self.min_samples} power samples")
+        if not short:
+            return ""
+        why = f"capped by max_timed_steps={self.max_steps}" if self.max_steps and n >= self.max_steps else \
+            "power samples stalled" if samples is not None and samples < self.min_samples else "stopped early"
+        return f"window short: {', '.join(short)} ({why})"
+
+
+def write_steps(path, times: list[float], tokens_per_step: int) -> Path:
+    """steps.csv: one row per timed step (step from 1, seconds, tokens), written atomically; the aggregate's
+    hierarchical bootstrap resamples these within each draw."""
+    import csv
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(STEPS_COLUMNS)
+        w.writerows((i, repr(float(t)), tokens_per_step) for i, t in enumerate(times, 1))
+    os.replace(tmp, path)
+    return path
+
+
+STEPS_COLUMNS = ("step", "seconds", "tokens")
+
+
+# ---- GFLOP per token of each model shape (the report's method section) -----------------------------------
+def gflop_per_token(cfg, seq: int, lora_r: int, lora_experts: bool = True) -> dict:
+    """GFLOP per trained token at `seq`: model (MFU's numerator) and with checkpointing's recompute (HFU's)."""
+    fm = FlopModel.from_config(cfg, lora_r, lora_experts)
+    return {"model_gflop_per_token": fm.flops_per_token(seq, recompute=False) / 1e9,
+            "hardware_gflop_per_token": fm.flops_per_token(seq, recompute=True) / 1e9,
+            "active_params_b": (fm.frozen_active_params() + fm.lora_active_params()) / 1e9}
+
+
+def flops_table(seq: int, lora_r: int, scale: str = "full", names: list[str] | None = None) -> str:
+    """Markdown table of gflop_per_token for every model of config/models.yaml at `scale`."""
+    from . import config as cfgmod
+    from . import models
+
+    specs = cfgmod.load_yaml("models.yaml")
+    lines = [f"| model ({scale}) | active matmul params (B) | GFLOP/token, model (MFU) | "
+             f"GFLOP/token, with recompute (HFU) |", "|---|---:|---:|---:|"]
+    for name in names or list(specs):
+        g = gflop_per_token(models.model_config(specs[name], scale), seq, lora_r)
+        lines.append(f"| {name} | {g['active_params_b']:.2f} | {g['model_gflop_per_token']:.2f} | "
+                     f"{g['hardware_gflop_per_token']:.2f} |")
+    lines.append(f"\nseq_len {seq}, LoRA r {lora_r} on attention and every expert; forward 2P, backward 4P "
+                 f"(frozen) or 6P (LoRA), attention scores at mean causal context; recompute = decoder layers' "
+                 f"forward once more.")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description="The FLOP model's GFLOP per token for each model shape.")
+    ap.add_argument("--flops-table", action="store_true", help="print the markdown table")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--lora-r", type=int, default=64)
+    ap.add_argument("--scale", default="full")
+    ap.add_argument("--model", action="append", help="only these models.yaml entries (repeatable)")
+    a = ap.parse_args(argv)
+    if not a.flops_table:
+        ap.error("nothing to do: pass --flops-table")
+    print(flops_table(a.seq, a.lora_r, a.scale, a.model))
+
+
+if __name__ == "__main__":
+    main()
