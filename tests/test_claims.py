@@ -231,3 +231,15 @@ def test_committed_h100_ledger_rests_on_its_provenance():
     assert by_id["bnb-load-in-4bit-quantizes-fused-experts"]["value"] == 0.0
     for cid in ("seed-splitlora-7-10x-a100-40gb", "e4b-unsloth-1.92x-gpu-time-qwen3"):
         assert by_id[cid]["verdict"] == cl.UNTESTABLE and "this run's" in by_id[cid]["reason"]
+
+
+def test_ledger_cites_public_sources():
+    """Every claim names a public page or paper a reader outside the project can open, or says it has none."""
+    for c in cl.load_ledger(ROOT / "config" / "claims.yaml"):
+        src = c["source"]
+        assert isinstance(src, dict) and src.get("who") and src.get("where"), c["id"]
+        assert "issue 11" not in src["where"], c["id"]
+        if src.get("unpublished"):
+            assert "url" not in src, c["id"]
+        else:
+            assert str(src.get("url", "")).startswith("https://") or src.get("paper"), c["id"]

@@ -1,4 +1,5 @@
-"""plots.py draws measured rows only: gaps carry reasons, medians match the rows, captions cite provenance ids.
+"""The report package draws measured rows only: gaps carry reasons, degraded rows are drawn as such, medians match
+the rows, captions cite provenance.json's ids, and every figure is readable at the report's size.
 
 All values below are made up for the tests (never results).
 """
@@ -10,7 +11,8 @@ import statistics
 import pytest
 from PIL import Image
 
-from moebench import plots
+from moebench.report import draw, pages, runs, tables
+from moebench.report.figures import FIGURES
 from moebench.io import write_json
 from moebench.metrics import Row, write_rows
 
@@ -65,10 +67,10 @@ def write_fixture(root, run="fx-gpu", gpu=True, energy=True, loss=True):
     return d
 
 
-@pytest.fixture
-def gpu_run(tmp_path):
-    d = write_fixture(tmp_path)
-    plots.render_run(d, d / "plots")
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory):
+    d = write_fixture(tmp_path_factory.mktemp("gpu"))
+    pages.render_run(d, d / "plots")
     return d
 
 
@@ -77,11 +79,11 @@ def _side(d, name):
 
 
 def test_every_view_written_and_readable(gpu_run):
-    for name in plots.RUN_FIGURES:
+    for name in list(FIGURES):
         img = Image.open(gpu_run / "plots" / f"{name}.png")
         assert img.size[0] > 400 and img.size[1] > 300
         assert (gpu_run / "plots" / f"{name}.caption.rst").read_text().strip()
-    for name in plots.RUN_TABLES:
+    for name in ["gates", "metrics"]:
         assert "<table>" in (gpu_run / "plots" / f"{name}.html").read_text()
 
 
@@ -97,17 +99,17 @@ def test_throughput_medians_and_ids(gpu_run):
 
 def test_skipped_arm_is_a_gap_with_reason_not_a_zero(tmp_path):
     d = write_fixture(tmp_path)
-    run = plots.load_run(d)
-    ss = plots.series(run, "bench", "tokens_per_s", plots.stage_arms(run, "bench"))
-    fig, (ax,) = plots._figure()
+    run = runs.load_run(d)
+    ss = runs.series(run, "bench", "tokens_per_s", runs.stage_arms(run, "bench"))
+    fig, (ax,) = draw.figure()
     notes = []
-    plots.dotbar(ax, ss, "tokens/s", "tokens/s", notes)
+    draw.dotbar(ax, ss, "tokens/s", "tokens/s", notes)
     heights = [p.get_height() for p in ax.patches if p.get_height() == p.get_height()]  # drop NaN slots
     assert len(heights) == len(GPU_TPS) and min(heights) > 0  # one bar per measured arm, none for e4b_4bit
     assert any("e4b_4bit" in n and SKIP_REASON in n for n in notes)
     gap = next(s for s in ss if s.arm == "e4b_4bit")
     assert gap.median is None and gap.gap == f"skipped: {SKIP_REASON}"
-    assert SKIP_REASON in plots.series_caption("fx-gpu", "t", ss)
+    assert SKIP_REASON in tables.series_caption("fx-gpu", "t", ss)
 
 
 def test_speedup_uses_compare_rows_and_gaps(gpu_run):
@@ -115,7 +117,7 @@ def test_speedup_uses_compare_rows_and_gaps(gpu_run):
     us = next(s for s in sp["hf_bf16"] if s["arm"] == "unsloth_bf16")
     step = {a: statistics.median(4096 / t for t in tps) for a, tps in GPU_TPS.items()}
     assert us["median"] == pytest.approx(step["hf_bf16"] / step["unsloth_bf16"])
-    assert us["median_from"] == ["fx-gpu/compare/unsloth_bf16/speedup_vs_hf_bf16"]
+    assert us["median_from"] == ["fx-gpu/compare/unsloth_bf16/all/speedup_vs_hf_bf16"]
     # no compare row against unsloth_4bit in the fixture: computed from medians and says so
     hb = next(s for s in sp["unsloth_4bit"] if s["arm"] == "hf_bf16")
     assert hb["median"] == pytest.approx(step["unsloth_4bit"] / step["hf_bf16"]) and hb["how"].startswith("computed here")
@@ -138,21 +140,21 @@ def test_frontier_offload_modes(gpu_run):
 def test_empty_run_still_renders_and_says_why(tmp_path):
     d = tmp_path / "cpu-empty"
     write_rows(d / "metrics.csv", [Row("cpu-empty", "cpu", "m", a, "bf16", "bench", "step_s", status="skipped",
-                                       reason=f"{a} needs CUDA") for a in plots.ARM_ORDER])
-    plots.render_run(d, d / "plots")
+                                       reason=f"{a} needs CUDA") for a in runs.ARM_ORDER])
+    pages.render_run(d, d / "plots")
     assert all(s["median"] is None for s in _side(d, "throughput")["series"])
     assert "needs CUDA" in (d / "plots" / "throughput.caption.rst").read_text()
     assert _side(d, "loss")["curves"] == {}
     assert _side(d, "memory")["card_gb"] is None
-    fig, (ax,) = plots._figure()
-    plots.dotbar(ax, plots.series(plots.load_run(d), "bench", "tokens_per_s", ["hf_bf16"]), "y", "tokens/s", [])
+    fig, (ax,) = draw.figure()
+    draw.dotbar(ax, runs.series(runs.load_run(d), "bench", "tokens_per_s", ["hf_bf16"]), "y", "tokens/s", [])
     assert "no measured rows for tokens/s" in " ".join(t.get_text() for t in ax.texts)
     assert not ax.patches
 
 
 def test_cpu_memory_falls_back_to_rss(tmp_path):
     d = write_fixture(tmp_path, run="fx-cpu", gpu=False, energy=False, loss=False)
-    plots.render_run(d, d / "plots")
+    pages.render_run(d, d / "plots")
     m = _side(d, "memory")
     assert m["metric"] == "peak_rss_gb" and m["card_gb"] is None
     e = _side(d, "energy")["series"]["j_per_token"]
@@ -161,7 +163,7 @@ def test_cpu_memory_falls_back_to_rss(tmp_path):
 
 def test_tiers_and_summary(tmp_path):
     a, b = write_fixture(tmp_path), write_fixture(tmp_path, run="fx-cpu", gpu=False)
-    plots.render_runs([a, b], tmp_path / "_report")
+    pages.render_runs([a, b], tmp_path / "_report")
     t = json.loads((tmp_path / "_report" / "tiers.json").read_text())
     assert {bar["run"].split()[0] for bar in t["bars"]} == {"fx-gpu", "fx-cpu"}
     s = (tmp_path / "_report" / "summary.rst").read_text()
@@ -178,7 +180,7 @@ def _on_tier(tmp_path, run, tier, skew=0.0):
 def test_tier_ratios_pair_only_runs_of_one_setting(tmp_path):
     a, b = _on_tier(tmp_path, "fx-h100", "h100_80gb"), _on_tier(tmp_path, "fx-h200", "h200_141gb")
     skewed = _on_tier(tmp_path, "fx-h200-skew", "h200_141gb", skew=1.0)
-    plots.render_runs([skewed, b, a], tmp_path / "_report")
+    pages.render_runs([skewed, b, a], tmp_path / "_report")
     t = json.loads((tmp_path / "_report" / "tiers.json").read_text())
     # one pair: the skewed run shares neither setting nor (with fx-h200) tier; older tier name first
     assert [r["runs"] for r in t["ratios"]] == [["fx-h100", "fx-h200"]]
@@ -190,10 +192,10 @@ def test_tier_ratios_pair_only_runs_of_one_setting(tmp_path):
 
 def test_provenance_page_states_status(tmp_path):
     d = write_fixture(tmp_path)
-    plots.provenance_page(d, d / "report")
+    pages.provenance_page(d, d / "report")
     assert "absent" in (d / "report" / "provenance.html").read_text()
     write_json(d / "provenance_stamp.json", {"status": "pending", "calendars": ["a"]})
-    plots.provenance_page(d, d / "report")
+    pages.provenance_page(d, d / "report")
     assert "Stamp status: pending" in (d / "report" / "provenance.html").read_text()
     assert "ots verify results/fx-gpu/provenance.json.ots" in (d / "report" / "provenance.html").read_text()
 
@@ -203,3 +205,60 @@ def test_captions_are_valid_rst(gpu_run):
     for f in (gpu_run / "plots").glob("*.caption.rst"):
         out = publish_parts(f.read_text(), writer_name="html", settings_overrides={"halt_level": 2})["body"]
         assert "System Message" not in out, f.name
+
+
+def test_degraded_rows_are_hatched_and_labelled_never_plain(tmp_path):
+    """A value measured on an announced fallback path: its bar is hatched, labelled `degraded`, and the caption and
+    sidecar say so."""
+    d = write_fixture(tmp_path)
+    rows = [r for r in runs.read_rows(d / "metrics.csv")]
+    for r in rows:
+        if r.arm == "hf_bnb4" and r.stage == "bench":
+            r.status, r.reason = "degraded", "bitsandbytes: falling back to the slow path"
+    write_rows(d / "metrics.csv", rows)
+    run = runs.load_run(d)
+    ss = runs.series(run, "bench", "tokens_per_s", runs.stage_arms(run, "bench"))
+    fig, (ax,) = draw.figure()
+    notes = []
+    draw.dotbar(ax, ss, "tokens/s", "tokens/s", notes)
+    hatched = [p for p in ax.patches if p.get_hatch()]
+    assert len(hatched) == 1 and hatched[0].get_height() == pytest.approx(statistics.median(GPU_TPS["hf_bnb4"]))
+    assert any("degraded" in t.get_text() for t in ax.texts) and any("slow path" in n for n in notes)
+    pages.render_run(d, d / "plots")
+    s = next(x for x in _side(d, "throughput")["series"] if x["arm"] == "hf_bnb4")
+    assert s["degraded"].startswith("degraded:") and all(p["status"] == "degraded" for p in s["points"])
+    assert "**(degraded)**" in (d / "plots" / "throughput.caption.rst").read_text()
+
+
+def test_every_figure_fits_the_report(gpu_run, tmp_path):
+    """Aspect between 1:3 and 3:1, at most 1300 px wide (shown near full size in the report's ~1000 px panel at a
+    1400 px window; test_report measures it there), every text >= 9 pt at 100 dpi."""
+    pages.render_runs([gpu_run, write_fixture(tmp_path / "b", run="fx-cpu", gpu=False)], tmp_path / "_report")
+    sides = [_side(gpu_run, n) for n in FIGURES] + [json.loads((tmp_path / "_report" / "tiers.json").read_text())]
+    for side in sides:
+        r = side["render"]
+        assert 1 / 3 <= r["width_px"] / r["height_px"] <= 3, r
+        assert r["width_px"] <= 1300 and r["min_font_pt"] >= draw.MIN_FONT_PT, r
+
+
+def test_empty_training_says_why(tmp_path):
+    d = write_fixture(tmp_path, loss=False)
+    rows = [r for r in runs.read_rows(d / "metrics.csv") if r.stage != "validate"]
+    write_rows(d / "metrics.csv", rows)
+    (d / "config.yaml").write_text("run: fx-gpu\nvalidate: {arms: []}\n")
+    pages.render_run(d, d / "plots")
+    why = _side(d, "loss")["why_empty"]
+    assert "validate.arms: []" in why
+    import html
+
+    assert html.escape(why) in (d / "plots" / "gates.html").read_text()
+    assert why.replace("`", "'") in (d / "plots" / "loss.caption.rst").read_text()
+
+
+def test_caption_ids_are_provenance_ids(gpu_run):
+    """Aggregates carry `all` where a draw number would be: the id provenance.json gives the same row."""
+    from moebench.ids import number_id
+
+    sp = _side(gpu_run, "speedup")["baselines"]["hf_bf16"]
+    us = next(s for s in sp if s["arm"] == "unsloth_bf16")
+    assert us["median_from"] == [number_id("fx-gpu", "compare", "unsloth_bf16", None, "speedup_vs_hf_bf16")]

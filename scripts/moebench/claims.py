@@ -20,7 +20,8 @@ import yaml
 
 from .io import atomic_write, logger, read_json, sha256_file, shorten, write_json
 from .metrics import Row, read_rows
-from .provenance import number_id
+from .ids import number_id
+from .report.tables import html_page, html_table, lit, rst_table
 
 SCHEMA = "moebench.claims/1"
 HOLDS, FAILS, UNTESTABLE = "holds", "does not hold", "not testable here"
@@ -270,37 +271,24 @@ def render_md(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-CSS = ("body{font-family:sans-serif;font-size:13px;margin:12px} table{border-collapse:collapse}"
-       "td,th{border:1px solid #bbb;padding:3px 7px;text-align:left;vertical-align:top} th{background:#eee}"
-       ".holds{background:#e3f4e1} .does-not-hold{background:#fbe3e3} .not-testable-here{color:#666}"
-       "code{font-size:11px}")
-
-
 def render_html(doc: dict) -> str:
     esc = html.escape
     head = ["claim", "source", "verdict", "measured", "claim's range", "why", "provenance ids"]
-    trs = []
+    rows, classes = [], []
     for c in doc["claims"]:
         ids = "<br>".join(f"<code>{esc(i)}</code>" for i in c["provenance_ids"]) or "—"
         src = c["source"] if isinstance(c["source"], dict) else {"where": str(c["source"])}
         src_html = esc(f"{src.get('who', '')}: {src.get('where', '')}")
         if src.get("url"):
             src_html += f" <a href='{esc(src['url'])}'>{esc(src['url'])}</a>"
-        cells = [f"<b>{esc(c['id'])}</b><br>{esc(c['text'])}<br><i>{esc(c['reading'])}</i>", src_html,
-                 f"<b>{esc(c['verdict'])}</b>", esc(_fmt(c["value"])), esc(c["expect"]), esc(c["reason"]), ids]
-        trs.append(f"<tr class='{c['verdict'].replace(' ', '-')}'>" + "".join(f"<td>{x}</td>" for x in cells) + "</tr>")
-    title = f"{doc['run']}: claims ledger"
+        rows.append([f"<b>{esc(c['id'])}</b><br>{esc(c['text'])}<br><i>{esc(c['reading'])}</i>", src_html,
+                     f"<b>{esc(c['verdict'])}</b>", esc(_fmt(c["value"])), esc(c["expect"]), esc(c["reason"]), ids])
+        classes.append(c["verdict"].replace(" ", "-"))
     body = (f"<p>{esc(', '.join(f'{n} {k}' for k, n in doc['counts'].items()))}. Ledger "
             f"<code>{esc(doc['ledger']['path'])}</code> (sha256 <code>{esc(doc['ledger']['sha256'][:16])}</code>); "
             "the ids are those of <code>provenance.json</code> and of the metrics table.</p>"
-            "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" + "".join(trs) + "</table>")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style>"
-            f"</head><body><h2>{esc(title)}</h2>{body}</body></html>\n")
-
-
-def _lit(text) -> str:
-    t = str(text).replace("`", "'").replace("\n", " ").strip()
-    return f"``{t}``" if t else "—"
+            + html_table(head, rows, classes, raw=True))
+    return html_page(f"{doc['run']}: claims ledger", body)
 
 
 def render_caption(doc: dict) -> str:
@@ -309,15 +297,9 @@ def render_caption(doc: dict) -> str:
             "rows: **holds**, **does not hold** (with the measured value) or **not testable here** (the run does "
             "not match the claim's conditions, or a row it needs was not measured). Ratios and values are medians "
             "over draws. " + ", ".join(f"{n} {k}" for k, n in doc["counts"].items()) + ".\n\n")
-    out = [".. list-table::", "   :header-rows: 1", ""]
-    table = [["claim", "verdict", "measured", "claim's range", "why", "provenance ids"]]
-    for c in doc["claims"]:
-        table.append([_lit(c["id"]), f"**{c['verdict']}**", _fmt(c["value"]), _lit(c["expect"]), _lit(c["reason"]),
-                      " ".join(_lit(i) for i in c["provenance_ids"]) or "—"])
-    for r in table:
-        out.append(f"   * - {r[0]}")
-        out.extend(f"     - {x}" for x in r[1:])
-    return head + "\n".join(out) + "\n"
+    table = [[lit(c["id"]), f"**{c['verdict']}**", _fmt(c["value"]), lit(c["expect"]), lit(c["reason"]),
+              " ".join(lit(i) for i in c["provenance_ids"]) or "—"] for c in doc["claims"]]
+    return head + rst_table(["claim", "verdict", "measured", "claim's range", "why", "provenance ids"], table)
 
 
 def build(ledger_path, run_dir) -> dict:

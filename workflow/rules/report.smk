@@ -23,7 +23,7 @@ rule report_plots:
     log:
         "results/{run}/logs/report_plots.log",
     shell:
-        "python -m moebench.plots run --run-dir results/{wildcards.run} --out results/{wildcards.run}/plots"
+        "python -m moebench.report run --run-dir results/{wildcards.run} --out results/{wildcards.run}/plots"
         " --baselines {params.baselines} > {log} 2>&1"
 
 
@@ -42,7 +42,7 @@ rule report_runs:
     log:
         "results/_report/report_runs.log",
     shell:
-        "python -m moebench.plots runs --run-dirs {params.runs} --out results/_report > {log} 2>&1"
+        "python -m moebench.report runs --run-dirs {params.runs} --out results/_report > {log} 2>&1"
 
 
 # Provenance files are written by the provenance/stamp rules (this run) or committed (GPU runs); this rule
@@ -61,7 +61,7 @@ rule report_provenance:
     log:
         "results/{run}/logs/report_provenance.log",
     shell:
-        "python -m moebench.plots provenance --run-dir results/{wildcards.run} --out results/{wildcards.run}/report > {log} 2>&1"
+        "python -m moebench.report provenance --run-dir results/{wildcards.run} --out results/{wildcards.run}/report > {log} 2>&1"
 
 
 REPORT_TARGETS = (

@@ -1,2 +1,5 @@
-"""The report: figures (figures.py), tables and the shared HTML/CSS (tables.py), pages across runs (pages.py),
-config/README.md (configdoc.py) and the README/docs results rendered from provenance (readme.py)."""
+"""The report: runs.py reads a run (rows as per-arm series, with provenance ids); draw.py the shared drawing and
+sizes; figures.py the per-run figures; tiers.py the cross-run tier comparison; tables.py the shared HTML/CSS and rst
+tables (the claims ledger uses them too) and the table pages; pages.py the page set and command line
+(`python -m moebench.report`); configdoc.py config/README.md; readme.py README.md and docs/results.md from
+provenance."""

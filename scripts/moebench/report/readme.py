@@ -30,8 +30,7 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import sha256_file
-from ..provenance import load_numbers
+from ..io import read_json, sha256_file
 
 ROOT = Path(__file__).resolve().parents[3]
 PAGES = {"docs/templates/README.md": "README.md", "docs/templates/results.md": "docs/results.md"}
@@ -69,7 +68,7 @@ class Sources:
         if run not in self.shas:
             p = self._prov(run)
             self.shas[run] = sha256_file(p)
-            self.numbers.update(load_numbers(p))
+            self.numbers.update({n["id"]: n for n in read_json(p)["numbers"]})
         return self.numbers
 
     def entry(self, nid: str) -> dict:
