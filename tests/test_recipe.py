@@ -36,7 +36,7 @@ def test_fastest_pick_is_measured_with_its_draws_spread_and_ids():
     rows = draw("a", 1, 1000, 50) + draw("a", 2, 1100, 50) + draw("b", 1, 500, 30) + draw("b", 2, 520, 30)
     p = recipe.search(rows, TIER)["picks"]["fastest"]
     assert p["status"] == "measured" and p["setting"] == {"arm": "a", "precision": "bf16", "batch": 2,
-                                                          "seq_len": 4096, "mode": "unsloth"}
+                                                          "seq_len": 4096, "mode": "plain"}
     assert p["value"] == 1050 and (p["min"], p["max"], p["n"]) == (1000, 1100, 2)
     assert "r/bench/a/d1/tokens_per_s" in p["ids"] and len(p["sources"]) == 2
     assert p["runner_up"]["label"].startswith("b ·")
@@ -141,7 +141,9 @@ def test_rows_map_onto_their_grid_points():
         assert recipe.setting_of(Row("r", "t", "m", "a", "bf16", "sweep", capped, 1.0), plan) is None
     assert recipe.setting_of(Row("r", "t", "m", "a", "bf16", "compare", "speedup_vs_x", 1.0), plan) is None
     assert grid.parse_shape_metric("tokens_per_s@1x16384@cap40") == ("tokens_per_s", 1, 16384, 40.0)
-    assert grid.mode_of(False) == "none" and grid.mode_of(True) == "plain" and grid.mode_of("unsloth") == "unsloth"
+    assert grid.mode_of(False) == "none" and grid.mode_of(True) == "plain"
+    assert grid.mode_of("unsloth", "unsloth_bf16") == "unsloth" and grid.mode_of("unsloth", "e4b_4bit") == "plain"
+    assert recipe.setting_of(Row("r", "t", "m", "hf_bf16", "bf16", "bench", "tokens_per_s", 5.0), plan)[0][-1] == "plain"
     assert recipe._row_id(r) == provenance.row_id(r)
 
 
@@ -156,7 +158,7 @@ def test_sweep_points_compete_with_bench_points():
 def test_main_writes_json_and_a_page_with_a_snippet(tmp_path):
     from conftest import ROOT
 
-    rows = draw("hf_bf16", 1, 1000, 50, j=(0.5, 0.9)) + draw("hf_bf16", 2, 1010, 50, j=(0.5, 0.9))
+    rows = draw("unsloth_bf16", 1, 1000, 50, j=(0.5, 0.9)) + draw("unsloth_bf16", 2, 1010, 50, j=(0.5, 0.9))
     write_rows(tmp_path / "metrics.csv", rows)
     (tmp_path / "tier.json").write_text(json.dumps(TIER))
     recipe.main(["--config", str(ROOT / "config" / "config.yaml"), "--tier", str(tmp_path / "tier.json"),
@@ -165,5 +167,100 @@ def test_main_writes_json_and_a_page_with_a_snippet(tmp_path):
     doc = json.loads((tmp_path / "recipe.json").read_text())
     assert doc["picks"]["fastest"]["status"] == "measured" and doc["headroom"] == 0.1
     md = (tmp_path / "recipe.md").read_text()
-    assert "| the fastest configuration that fits with headroom | hf_bf16 · batch 2 × seq 4096 · unsloth |" in md
-    assert "from peft import LoraConfig" in md and "SEQ_LEN, BATCH, MAX_STEPS = 4096, 2, 100" in md
+    assert "| the fastest configuration that fits with headroom | unsloth_bf16 · batch 2 × seq 4096 · unsloth |" in md
+    assert "from unsloth import FastLanguageModel" in md and "SEQ_LEN, BATCH, MAX_STEPS = 4096, 2, 100" in md
+
+
+# ---------------------------------------------------------------- capacity sweeps (the grid's sweep points)
+from moebench import sweep  # noqa: E402
+
+
+def test_fresh_processes_confirm_the_ladders_boundary():
+    calls = []
+
+    def fresh(limit):
+        return lambda v: calls.append(v) or ("measured" if v <= limit else "oom")
+
+    assert sweep.confirm(fresh(8192), 8192, 16384, 1024, 65536) == (8192, [(8192, "measured"), (16384, "oom")])
+    calls.clear()  # the ladder was pessimistic (fragmented allocator): the fresh fit stands, one step further
+    assert sweep.confirm(fresh(20000), 8192, 16384, 1024, 65536)[0] == 16384 and calls == [8192, 16384, 32768]
+    calls.clear()  # the in-process fit does not fit fresh: step down
+    assert sweep.confirm(fresh(4096), 8192, 16384, 1024, 65536)[0] == 4096 and calls == [8192, 4096]
+    assert sweep.confirm(fresh(0), None, 1024, 1024, 65536) == (None, [(1024, "oom")])
+    assert sweep.confirm(fresh(10**6), 65536, None, 1024, 65536) == (65536, [(65536, "measured")])
+
+
+def _sweep_args(tmp_path, tier, kind="seq", arm="hf_bf16"):
+    from conftest import ROOT
+
+    (tmp_path / "tier.json").write_text(json.dumps(tier))
+    return ["--config", str(ROOT / "config" / "config.yaml"), "--tier", str(tmp_path / "tier.json"), "--model",
+            str(tmp_path / "model"), "--data", str(tmp_path / "data" / "train.jsonl"), "--arm", arm, "--kind", kind,
+            "--out", str(tmp_path / f"{kind}.csv"), "--log", str(tmp_path / f"{kind}.log")]
+
+
+@pytest.mark.parametrize("kind,metric", [("seq", "max_seq_len"), ("batch", "max_batch")])
+def test_sweep_on_cpu_is_a_skipped_row_saying_why(tmp_path, kind, metric):
+    from moebench.metrics import read_rows
+
+    sweep.main(_sweep_args(tmp_path, {"tier": "cpu", "gpu": None, "plan": {"seq_len": 256, "batch": 1}}, kind))
+    (row,) = read_rows(tmp_path / f"{kind}.csv")
+    assert (row.stage, row.metric, row.status) == ("sweep", metric, "skipped") and "no GPU" in row.reason
+
+
+def test_answer_reads_the_ladder_and_adds_fresh_draws():
+    from moebench import harness
+
+    plan = {"seq_len": 4096, "batch": 2, "sweep": {"seq_min": 1024, "seq_max": 65536}}
+    ctx = harness.Ctx("r", "h200_141gb", "m", "a", "bf16", None, "sweep.log", stage="sweep")
+    lad = harness.Ctx("r", "h200_141gb", "m", "a", "bf16", 0, "ladder.log", stage="sweep")
+    for s in (1024, 2048, 4096):
+        lad.add(grid.shape_metric("tokens_per_s", 1, s), 1000.0 + s, "tokens/s")
+    lad.add(grid.shape_metric("step_s", 1, 8192), status="failed", reason="OOM: CUDA out of memory")
+    assert sweep.ladder_outcomes(lad.rows, "seq")[:2] == (4096, 8192)
+    sweep.answer(ctx, "seq", plan, lad.rows, lambda v: "measured" if v <= 4096 else "oom", logging_stub())
+    (row,) = ctx.rows
+    assert (row.metric, row.value, row.unit) == ("max_seq_len", 4096, "tokens")
+    assert "fresh processes: 4096 measured, 8192 oom" in row.reason
+
+
+def logging_stub():
+    import logging
+
+    return logging.getLogger("test-sweep")
+
+
+def test_cap_reason_says_when_a_cap_cannot_change_the_answer():
+    card = int(139.8 * 2**30)
+    assert "above this card" in sweep.cap_reason(160, card, 50.0)
+    assert "cannot change the answer" in sweep.cap_reason(80, card, 50.0)  # 50 GB peak < 80 GiB
+    assert sweep.cap_reason(40, card, 50.0) is None and sweep.cap_reason(24, card, None) is None
+
+
+def test_ladder_climbs_in_one_process_and_records_the_oom(tmp_path, monkeypatch):
+    """The real ladder on the tiny model (CPU): sizes climb in one process; an OOM is a row, not a crash."""
+    import torch
+
+    from conftest import tiny_workdir
+    from moebench import arms, config as cfgmod, harness
+
+    tier = tiny_workdir(tmp_path, conversations=12, sweep={"seq_min": 32, "seq_max": 256, "steps": 2})
+    real = harness.train_step
+
+    def step(model, opt, x):
+        if x.shape[1] >= 128:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, opt, x)
+
+    monkeypatch.setattr(harness, "train_step", step)
+    cfg = cfgmod.load(str(__import__("conftest").ROOT / "config" / "config.yaml"))
+    cfg["lora"].update(r=4, alpha=8)
+    ctx = harness.Ctx("r", "cpu", "m", "hf_bf16", "bf16", 0, "ladder.log", stage="sweep")
+    sweep.ladder(ctx, arms.get("hf_bf16"), cfg, tier, "seq", str(tmp_path / "model"),
+                 str(tmp_path / "data" / "train.jsonl"), logging_stub())
+    by = {r.metric: r for r in ctx.rows}
+    assert by["tokens_per_s@1x32"].status == "measured" and by["tokens_per_s@1x64"].status == "measured"
+    assert by["loss_first@1x64"].value > 0 and "peak_rss_gb@1x64" in by
+    assert by["step_s@1x128"].status == "failed" and by["step_s@1x128"].reason.startswith("OOM")
+    assert "tokens_per_s@1x256" not in by  # stopped at the first OOM
+    assert sweep.ladder_outcomes(ctx.rows, "seq")[:2] == (64, 128)

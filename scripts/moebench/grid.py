@@ -29,10 +29,12 @@ def is_capped(name: str) -> bool:
     return "@cap" in name
 
 
-def mode_of(gradient_checkpointing) -> str:
-    """The checkpointing mode a plan's `gradient_checkpointing` value means (offload's mode names)."""
+def mode_of(gradient_checkpointing, arm: str = "") -> str:
+    """The checkpointing mode a plan's `gradient_checkpointing` value means for `arm` (offload's mode names):
+    "unsloth" (offloaded activations) is Unsloth's own; the other stacks read any true value as HF's plain
+    non-reentrant checkpointing."""
     if gradient_checkpointing in (False, None, "false", "none", ""):
         return "none"
-    if gradient_checkpointing in (True, "true", "plain"):
+    if gradient_checkpointing in (True, "true", "plain") or not arm.startswith("unsloth"):
         return "plain"
     return str(gradient_checkpointing)

@@ -109,7 +109,7 @@ def setting_of(row: Row, plan: dict) -> tuple[tuple, str] | None:
     arm, _, mode = row.arm.partition("+")  # offload rows are "<arm>+<mode>"
     shaped = parse_shape_metric(row.metric)
     metric, batch, seq = (shaped[0], shaped[1], shaped[2]) if shaped else (row.metric, plan["batch"], plan["seq_len"])
-    return (arm, row.precision, int(batch), int(seq), mode or mode_of(plan.get("gradient_checkpointing"))), metric
+    return (arm, row.precision, int(batch), int(seq), mode or mode_of(plan.get("gradient_checkpointing"), arm)), metric
 
 
 def collect(rows: list[Row], plan: dict) -> dict[tuple, Setting]:

@@ -4,6 +4,7 @@ rule sweep:
         tier=f"{R}/tier.json",
         model=f"{R}/model",
         train=f"{R}/data/train.jsonl",
+        fp8=fp8_checkpoint,  # unsloth_fp8 (GPU): the prebuilt FP8 checkpoint (recipe.smk)
     output:
         f"{R}/sweep/{{arm}}/{{kind}}.csv",
     params:
@@ -12,6 +13,7 @@ rule sweep:
     conda:
         "../../environment.yml"
     log:
+        # the ladder process writes {kind}_ladder.log/.csv and each fresh probe probe_{kind}_*/ beside this log
         f"{R}/sweep/{{arm}}/{{kind}}.log",
     wildcard_constraints:
         kind="seq|batch",

@@ -1,0 +1,56 @@
+# The recipe for this card (issue 23): the fastest setting that fits with headroom, the smallest that trains and
+# the lowest net J/token, each a measured point of the run's grid (bench, offload, sweep rows in metrics.csv),
+# with a ready-to-paste training snippet. Reads tables only: runs on the submitting host.
+RECIPE_TARGETS = expand("results/{run}/recipe.json", run=RUNS)
+
+
+localrules:
+    recipe,
+
+
+rule recipe:
+    input:
+        run_config=ancient(RUN_CONFIG),  # made by rule run_config; its rewrite alone reruns nothing
+        metrics=f"{R}/metrics.csv",
+        tier=f"{R}/tier.json",
+    output:
+        json=f"{R}/recipe.json",
+        md=f"{R}/recipe.md",
+    params:
+        config=CONFIG,
+        settings=wl.per_run(config, wl.settings, "recipe"),  # rerun when these settings change
+    conda:
+        "../../environment.yml"
+    log:
+        f"{R}/logs/recipe.log",
+    shell:
+        "python -m moebench.recipe --config {params.config} --tier {input.tier} --metrics {input.metrics}"
+        " --out {output.json} --markdown {output.md} --log {log}"
+
+
+# unsloth_fp8 loads a prebuilt FP8 (torchao) checkpoint, made once per model build with Unsloth's own config
+# (Unsloth's on-the-fly cache is named by the directory's basename, so every run's model/ would share one).
+# Where FP8 cannot run (no GPU, torchao missing or old, not Hopper) the folder holds only the record saying why,
+# and the arm's rows are `skipped` with that reason.
+def fp8_checkpoint(wildcards):
+    if wildcards.arm != "unsloth_fp8" or wl.gpu_jobs(RUNS[wildcards.run]) == 0:
+        return []
+    return [f"results/{wildcards.run}/model-fp8"]
+
+
+rule model_fp8:
+    input:
+        model=f"{R}/model",
+    output:
+        directory(f"{R}/model-fp8"),
+    conda:
+        "../../environment.yml"
+    log:
+        f"{R}/logs/model_fp8.log",
+    resources:
+        gpu=GPU,
+        mem_mb=wl.per_run(config, wl.mem_mb, "model"),
+        runtime=30,
+        **TIER_RES,
+    shell:
+        "python -m moebench.arms.unsloth_fp8 make-fp8 {input.model} {output} > {log} 2>&1"
