@@ -38,11 +38,17 @@ def test_every_snippet_renders_valid_python_with_its_settings(arm, mode, kind):
         assert "BitsAndBytesConfig(load_in_4bit=True" in code and "gradient_checkpointing=True" in code
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_workdir(d, conversations=12)
+    return d
+
+
 @pytest.mark.parametrize("mode", ["none", "expert_offload"])
-def test_transformers_snippet_trains_the_tiny_model_on_cpu(tmp_path, mode):
-    tiny_workdir(tmp_path, conversations=12)
-    code = recipe.render_snippet(setting("hf_bf16", mode), CFG, PLAN, model=str(tmp_path / "model"),
-                                 data=str(tmp_path / "data" / "train.jsonl"), out=str(tmp_path / "out"), max_steps=2)
+def test_transformers_snippet_trains_the_tiny_model_on_cpu(tiny, tmp_path, mode):
+    code = recipe.render_snippet(setting("hf_bf16", mode), CFG, PLAN, model=str(tiny / "model"),
+                                 data=str(tiny / "data" / "train.jsonl"), out=str(tmp_path / "out"), max_steps=2)
     (tmp_path / "train.py").write_text(code)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "scripts"), "CUDA_VISIBLE_DEVICES": ""}
     r = subprocess.run([sys.executable, "train.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
