@@ -40,6 +40,8 @@ def test_fastest_pick_is_measured_with_its_draws_spread_and_ids():
     assert p["value"] == 1050 and (p["min"], p["max"], p["n"]) == (1000, 1100, 2)
     assert "r/bench/a/d1/tokens_per_s" in p["ids"] and len(p["sources"]) == 2
     assert p["runner_up"]["label"].startswith("b ·")
+    near = [(x["setting"]["batch"], x["setting"]["seq_len"]) for x in recipe.search(rows, TIER)["refine"]]
+    assert near == [(4, 4096), (2, 8192)]
 
 
 def test_headroom_boundary_on_the_cards_memory():

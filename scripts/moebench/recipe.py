@@ -276,6 +276,22 @@ def _beats(t: Setting, s: Setting) -> bool:
     return faster and smaller and greener
 
 
+def refine(grid: dict, picks: dict) -> list[dict]:
+    """Unmeasured neighbours of the fastest pick (twice the batch, twice the sequence): where a refining search
+    looks next, since more tokens per step can be faster while it still fits. Suggestions, never picks."""
+    best = picks["fastest"].get("setting")
+    if not best:
+        return []
+    out = []
+    for b, q in ((best["batch"] * 2, best["seq_len"]), (best["batch"], best["seq_len"] * 2)):
+        key = (best["arm"], best["precision"], b, q, best["mode"])
+        if key not in grid:
+            spec = {**best, "batch": b, "seq_len": q}
+            out.append({"label": Setting(*key).label, "setting": spec,
+                        "why": "an unmeasured neighbour of the fastest pick"})
+    return out
+
+
 # ---------------------------------------------------------------- the search
 def search(rows: list[Row], tier: dict, rules: dict | None = None) -> dict:
     rules = {**DEFAULTS, **(rules or {})}
@@ -295,7 +311,7 @@ def search(rows: list[Row], tier: dict, rules: dict | None = None) -> dict:
             "card": {"name": (gpu or {}).get("name"), "memory_gib": card},
             "headroom": rules["headroom"], "limit_gib": limit, "rules": rules, "picks": picks,
             "grid": [_summary(s) for s in sorted(grid.values(), key=lambda s: s.label)],
-            "pruned": prune(grid), "excluded": excluded, "next": nxt,
+            "pruned": prune(grid), "excluded": excluded, "next": nxt, "refine": refine(grid, picks),
             "note": None if gpu else "CPU tier: no card memory, so no headroom limit; the picks describe the CPU run"}
 
 
@@ -375,6 +391,9 @@ def render_md(doc: dict, cfg: dict, plan: dict) -> str:
     if doc["next"]:
         lines += ["", "Still to measure before these picks stand:", ""]
         lines += [f"- {x['label']}: {x['draws_needed']} more draw(s) (for {x['pick']})" for x in doc["next"]]
+    if doc.get("refine"):
+        lines += ["", "Worth measuring next (unmeasured neighbours of the fastest pick):", ""]
+        lines += [f"- {x['label']}" for x in doc["refine"]]
     seen = set()
     for p, v in doc["picks"].items():
         if v["status"] == "none" or v["label"] in seen:
