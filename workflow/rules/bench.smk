@@ -4,6 +4,7 @@ rule bench:
         tier=f"{R}/tier.json",
         model=f"{R}/model",
         train=f"{R}/data/train.jsonl",
+        bnb4=bnb4_check,  # unsloth_4bit on GPT-OSS (GPU): the checked pre-quantized checkpoint
     output:
         metrics=f"{R}/arms/{{arm}}/draw{{draw}}/metrics.csv",
         env=f"{R}/arms/{{arm}}/draw{{draw}}/env.json",
