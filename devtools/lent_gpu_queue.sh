@@ -31,7 +31,7 @@ if [ ! -e /tmp/moebench-queue.started ]; then
       common=(--cores 8 --resources gpu=1 --rerun-triggers params input code software-env)
       if [[ $run == il:* ]]; then
         run=${run#il:}
-        python -m moebench.interleave --configfile "config/runs/$run.yaml" -- "$@" "${common[@]}" --keep-going \
+        python -m moebench.interleave --configfile "config/runs/$run.yaml" --rest run -- "$@" "${common[@]}" --keep-going \
           2>&1 | tee /tmp/moebench-step.log
       else
         snakemake "$@" "${common[@]}" --configfile "config/runs/$run.yaml" 2>&1 | tee /tmp/moebench-step.log

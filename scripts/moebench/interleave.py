@@ -20,6 +20,8 @@ from pathlib import Path
 import yaml
 
 VERDICT_ARMS = ("unsloth_bf16", "unsloth_4bit")
+RUN_OUTPUTS = ["results/{run}/comparison.md", "results/{run}/verdict.json", "results/{run}/PROVENANCE.md",
+               "results/{run}/provenance_stamp.json"]
 
 
 def order(arms: list[str], draws: int) -> list[tuple[str, int]]:
@@ -46,7 +48,9 @@ def main(argv=None):
     ap.add_argument("--arms", nargs="+", default=list(VERDICT_ARMS), help="arms to interleave (default: the verdict pair)")
     ap.add_argument("--draws", type=int, default=None, help="draws of each (default: the tier plan's verdict_draws)")
     ap.add_argument("--force", action="store_true", help="re-measure draws already on disk")
-    ap.add_argument("--no-rest", action="store_true", help="stop after the interleaved draws")
+    ap.add_argument("--rest", choices=["all", "run", "none"], default="all",
+                    help="after the draws: the whole workflow (all), this run's own outputs only (run: the other "
+                         "arms, aggregate, provenance and stamp, no report; what a lent GPU's time is for), or none")
     ap.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="after --: passed to every snakemake call")
     a = ap.parse_args(argv)
     extra = [x for x in a.snakemake_args if x != "--"]
@@ -76,9 +80,9 @@ def main(argv=None):
             failed.append(target)  # a failed draw is a result too: its rows say why; go on with the others
     if failed:
         log(f"{len(failed)} draw(s) ended with an error: {failed}")
-    if not a.no_rest:
-        log("the rest of the workflow")
-        sys.exit(snakemake(base, [], log))
+    if a.rest != "none":
+        log(f"the rest of the workflow ({a.rest})")
+        sys.exit(snakemake(base, [t.format(run=run) for t in RUN_OUTPUTS] if a.rest == "run" else [], log))
 
 
 if __name__ == "__main__":
