@@ -224,6 +224,12 @@ def test_answer_reads_the_ladder_and_adds_fresh_draws():
     (row,) = ctx.rows
     assert (row.metric, row.value, row.unit) == ("max_seq_len", 4096, "tokens")
     assert "fresh processes: 4096 measured, 8192 oom" in row.reason
+    # a ladder cut by its time limit says so instead of claiming the search limit was reached
+    ctx.rows.clear()
+    cut = lad.rows[:3] + [Row("r", "t", "m", "a", "bf16", "sweep", "max_seq_len", status="failed",
+                              reason="ArmTimeout: draw exceeded arm_timeout_s=900 s", source="ladder.log", draw=0)]
+    sweep.answer(ctx, "seq", plan, cut, lambda v: "measured", logging_stub())
+    assert ctx.rows[0].value == 4096 and "the ladder stopped early (ArmTimeout" in ctx.rows[0].reason
 
 
 def logging_stub():

@@ -194,7 +194,10 @@ def ladder(ctx, arm, cfg: dict, tier: dict, kind: str, model_dir: str, data: str
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
         log.info("ladder under %g GiB: %s", cap, c_tried)
         if c_ok is None:
-            ctx.add(metric, status="failed", reason=f"smallest probe {lo} did not fit under {cap:g} GiB ({c_tried[-1][1]})")
+            loaded = next((r.value for r in ctx.rows if r.metric == "reserved_after_load_gb"), None)
+            held = f"; the loaded model alone held {loaded:.1f} GB" if isinstance(loaded, float) else ""
+            ctx.add(metric, status="failed",
+                    reason=f"smallest probe {lo} did not fit under {cap:g} GiB ({c_tried[-1][1]}){held}")
         else:
             ctx.add(metric, c_ok, "tokens" if kind == "seq" else "sequences", n=len(c_tried),
                     reason=f"in-process ladder under the cap; next probe {c_bad}: {c_tried[-1][1]}" if c_bad else
@@ -296,7 +299,9 @@ def answer(ctx, kind: str, plan: dict, ladder_rows: list[Row], fresh: Probe, log
         return
     final, seen = confirm(fresh, ok, bad, lo, hi)
     log.info("ladder %s; fresh processes %s", tried, seen)
-    first = f"first failure {bad} ({dict(tried)[bad]})" if bad else f"no failure up to the search limit {hi}"
+    stopped = next((r.reason for r in ladder_rows if r.metric == metric and r.status == "failed"), None)
+    first = (f"first failure {bad} ({dict(tried)[bad]})" if bad else f"the ladder stopped early ({stopped})" if stopped
+             else f"no failure up to the search limit {hi}")
     text = f"in-process ladder: fit {ok}, {first}; fresh processes: " + ", ".join(f"{v} {o}" for v, o in seen)
     if final is None:
         ctx.add(metric, status="failed", reason=f"nothing fitted in a fresh process; {text}")
