@@ -37,7 +37,7 @@ def prerequisites(run: str, arms: list[str], model: str, gpu: bool) -> list[str]
 
 
 def snakemake(args: list[str], targets: list[str], log) -> int:
-    cmd = [sys.executable, "-m", "snakemake", *args, *targets]
+    cmd = [sys.executable, "-m", "snakemake", *targets, *args]  # targets first: --configfile takes several values
     log(f"$ {' '.join(cmd)}")
     return subprocess.call(cmd)
 
