@@ -272,3 +272,16 @@ def test_ladder_climbs_in_one_process_and_records_the_oom(tmp_path, monkeypatch)
     assert by["step_s@1x128"].status == "failed" and by["step_s@1x128"].reason.startswith("OOM")
     assert "tokens_per_s@1x256" not in by  # stopped at the first OOM
     assert sweep.ladder_outcomes(ctx.rows, "seq")[:2] == (64, 128)
+
+
+def test_peak_memory_prefers_reserved_then_alloc_then_host_rss():
+    base = dict(run_id="r", tier="cpu", model="m", arm="a", precision="bf16", stage="bench", source="s", draw=1)
+    rows = [Row(**base, metric="tokens_per_s", value=10.0), Row(**base, metric="peak_rss_gb", value=2.0, unit="GB"),
+            Row(**base, metric="peak_alloc_gb", value=1.0, unit="GB")]
+    (s,) = recipe.collect(rows, TIER["plan"]).values()
+    assert s.peak() == pytest.approx(1e9 / 2**30)
+    rows.append(Row(**base, metric="peak_reserved_gb", value=1.5, unit="GB"))
+    (s,) = recipe.collect(rows, TIER["plan"]).values()
+    assert s.peak() == pytest.approx(1.5e9 / 2**30)
+    (s,) = recipe.collect(rows[:2], TIER["plan"]).values()
+    assert s.peak() == pytest.approx(2e9 / 2**30)

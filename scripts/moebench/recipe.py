@@ -28,6 +28,7 @@ DEFAULTS = {"headroom": 0.10, "min_draws": 2, "close_draws": 3, "close": 0.05, "
 STAGES = ("bench", "energy", "offload", "sweep")
 GIB, GB = 2**30, 1e9
 SNIPPETS = Path(__file__).with_name("snippets")
+PEAKS = ("peak_reserved_gb", "peak_alloc_gb", "peak_rss_gb")  # preferred first
 
 
 # ---------------------------------------------------------------- the grid
@@ -136,9 +137,10 @@ def collect(rows: list[Row], plan: dict) -> dict[tuple, Setting]:
 def _put(d: Draw, metric: str, r: Row) -> None:
     if metric == "tokens_per_s":
         d.tokens_per_s = float(r.value)
-    elif metric in ("peak_reserved_gb", "peak_alloc_gb"):
-        # reserved is what the card must hold (the allocator's cache included); alloc only when reserved is absent
-        if metric == "peak_reserved_gb" or d.peak_metric != "peak_reserved_gb":
+    elif metric in PEAKS:
+        # reserved is what the card must hold (the allocator's cache included); alloc when reserved is absent;
+        # the host's peak RSS on the CPU tier
+        if PEAKS.index(metric) <= (PEAKS.index(d.peak_metric) if d.peak_metric else len(PEAKS)):
             d.peak_gib, d.peak_metric = _mem_gib(r), metric
     elif metric in ("loss_first", "loss_last"):
         setattr(d, metric, float(r.value))
