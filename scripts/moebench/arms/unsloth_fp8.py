@@ -9,9 +9,9 @@ loads the model through transformers with `TorchAoConfig(Float8DynamicActivation
 every fresh machine, and the cache is named by the directory's basename only, so every run's `model/` would share
 `/tmp/model-fp8-row` and a stale one from another model would be loaded silently.
 
-`make-fp8` below builds the same checkpoint once per model build (Unsloth's own config, Unsloth's save call) with a
-record of what it did; the arm loads it with `use_exact_model_name=True` (no re-quantization) and `load_in_fp8`
-still set, so Unsloth runs its own checks and FP8 tagging.
+`make-fp8` below runs that same Unsloth function once per model build, into a private temp dir, and moves the
+result to `<model>-fp8` with a record of what it did; the arm loads it with `use_exact_model_name=True` (no
+re-quantization) and `load_in_fp8` still set, so Unsloth runs its own checks and FP8 tagging.
 
 torchao quantizes `nn.Linear` weights only. GPT-OSS and Qwen3-MoE keep their experts as fused 3-D parameters in
 transformers 5, so those may stay bf16 (as under bitsandbytes): the census says which weights really became FP8.
@@ -153,8 +153,36 @@ def _cuda() -> tuple[bool, tuple[int, int] | None]:
 
 
 def _quantize(src: str, dst: str, mode: str) -> dict:
+    """Unsloth's own `_offline_quantize_to_fp8`, pointed at a private temp dir (it caches under
+    `<tempdir>/<basename>-fp8-<mode>`), its result moved to `dst`. Falls back to the same steps written out
+    (Unsloth's torchao config, transformers' TorchAoConfig, save with safe_serialization=False) if that private
+    function moved."""
+    import shutil
+
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import unsloth  # noqa: F401  (first: it patches transformers)
+
+    try:
+        from unsloth.models.loader_utils import _offline_quantize_to_fp8
+    except ImportError as exc:
+        return {"route": f"written out (unsloth's _offline_quantize_to_fp8 not importable: {exc})",
+                **_quantize_written_out(src, dst, mode)}
+    with tempfile.TemporaryDirectory(dir=Path(dst).parent) as tmp:
+        old, tempfile.tempdir = tempfile.tempdir, tmp
+        try:
+            made = Path(_offline_quantize_to_fp8(str(Path(src).resolve()), mode))
+        finally:
+            tempfile.tempdir = old
+        for f in made.iterdir():
+            shutil.move(str(f), str(Path(dst) / f.name))
+    files = {f.name: f.stat().st_size for f in sorted(Path(dst).iterdir()) if f.name != RECORD}
+    src_bytes = sum(f.stat().st_size for f in Path(src).glob("*.safetensors"))
+    return {"route": "unsloth.models.loader_utils._offline_quantize_to_fp8", "files": files,
+            "bytes_on_disk": sum(files.values()), "source_weight_bytes": src_bytes}
+
+
+def _quantize_written_out(src: str, dst: str, mode: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
     from unsloth_zoo.vllm_utils import _get_torchao_fp8_config  # the config Unsloth's load_in_fp8 uses
