@@ -4,6 +4,7 @@ rule sweep:
         tier=f"{R}/tier.json",
         model=f"{R}/model",
         train=f"{R}/data/train.jsonl",
+        bnb4=bnb4_check,  # unsloth_4bit on GPT-OSS (GPU): the checked pre-quantized checkpoint
         fp8=fp8_checkpoint,  # unsloth_fp8 (GPU): the prebuilt FP8 checkpoint (recipe.smk)
     output:
         f"{R}/sweep/{{arm}}/{{kind}}.csv",
