@@ -213,14 +213,14 @@ def test_sweep_on_cpu_is_a_skipped_row_saying_why(tmp_path, kind, metric):
 def test_answer_reads_the_ladder_and_adds_fresh_draws():
     from moebench import harness
 
-    plan = {"seq_len": 4096, "batch": 2, "sweep": {"seq_min": 1024, "seq_max": 65536}}
+    sw = sweep.settings({"capacity": {"seq_min": 1024, "seq_max": 65536}})
     ctx = harness.Ctx("r", "h200_141gb", "m", "a", "bf16", None, "sweep.log", stage="sweep")
     lad = harness.Ctx("r", "h200_141gb", "m", "a", "bf16", 0, "ladder.log", stage="sweep")
     for s in (1024, 2048, 4096):
         lad.add(grid.shape_metric("tokens_per_s", 1, s), 1000.0 + s, "tokens/s")
     lad.add(grid.shape_metric("step_s", 1, 8192), status="failed", reason="OOM: CUDA out of memory")
     assert sweep.ladder_outcomes(lad.rows, "seq")[:2] == (4096, 8192)
-    sweep.answer(ctx, "seq", plan, lad.rows, lambda v: "measured" if v <= 4096 else "oom", logging_stub())
+    sweep.answer(ctx, "seq", sw, lad.rows, lambda v: "measured" if v <= 4096 else "oom", logging_stub())
     (row,) = ctx.rows
     assert (row.metric, row.value, row.unit) == ("max_seq_len", 4096, "tokens")
     assert "fresh processes: 4096 measured, 8192 oom" in row.reason
@@ -228,7 +228,7 @@ def test_answer_reads_the_ladder_and_adds_fresh_draws():
     ctx.rows.clear()
     cut = lad.rows[:3] + [Row("r", "t", "m", "a", "bf16", "sweep", "max_seq_len", status="failed",
                               reason="ArmTimeout: draw exceeded arm_timeout_s=900 s", source="ladder.log", draw=0)]
-    sweep.answer(ctx, "seq", plan, cut, lambda v: "measured", logging_stub())
+    sweep.answer(ctx, "seq", sw, cut, lambda v: "measured", logging_stub())
     assert ctx.rows[0].value == 4096 and "the ladder stopped early (ArmTimeout" in ctx.rows[0].reason
 
 
@@ -252,7 +252,7 @@ def test_ladder_climbs_in_one_process_and_records_the_oom(tmp_path, monkeypatch)
     from conftest import tiny_workdir
     from moebench import arms, config as cfgmod, harness
 
-    tier = tiny_workdir(tmp_path, conversations=12, sweep={"seq_min": 32, "seq_max": 256, "steps": 2})
+    tier = tiny_workdir(tmp_path, conversations=12)
     real = harness.train_step
 
     def step(model, opt, x):
@@ -263,6 +263,7 @@ def test_ladder_climbs_in_one_process_and_records_the_oom(tmp_path, monkeypatch)
     monkeypatch.setattr(harness, "train_step", step)
     cfg = cfgmod.load(str(__import__("conftest").ROOT / "config" / "config.yaml"))
     cfg["lora"].update(r=4, alpha=8)
+    cfg["capacity"] = {"seq_min": 32, "seq_max": 256, "steps": 2}
     ctx = harness.Ctx("r", "cpu", "m", "hf_bf16", "bf16", 0, "ladder.log", stage="sweep")
     sweep.ladder(ctx, arms.get("hf_bf16"), cfg, tier, "seq", str(tmp_path / "model"),
                  str(tmp_path / "data" / "train.jsonl"), logging_stub())

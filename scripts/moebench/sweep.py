@@ -14,6 +14,7 @@ at the tier's sequence length (`--kind batch`), so a failing probe costs seconds
 Rows carry their shape in the metric name (grid.shape_metric): `tokens_per_s@1x8192`, `peak_reserved_gb@1x8192`,
 `loss_first@1x8192`, ...; `@cap24` under a cap. The ladder's rows are draw 0, fresh confirmations draw 1. The
 answer is `max_seq_len` / `max_batch` (and `max_seq_len@cap24`, ...). Without a GPU every sweep is `skipped`.
+The ladders' limits, refinement, steps and time limit are config `capacity`.
 """
 from __future__ import annotations
 
@@ -62,9 +63,13 @@ def search(probe: Probe, lo: int, hi: int, refine: int = 0, quantum: int = 1) ->
     return ok, bad, tried
 
 
-def limits(kind: str, plan: dict) -> tuple[int, int, int]:
+def settings(cfg: dict) -> dict:
+    """The ladders' settings (config `capacity`; the schema fills its defaults)."""
+    return {"seq_min": 1024, "seq_max": 65536, "batch_max": 64, "refine": 0, "steps": 3, **(cfg.get("capacity") or {})}
+
+
+def limits(kind: str, sw: dict) -> tuple[int, int, int]:
     """(smallest, largest, quantum) of the ladder: sequence 1k-64k at batch 1, or batch 1..batch_max."""
-    sw = plan.get("sweep", {})
     if kind == "seq":
         return sw.get("seq_min", 1024), sw.get("seq_max", 65536), 1024
     return 1, sw.get("batch_max", 64), 1
@@ -163,18 +168,18 @@ def ladder(ctx, arm, cfg: dict, tier: dict, kind: str, model_dir: str, data: str
 
     cuda = torch.cuda.is_available()
     plan = tier["plan"]
-    lo, hi, quantum = limits(kind, plan)
-    sw = plan.get("sweep", {})
+    sw = settings(cfg)
+    lo, hi, quantum = limits(kind, sw)
     load_plan = {**plan, "seq_len": hi if kind == "seq" else plan["seq_len"]}  # Unsloth's max_seq_length
     model = harness.load_model(ctx, arm, cfg, load_plan, model_dir, log, cuda)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     model.train()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    steps = sw.get("steps", 3)
+    steps = sw["steps"]
     probe = InProcess(ctx, model, opt, kind, plan, tok, data, steps, cuda, log)
     if progress:
         progress.enter(f"{kind} ladder, uncapped")
-    ok, bad, tried = search(probe, lo, hi, sw.get("refine", 0), quantum)
+    ok, bad, tried = search(probe, lo, hi, sw["refine"], quantum)
     log.info("uncapped ladder: %s", tried)
     if not cuda:
         return
@@ -190,7 +195,7 @@ def ladder(ctx, arm, cfg: dict, tier: dict, kind: str, model_dir: str, data: str
             progress.enter(f"{kind} ladder under a {cap:g} GiB cap")
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GIB / total), 0)
         probe.cap = cap
-        c_ok, c_bad, c_tried = search(probe, lo, hi, sw.get("refine", 0), quantum)
+        c_ok, c_bad, c_tried = search(probe, lo, hi, sw["refine"], quantum)
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
         log.info("ladder under %g GiB: %s", cap, c_tried)
         if c_ok is None:
@@ -277,19 +282,19 @@ def run_ladder_process(args, log) -> list[Row]:
            "kind") for x in (f"--{k}", getattr(args, k))], "--out", str(csv),
            "--log", str(Path(args.log).with_name(f"{args.kind}_ladder.log"))]
     cfg = cfgmod.load(args.config)
-    code, text = run_bounded(cmd, ladder_timeout(cfg, read_json(args.tier)["plan"]) + 120)
+    code, text = run_bounded(cmd, ladder_timeout(cfg) + 120)
     if not csv.exists():
         log.error("ladder process wrote nothing (exit %s): %s", code, text[-2000:])
         return []
     return read_rows(csv)
 
 
-def ladder_timeout(cfg: dict, plan: dict) -> int:
-    return int(plan.get("sweep", {}).get("timeout_s", 2 * cfg["arm_timeout_s"]))
+def ladder_timeout(cfg: dict) -> int:
+    return int(settings(cfg).get("timeout_s") or 2 * cfg["arm_timeout_s"])
 
 
-def answer(ctx, kind: str, plan: dict, ladder_rows: list[Row], fresh: Probe, log) -> None:
-    lo, hi, _ = limits(kind, plan)
+def answer(ctx, kind: str, sw: dict, ladder_rows: list[Row], fresh: Probe, log) -> None:
+    lo, hi, _ = limits(kind, sw)
     metric = "max_seq_len" if kind == "seq" else "max_batch"
     unit = "tokens" if kind == "seq" else "sequences"
     ok, bad, tried = ladder_outcomes(ladder_rows, kind)
@@ -327,7 +332,7 @@ def main(argv=None):
     if args.ladder:
         harness.guarded(ctx, log, lambda progress: ladder(ctx, arm, cfg, tier, args.kind, args.model, args.data, log,
                                                           progress),
-                        ladder_timeout(cfg, tier["plan"]), skip=skip, metric=metric, phase=f"{args.kind} ladder")
+                        ladder_timeout(cfg), skip=skip, metric=metric, phase=f"{args.kind} ladder")
     elif skip:
         log.info("skipped: %s", skip)
         ctx.add(metric, status="skipped", reason=skip)
@@ -341,7 +346,7 @@ def main(argv=None):
                 ctx.rows.extend(relabel(probe_rows, b, s, args.log))
                 return out
 
-            answer(ctx, args.kind, tier["plan"], rows, fresh, log)
+            answer(ctx, args.kind, settings(cfg), rows, fresh, log)
     for r in ctx.rows:
         if r.source == args.log:  # the ladder's rows are in the ladder's log
             log_row(log, r)

@@ -11,6 +11,7 @@ rule sweep:
     params:
         config=CONFIG,
         settings=wl.per_run(config, wl.settings, "bench"),  # rerun when these settings change
+        capacity=wl.per_run(config, lambda c: repr(sorted((c.get("capacity") or {}).items()))),  # the ladders
     conda:
         "../../environment.yml"
     log:
