@@ -395,3 +395,65 @@ def test_idle_after_settling_reads_the_settled_power():
     unsettled = E.idle_baseline(3.0, sleep=ScriptedPower(src.watts).sleep, source=ScriptedPower(src.watts),
                                 hz=1000)
     assert unsettled.settle_s is None  # settle_max_s 0: not waited for, and recorded as such
+
+
+# ---- bench level: idle before the arm's imports, J/token over the whole timed window
+class ClockSource:
+    """A 100 W device on the real clock, recording each read in `events` (shared with the fake arm)."""
+
+    name, device = "nvml", "gpu0"
+
+    def __init__(self, events):
+        self.events, self.t0 = events, time.monotonic()
+
+    def energy_j(self):
+        self.events.append("energy read")
+        return 100.0 * (time.monotonic() - self.t0)
+
+    def power_w(self):
+        return 100.0
+
+    def state(self):
+        return {"sm_clock_mhz": 1980, "mem_clock_mhz": 3201, "power_limit_w": 700.0, "temp_c": 45, "throttle": "none"}
+
+
+def test_bench_reads_idle_before_the_arm_imports_and_counts_every_timed_token(tmp_path, monkeypatch):
+    import logging
+
+    from conftest import ROOT, tiny_workdir
+    from moebench import arms, bench, harness
+    from moebench import config as cfgmod
+
+    tier = tiny_workdir(tmp_path, seq_len=32, batch=2, warmup_steps=1, warmup_max=1, timed_steps=2,
+                        min_power_samples=10)
+    tier["gpu"] = {"name": "fake GPU"}  # a GPU tier: the idle baseline is taken (the model still runs on CPU)
+    events = []
+    monkeypatch.setattr(E, "open_source", lambda *a, **k: ClockSource(events))
+
+    class Recorded(type(arms.get("hf_bf16"))):
+        def preimport(self):
+            events.append("arm preimport")
+            super().preimport()
+
+    cfg = cfgmod.load(ROOT / "config" / "config.yaml")
+    cfg.update(idle_baseline_s=0.1, idle_settle_max_s=0)
+    ctx = harness.Ctx("r", "cpu", "tiny", "hf_bf16", "bf16", 1, str(tmp_path / "draw" / "run.log"))
+    bench.run(ctx, Recorded(), cfg, tier, str(tmp_path / "model"), str(tmp_path / "data" / "train.jsonl"),
+              logging.getLogger("t"), bare_loop=False)
+    # the idle window opened and closed (two counter reads) before the arm imported anything
+    assert events[:3] == ["energy read", "energy read", "arm preimport"]
+    rows = {r.metric: r for r in ctx.rows}
+    n = rows["timed_steps_used"].value
+    assert rows["power_samples"].value >= 10 and n >= 2  # the window ran until it held 10 power samples
+    with open(tmp_path / "draw" / "steps.csv") as fh:
+        steps = list(csv.DictReader(fh))
+    assert len(steps) == n and all(int(s["tokens"]) == 32 * 2 for s in steps)
+    tokens = 32 * 2 * n  # seq * batch * timed steps, not one step
+    assert rows["j_per_token"].value == pytest.approx(rows["energy_j"].value / tokens)
+    assert rows["energy_j"].value == pytest.approx(100.0 * rows["energy_window_s"].value, rel=1e-3)
+    # J/token and the window's mean throughput share one window: their product is the mean power
+    assert rows["j_per_token"].value * rows["tokens_per_s_mean_window"].value == pytest.approx(100.0, rel=1e-3)
+    assert rows["idle_w"].value == pytest.approx(100.0, rel=1e-3)
+    assert rows["gpu_temp_c_start"].value == 45 and rows["idle_gpu_sm_clock_mhz"].value == 1980
+    assert rows["warmup_steps_used"].value >= 1 and rows["frozen_timed"].value == 0.0
+    assert rows["router_max_over_mean"].n == 2 and "router_drift_tv" in rows

@@ -251,3 +251,24 @@ def test_router_load_without_drift_or_routers():
     none.mark()
     assert none.marks == [] and none.window() == {}
     assert routing.load_drift({0: [1, 1]}, {0: [1, 1]})["tv"] == 0.0
+
+
+def test_frozen_timed_window_does_the_work_but_moves_no_weight():
+    import torch
+
+    from moebench import bench
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    x = torch.randn(8, 4)
+    layer(x).pow(2).sum().backward()
+    opt.step()  # a trained step: the weights move
+    before = [p.detach().clone() for p in layer.parameters()]
+    bench.freeze(opt)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).pow(2).sum().backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
+    assert opt.state[layer.weight]["step"] == 4  # AdamW still ran every update

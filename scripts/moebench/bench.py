@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import arms as arm_registry
 from . import config as cfgmod
-from . import harness, inspect, routing
+from . import energy, harness, inspect, measure, routing
 from .harness import Ctx, Progress
 from .io import logger, read_json, write_json
 from .metrics import log_row, write_rows
@@ -20,43 +20,47 @@ from .metrics import log_row, write_rows
 
 def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, log, bare_loop: bool,
         progress: Progress | None = None) -> None:
+    backend = "nvml" if tier.get("gpu") else "rapl"  # chosen from the tier: asking torch would start CUDA
+    idle = idle_before_cuda(cfg, tier, log)  # before the arm's imports: Unsloth starts CUDA at import
     arm.preimport()  # before transformers: Unsloth patches it at import
     import torch
-
-    from . import energy, measure
 
     plan, cuda = tier["plan"], torch.cuda.is_available()
     lora = harness.lora_spec(cfg)
     torch.manual_seed(cfg["seed"] + ctx.draw)
-    idle = None
-    if cuda and cfg.get("idle_baseline_s"):  # before this process puts anything on the GPU
-        idle = energy.idle_baseline(cfg["idle_baseline_s"], backend="auto")
-        log.info("idle baseline over %.1f s: %s W", cfg["idle_baseline_s"], idle.mean_w)
     model = harness.load_model(ctx, arm, cfg, plan, model_dir, log, cuda)
     trainable = [p for p in model.parameters() if p.requires_grad]
     seq, bsz = plan["seq_len"], plan["batch"]
-    steps_warm, steps_timed = plan["warmup_steps"], plan["timed_steps"]
-    xs = harness.make_inputs(model_dir, data_path, plan, steps_warm + steps_timed, cfg["seed"] + ctx.draw, cuda)
+    warm, window = measure.WarmupPolicy.from_plan(plan), measure.WindowPolicy.from_plan(plan, arm.name)
+    xs = harness.make_inputs(model_dir, data_path, plan, warm.max_steps + window.steps, cfg["seed"] + ctx.draw, cuda)
     opt = torch.optim.AdamW(trainable, lr=2e-4)
     model.train()
     losses = []
-    load, warm_s = warmup(model, opt, xs[:steps_warm], losses, log, progress)
+    # counting stays on from the first step to the last: switching a hook's flag would retrace a compiled layer
+    load = routing.RouterLoad.of(model)
+    load.counting = True
+    warm_s = warmup(model, opt, xs[:warm.max_steps], losses, log, warm, cuda, progress)
     if warm_s:  # compile/autotune cost a user pays once per process: a first step can take minutes
         ctx.add("first_step_s", warm_s[0], "s")
-    router_rows(ctx, load)
-    if progress:
-        progress.enter(f"{steps_timed} timed steps")
-    timer = measure.StepTimer(cuda)
-    meter = energy.EnergyMeter(backend="auto")
-    with meter, energy.ZeusWindow() as zeus:
-        for i in range(steps_warm, steps_warm + steps_timed):
-            with timer:
-                losses.append(harness.train_step(model, opt, xs[i]))
-            log.info("timed step %d/%d: %.4f s", i - steps_warm + 1, steps_timed, timer.times[-1])
-    s = measure.summary(timer.times)
-    tokens = seq * bsz
+    ctx.add("warmup_steps_used", len(warm_s), "steps", reason=warm.outcome(warm_s)[1])
+    frozen = bool(plan.get("frozen_timed"))
+    if frozen:
+        freeze(opt)
+    ctx.add("frozen_timed", float(frozen), "flag")
+    timed_xs = xs[warm.max_steps:]
+    times, window_s, meter, zeus = timed_window(model, opt, timed_xs, losses, load, window, backend, cuda, log,
+                                                progress)
+    n, tokens = len(times), seq * bsz
+    s = measure.summary(times)
     ctx.add("step_s", s["median"], "s", n=s["n"], spread=s["iqr"])
     ctx.add("tokens_per_s", tokens / s["median"], "tokens/s", n=s["n"])
+    # J/token's partner: tokens over the whole window that the joules were counted over
+    ctx.add("tokens_per_s_mean_window", tokens * n / window_s, "tokens/s", n=n)
+    ctx.add("timed_window_s", window_s, "s", n=n, reason=window.shortfall(n, window_s, meter.samples))
+    capped = window.max_steps and n >= window.max_steps
+    ctx.add("timed_steps_used", n, "steps", reason=f"capped by max_timed_steps={window.max_steps}" if capped else "")
+    measure.write_steps(Path(ctx.log_path).with_name("steps.csv"), times, tokens)
+    router_rows(ctx, load)
     for k, v in measure.memory_peak(cuda).items():
         ctx.add(k, v, "GB")
     loss_vals = [float(v) for v in losses]
@@ -67,49 +71,104 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, lo
     log.info("expert LoRA check: %s", check)
     for k, v in check.items():
         ctx.add(k, v, "count" if not k.endswith("params") else "params")
-    ctx.rows.extend(energy.energy_rows(meter.result, idle, tokens * steps_timed, **ctx.row_kwargs()))
+    ctx.rows.extend(energy.energy_rows(meter.result, idle, tokens * n, **ctx.row_kwargs()))
     if cuda:  # Zeus over the same window: a second implementation to check ours against
-        ctx.rows.extend(energy.zeus_rows(meter.result, zeus.result, tokens * steps_timed, **ctx.row_kwargs()))
+        ctx.rows.extend(energy.zeus_rows(meter.result, zeus.result, tokens * n, **ctx.row_kwargs()))
     if meter.result.trace:
         energy.write_trace(Path(ctx.log_path).with_name("power.csv"), meter.result)
-    cfg_model = model.config if hasattr(model, "config") else None
-    if cfg_model is not None and routing.moe_shape(cfg_model)["experts"]:
-        fm = measure.FlopModel.from_config(cfg_model, lora.r, lora.experts)
-        flops = fm.step_flops(tokens, seq, recompute=bool(plan.get("gradient_checkpointing")))
-        ctx.add("model_tflop_per_step", flops / 1e12, "TFLOP")
-        if cuda:
-            rate = measure.matmul_tflops()
-            ctx.add("matmul_bf16_tflops", rate, "TFLOP/s")
-            ctx.add("mfu_vs_measured_matmul", flops / s["median"] / 1e12 / rate, "fraction")
-            if plan.get("datasheet_bf16_tflops"):
-                ctx.add("mfu_vs_datasheet", flops / s["median"] / 1e12 / plan["datasheet_bf16_tflops"], "fraction")
+    flop_rows(ctx, model, lora, plan, arm, s["median"], cuda)
     if bare_loop:
-        bare = bare_loop_step_s(model, opt, xs[steps_warm:], cuda)
-        ctx.add("bare_loop_step_s", bare, "s", n=len(xs) - steps_warm)
+        bare_xs = timed_xs[:window.steps]
+        bare = bare_loop_step_s(model, opt, bare_xs, cuda)
+        ctx.add("bare_loop_step_s", bare, "s", n=len(bare_xs))
         ctx.add("harness_over_bare", s["median"] / bare, "ratio")
-
-
-def warmup(model, opt, xs, losses: list, log, progress: Progress | None = None):
-    """The untimed warm-up steps, counting which experts the routers pick (hooks stay out of the timed window).
-    Returns the router load and each step's wall time (the first holds any compile/autotune)."""
-    load = routing.RouterLoad.of(model)
-    load.counting = True
-    times = []
-    for i, x in enumerate(xs):
-        if progress:
-            progress.enter(f"warm-up step {i + 1}/{len(xs)}")
-        t = time.perf_counter()
-        losses.append(harness.train_step(model, opt, x))
-        float(losses[-1])  # waits for the step, so the time is the step's and not its launch's
-        times.append(time.perf_counter() - t)
-        log.info("warm-up step %d/%d: %.1f s", i + 1, len(xs), times[-1])
     load.remove()
-    return load, times
+
+
+def idle_before_cuda(cfg: dict, tier: dict, log):
+    """The GPU's idle power, read through NVML alone before this process creates a CUDA context (a context
+    alone draws tens of watts, and the Unsloth arms create theirs at import) and after power has settled."""
+    if not (tier.get("gpu") and cfg.get("idle_baseline_s")):
+        return None
+    idle = energy.idle_baseline(cfg["idle_baseline_s"], backend="nvml", settle_tol=cfg["idle_settle_tol"],
+                                settle_max_s=cfg["idle_settle_max_s"])
+    log.info("idle baseline over %.1f s after %s s settling: %s W %s", cfg["idle_baseline_s"], idle.settle_s,
+             idle.mean_w, idle.settle_note or idle.reason)
+    return idle
+
+
+def freeze(opt) -> None:
+    """Learning rate 0: AdamW still computes every update (same kernels, same work), but no weight moves, so
+    the routing, and with it the step time, cannot drift over the window."""
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+
+
+def timed_window(model, opt, xs, losses: list, load, policy, backend: str, cuda: bool, log,
+                 progress: Progress | None = None):
+    """Timed steps (CUDA events) under one energy meter until `policy` is satisfied, cycling through `xs`; the
+    router load is marked after each step, on the device. Returns (step times, window seconds, meter, zeus)."""
+    if progress:
+        progress.enter(f"{policy.steps} timed steps" + (f" and {policy.min_s:g} s" if policy.min_s else ""))
+    timer = measure.StepTimer(cuda)
+    meter = energy.EnergyMeter(backend=backend)
+    with meter, energy.ZeusWindow() as zeus:
+        load.mark()
+        t0 = time.perf_counter()
+        while not policy.done(len(timer.times), time.perf_counter() - t0, meter.samples):
+            with timer:
+                losses.append(harness.train_step(model, opt, xs[len(timer.times) % len(xs)]))
+            load.mark()
+            log.info("timed step %d: %.4f s", len(timer.times), timer.times[-1])
+        wall = time.perf_counter() - t0
+    # the joules' own window where they were counted, so J/token and mean tokens/s share one denominator
+    window_s = meter.result.seconds if meter.result.status == "measured" else wall
+    return timer.times, window_s, meter, zeus
+
+
+def flop_rows(ctx: Ctx, model, lora, plan: dict, arm, step_s: float, cuda: bool) -> None:
+    """Model and hardware FLOPs per step; on a GPU, MFU (no recompute) and HFU (with checkpointing's
+    recompute) against the measured bf16 matmul rate and the datasheet's. A 4-bit arm counts the same FLOPs
+    at the bf16 rate (its matmuls run on dequantized bf16), and its rows say so."""
+    cfg_model = getattr(model, "config", None)
+    if cfg_model is None or not routing.moe_shape(cfg_model)["experts"]:
+        return
+    fm = measure.FlopModel.from_config(cfg_model, lora.r, lora.experts)
+    seq, tokens = plan["seq_len"], plan["seq_len"] * plan["batch"]
+    model_flops = fm.step_flops(tokens, seq, recompute=False)
+    hw_flops = fm.step_flops(tokens, seq, recompute=measure.recomputes(plan))
+    ctx.add("model_tflop_per_step", model_flops / 1e12, "TFLOP")
+    ctx.add("hardware_tflop_per_step", hw_flops / 1e12, "TFLOP")
+    if not cuda:
+        return
+    rate = measure.matmul_tflops()
+    ctx.add("matmul_bf16_tflops", rate, "TFLOP/s")
+    note = "" if arm.precision == "bf16" else "4-bit arm: FLOPs at the bf16 rate (matmuls on dequantized bf16)"
+    for name, peak in (("measured_matmul", rate), ("datasheet", plan.get("datasheet_bf16_tflops"))):
+        if peak:
+            u = measure.utilization(model_flops, hw_flops, step_s, peak)
+            ctx.add(f"mfu_vs_{name}", u["mfu"], "fraction of bf16 peak", reason=note)
+            ctx.add(f"hfu_vs_{name}", u["hfu"], "fraction of bf16 peak", reason=note)
+
+
+def warmup(model, opt, xs, losses: list, log, policy, cuda: bool, progress: Progress | None = None) -> list[float]:
+    """Untimed warm-up steps until the step time is steady (`policy`: at least its minimum, at most its cap).
+    Returns each step's time, on the timed steps' clock (the first holds any compile/autotune)."""
+    timer = measure.StepTimer(cuda)
+    while policy.more(timer.times):
+        i = len(timer.times)
+        if progress:
+            progress.enter(f"warm-up step {i + 1} (of {policy.min_steps} to {policy.max_steps})")
+        with timer:
+            losses.append(harness.train_step(model, opt, xs[i]))
+        log.info("warm-up step %d: %.3f s", i + 1, timer.times[-1])
+    return timer.times
 
 
 def router_rows(ctx: Ctx, load: "routing.RouterLoad") -> None:
-    """Expert load the arm really routed in its warm-up steps: the skew the comparison ran under."""
-    overall = load.overall()
+    """Expert load the arm really routed over its timed window (the skew the comparison ran under), and how
+    far it moved between the window's first and last quarter (routing drifts as the LoRA trains)."""
+    overall = load.overall(load.window())
     if not overall:
         ctx.add("router_max_over_mean", status="unavailable",
                 reason="no router module (mlp.router / mlp.gate) reported its top-k choice in this arm's forward")
@@ -118,6 +177,14 @@ def router_rows(ctx: Ctx, load: "routing.RouterLoad") -> None:
     ctx.add("router_max_over_mean_worst_layer", overall["max_over_mean_worst"], "ratio", n=overall["layers"])
     ctx.add("router_entropy_norm", overall["entropy_norm"], "fraction of log E", n=overall["layers"])
     ctx.add("router_unused_experts", overall["unused"], "count", n=overall["layers"])
+    drift = load.drift()
+    if not drift:
+        ctx.add("router_drift_tv", status="unavailable", reason="fewer than two timed steps: no quarters to compare")
+        return
+    q = drift["quarter_steps"]
+    ctx.add("router_drift_tv", drift["tv"], "fraction", n=q)  # first vs last quarter of the timed steps
+    ctx.add("router_max_over_mean_first_quarter", drift["max_over_mean_first"], "ratio", n=q)
+    ctx.add("router_max_over_mean_last_quarter", drift["max_over_mean_last"], "ratio", n=q)
 
 
 def bare_loop_step_s(model, opt, xs, cuda: bool) -> float:
@@ -157,6 +224,8 @@ def main(argv=None):
     for r in ctx.rows:
         log_row(log, r)
     write_json(Path(a.out).parent / "env.json", {"arm": arm.name, "draw": a.draw, **harness.environment(started, tier)})
+    if not any(r.metric == "timed_steps_used" for r in ctx.rows):  # timed nothing: a header-only steps.csv
+        measure.write_steps(Path(a.out).with_name("steps.csv"), [], 0)
     write_rows(a.out, ctx.rows)  # last: its existence marks the draw complete
 
 

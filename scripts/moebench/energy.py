@@ -289,11 +289,11 @@ class EnergyMeter:
             return self
         self._unavailable = ""
         self._counter_error = ""
+        self._state0 = _state(self.source)  # before the counter: the joules and the seconds span the same reads
         try:
             self._e0 = self.source.energy_j()
         except CounterUnsupported as e:
             self._e0, self._counter_error = None, str(e)
-        self._state0 = _state(self.source)
         self._t0 = self.clock()
         self._sampler = PowerSampler(self.source.power_w, self.hz, self.clock)
         self._sampler.start(self._t0)
@@ -310,18 +310,19 @@ class EnergyMeter:
             return False
         self._sampler.stop()
         self._sampler.sample()  # a last point at the very end of the window
-        seconds = self.clock() - self._t0
-        self.result = self._finish(seconds, self._sampler.samples)
-        self.result.state_start, self.result.state_end = self._state0, _state(self.source)
+        state_end = _state(self.source)
+        self.result = self._finish(self._sampler.samples)
+        self.result.state_start, self.result.state_end = self._state0, state_end
         return False
 
-    def _finish(self, seconds: float, trace: list[tuple[float, float]]) -> EnergyResult:
+    def _finish(self, trace: list[tuple[float, float]]) -> EnergyResult:
         src = self.source
+        e1 = src.energy_j() if self._e0 is not None else None
+        seconds = self.clock() - self._t0  # right after the last counter read, as _t0 right after the first
         peak = max((w for _, w in trace), default=None)
         base = dict(backend=src.name, device=src.device, seconds=seconds, peak_w=peak, trace=list(trace))
-        if self._e0 is not None:
-            joules = src.energy_j() - self._e0
-            return EnergyResult("measured", method=f"{src.name} energy counter", joules=joules, **base)
+        if e1 is not None:
+            return EnergyResult("measured", method=f"{src.name} energy counter", joules=e1 - self._e0, **base)
         joules = integrate_w(trace)
         if joules is None:
             return EnergyResult("unavailable", reason=f"no energy counter ({self._counter_error}) and fewer "

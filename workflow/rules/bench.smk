@@ -8,6 +8,7 @@ rule bench:
     output:
         metrics=f"{R}/arms/{{arm}}/draw{{draw}}/metrics.csv",
         env=f"{R}/arms/{{arm}}/draw{{draw}}/env.json",
+        steps=f"{R}/arms/{{arm}}/draw{{draw}}/steps.csv",  # timed steps (step, seconds, tokens); header only if none
     params:
         config=CONFIG,
         settings=wl.per_run(config, wl.settings, "bench"),  # rerun when these settings change
