@@ -269,7 +269,7 @@ def test_ladder_climbs_in_one_process_and_records_the_oom(tmp_path, monkeypatch)
                  str(tmp_path / "data" / "train.jsonl"), logging_stub())
     by = {r.metric: r for r in ctx.rows}
     assert by["tokens_per_s@1x32"].status == "measured" and by["tokens_per_s@1x64"].status == "measured"
-    assert by["loss_first@1x64"].value > 0 and "peak_rss_gb@1x64" in by
+    assert by["loss_last@1x64"].value < by["loss_first@1x64"].value and "peak_rss_gb@1x64" in by  # it trains
     assert by["step_s@1x128"].status == "failed" and by["step_s@1x128"].reason.startswith("OOM")
     assert "tokens_per_s@1x256" not in by  # stopped at the first OOM
     assert sweep.ladder_outcomes(ctx.rows, "seq")[:2] == (64, 128)

@@ -12,7 +12,8 @@ at the tier's sequence length (`--kind batch`), so a failing probe costs seconds
    make it pessimistic; a fresh draw also gives the boundary setting its second draw for the recipe.
 
 Rows carry their shape in the metric name (grid.shape_metric): `tokens_per_s@1x8192`, `peak_reserved_gb@1x8192`,
-`loss_first@1x8192`, ...; `@cap24` under a cap. The ladder's rows are draw 0, fresh confirmations draw 1. The
+`loss_first@1x8192`, ...; `@cap24` under a cap. A ladder probe repeats one batch, so its loss falls if the
+setting trains (the recipe's smallest-that-trains test). The ladder's rows are draw 0, fresh confirmations draw 1. The
 answer is `max_seq_len` / `max_batch` (and `max_seq_len@cap24`, ...). Without a GPU every sweep is `skipped`.
 The ladders' limits, refinement, steps and time limit are config `capacity`.
 """
@@ -131,8 +132,9 @@ class InProcess:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
-            for i, x in enumerate(harness.batches(self.data, self.tok, s, b, self.steps, 0)):
-                x = x.to("cuda" if self.cuda else "cpu")
+            # one batch, repeated: the same routing in every step, and a loss that must fall if the setting trains
+            x = next(harness.batches(self.data, self.tok, s, b, 1, 0)).to("cuda" if self.cuda else "cpu")
+            for i in range(self.steps):
                 if i == 0:  # warm-up: kernels for a new shape
                     losses.append(float(harness.train_step(self.model, self.opt, x)))
                     continue
