@@ -58,6 +58,7 @@ def test_hf_bf16_really_trains_on_cpu_with_expert_lora(setup):
     # every number of metrics.csv is also a line of the run log (the audit re-derives it from there)
     logged = {r.metric: r.value for r in parse_log_rows(out / "run.log")}
     assert logged["step_s"] == rows["step_s"].value
+    assert not any(r.status == "degraded" for r in rows.values())  # nothing this arm declares was printed
     env = json.loads((out / "env.json").read_text())
     assert env["packages"]["transformers"] == "5.17.0"
     # the machine is named, so an aggregate can tell draws of different machines apart
@@ -142,12 +143,17 @@ def variant(d, name, cfg_change=None, plan_change=None):
     return d / f"{name}.yaml", f"{name}.tier.json"
 
 
-def test_bare_loop_check_runs_in_the_same_process(setup):
+def test_bare_loop_check_and_a_console_fallback_in_one_draw(setup):
+    """One draw, two checks: the bare-loop comparison, and a declared console line (transformers' own load
+    progress bar, printed to fd 2 by a third party) turning the draw's measured rows `degraded`."""
     d, _ = setup
-    cfg, tier = variant(d, "bare", {"bare_loop_arms": ["hf_bf16"]})
-    rows, _ = run_arm(d, "hf_bf16", draw=7, config=cfg, tier=tier)
+    cfg, tier = variant(d, "bare", {"bare_loop_arms": ["hf_bf16"], "degraded_patterns": {"hf_bf16": ["Loading weights"]}})
+    rows, out = run_arm(d, "hf_bf16", draw=7, config=cfg, tier=tier)
     assert rows["bare_loop_step_s"].value > 0
     assert rows["harness_over_bare"].value == pytest.approx(rows["step_s"].value / rows["bare_loop_step_s"].value)
+    assert rows["step_s"].status == "degraded" and rows["step_s"].reason.startswith("console: Loading weights")
+    assert all(r.status != "measured" for r in rows.values())
+    assert "degraded: console: Loading weights" in (out / "run.log").read_text()
 
 
 def test_overrunning_draw_becomes_failed_row(setup):

@@ -6,6 +6,7 @@ gives `skipped` rows; one that crashes or runs out of memory gives `failed` rows
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -219,8 +220,16 @@ def main(argv=None):
     started = datetime.now(timezone.utc).isoformat()
     skip = harness.unavailable(arm, tier["plan"], tier.get("gpu") is not None, a.model)
     bare = a.arm in cfg["bare_loop_arms"]
-    harness.guarded(ctx, log, lambda progress: run(ctx, arm, cfg, tier, a.model, a.data, log, bare, progress),
-                    cfg["arm_timeout_s"], skip=skip)
+    if cfg.get("recompile_limit") is not None:
+        os.environ.setdefault("TORCH_LOGS", "recompiles")  # read when torch is imported: one line per recompile
+    console = harness.ConsoleMatcher(harness.arm_patterns(cfg, arm.name), cfg.get("recompile_limit"), keep=20)
+    with harness.ConsoleTap(console):  # third-party prints announce fallbacks: see them as they pass
+        harness.guarded(ctx, log, lambda progress: run(ctx, arm, cfg, tier, a.model, a.data, log, bare, progress),
+                        cfg["arm_timeout_s"], skip=skip)
+    degraded = harness.console_reason(console.matches())
+    if degraded:
+        log.warning("degraded: %s", degraded)
+    harness.mark_degraded(ctx, degraded)
     for r in ctx.rows:
         log_row(log, r)
     write_json(Path(a.out).parent / "env.json", {"arm": arm.name, "draw": a.draw, **harness.environment(started, tier)})
