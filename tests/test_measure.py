@@ -272,3 +272,35 @@ def test_frozen_timed_window_does_the_work_but_moves_no_weight():
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
     assert opt.state[layer.weight]["step"] == 4  # AdamW still ran every update
+
+
+def test_flop_rows_label_mfu_and_hfu_and_the_4bit_basis(monkeypatch):
+    """The GPU rows without a GPU: the matmul rate is stubbed, the arithmetic and the labels are bench's."""
+    from types import SimpleNamespace
+
+    from transformers import Qwen3MoeConfig
+
+    from moebench import bench, harness
+
+    cfg = Qwen3MoeConfig(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, hidden_size=8,
+                         moe_intermediate_size=4, intermediate_size=16, num_attention_heads=3, num_key_value_heads=1,
+                         head_dim=4, vocab_size=10)
+    model = SimpleNamespace(config=cfg)
+    monkeypatch.setattr(measure, "matmul_tflops", lambda: 500.0)
+    plan = {"seq_len": 6, "batch": 2, "gradient_checkpointing": "unsloth", "datasheet_bf16_tflops": 1000}
+    fm = tiny_fm()  # the same shape, written out
+    rows = {}
+    for precision in ("bf16", "nf4"):
+        ctx = harness.Ctx("r", "t", "m", "a", precision, 1, "x.log")
+        bench.flop_rows(ctx, model, SimpleNamespace(r=1, experts=True), plan, SimpleNamespace(precision=precision),
+                        step_s=1e-9, cuda=True)
+        rows[precision] = {r.metric: r for r in ctx.rows}
+    got = rows["bf16"]
+    model_f, hw_f = fm.step_flops(12, 6, recompute=False), fm.step_flops(12, 6, recompute=True)
+    assert got["model_tflop_per_step"].value == pytest.approx(model_f / 1e12)
+    assert got["hardware_tflop_per_step"].value == pytest.approx(hw_f / 1e12)
+    assert got["mfu_vs_measured_matmul"].value == pytest.approx(model_f / 1e-9 / 1e12 / 500.0)
+    assert got["hfu_vs_datasheet"].value == pytest.approx(hw_f / 1e-9 / 1e12 / 1000.0)
+    assert got["mfu_vs_datasheet"].unit == "fraction of bf16 peak" and got["mfu_vs_datasheet"].reason == ""
+    assert rows["nf4"]["mfu_vs_datasheet"].reason.startswith("nf4 arm: FLOPs against the bf16 peak")
+    assert rows["nf4"]["mfu_vs_datasheet"].value == got["mfu_vs_datasheet"].value

@@ -127,6 +127,11 @@ def timed_window(model, opt, xs, losses: list, load, policy, backend: str, cuda:
     return timer.times, window_s, meter, zeus
 
 
+# Utilization is against the bf16 peak for every arm; where an arm's matmuls run at another rate, its rows say so.
+PEAK_NOTES = {"bf16": "", "nf4": "nf4 arm: FLOPs against the bf16 peak (its matmuls run on dequantized bf16)",
+              "fp8": "fp8 arm: FLOPs against the bf16 peak (fp8 matmuls can run at up to twice that rate)"}
+
+
 def flop_rows(ctx: Ctx, model, lora, plan: dict, arm, step_s: float, cuda: bool) -> None:
     """Model and hardware FLOPs per step; on a GPU, MFU (no recompute) and HFU (with checkpointing's
     recompute) against the measured bf16 matmul rate and the datasheet's. A 4-bit arm counts the same FLOPs
@@ -144,7 +149,7 @@ def flop_rows(ctx: Ctx, model, lora, plan: dict, arm, step_s: float, cuda: bool)
         return
     rate = measure.matmul_tflops()
     ctx.add("matmul_bf16_tflops", rate, "TFLOP/s")
-    note = "" if arm.precision == "bf16" else "4-bit arm: FLOPs at the bf16 rate (matmuls on dequantized bf16)"
+    note = PEAK_NOTES.get(arm.precision, f"{arm.precision} arm: FLOPs against the bf16 peak")
     for name, peak in (("measured_matmul", rate), ("datasheet", plan.get("datasheet_bf16_tflops"))):
         if peak:
             u = measure.utilization(model_flops, hw_flops, step_s, peak)
