@@ -323,7 +323,7 @@ class FakeNvmlState(FakeNvml):
 def test_throttle_names():
     assert E.throttle_names(0) == "none"
     assert E.throttle_names(0x4 | 0x40) == "sw_power_cap|hw_thermal_slowdown"
-    assert E.throttle_names(0x1000) == "0x1000"
+    assert E.throttle_names(0x200 | 0x1000) == "board_limit|0x1000"
 
 
 def test_window_records_conditions_at_start_and_end():

@@ -92,7 +92,8 @@ class NvmlSource:
 NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 1, 2, 0
 THROTTLE_BITS = {0x1: "gpu_idle", 0x2: "applications_clocks_setting", 0x4: "sw_power_cap", 0x8: "hw_slowdown",
                  0x10: "sync_boost", 0x20: "sw_thermal_slowdown", 0x40: "hw_thermal_slowdown",
-                 0x80: "hw_power_brake_slowdown", 0x100: "display_clock_setting"}
+                 0x80: "hw_power_brake_slowdown", 0x100: "display_clock_setting", 0x200: "board_limit",
+                 0x400: "reliability"}
 
 
 def throttle_names(mask: int) -> str:
