@@ -1,9 +1,12 @@
 """End to end with the REAL `ots` client and no network: a local OpenTimestamps calendar and a fake bitcoind
 (tests/ots_fixture/servers.py) on ephemeral ports. The provenance is stamped (`ots stamp -c URL`), stays pending until
 the calendar puts it in a made-up block, is upgraded (`ots -l URL upgrade`), then `ots --bitcoin-node ... verify`
-passes on it and fails on a copy with one number changed. A calendar that never answers costs a bounded time."""
+passes on it and fails on a copy with one number changed. The audit's level follows the proofs: PENDING, then PROVEN
+only where the (fake) node confirms them; a forged "complete" proof is ATTESTED without a node and FAILED with one.
+A calendar that never answers costs a bounded time."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -16,6 +19,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ots_fixture import fakerun as fr  # noqa: E402
 from ots_fixture.servers import Calendar, Chain, Fixture  # noqa: E402
+
+from moebench.stamp import status_from_proof  # noqa: E402
 
 R = f"results/{fr.RUN}"
 OTS = str(Path(sys.executable).parent / "ots")
@@ -55,7 +60,7 @@ def test_stamp_upgrade_verify_and_tamper_detection(run):
         assert r.returncode == 0 and fr.read(run_dir / "provenance_stamp.json")["status"] == "pending"
         assert "Pending confirmation in Bitcoin blockchain" in (r.stderr)
         r, report = _audit(root, "--timeout", "3", "-l", fx.calendar.url)
-        assert r.returncode == 0, r.stderr  # pending is a warning; the calendar answered
+        assert r.returncode == 4 and r.stdout.startswith("AUDIT PENDING: "), r.stderr  # the calendar answered
         assert f"still pending at calendar {fx.calendar.url}" in report
         assert ots(root, "-l", fx.calendar.url, "--bitcoin-node", fx.bitcoind.url, "verify", str(proof)).returncode == 1
 
@@ -71,10 +76,14 @@ def test_stamp_upgrade_verify_and_tamper_detection(run):
         assert r.returncode == 0, r.stderr
         assert f"Success! Bitcoin block {height} attests existence" in r.stderr
 
+        r, report = _audit(root)  # complete, but no node asked: ATTESTED, and it says so
+        assert r.returncode == 3 and r.stdout.startswith("AUDIT ATTESTED: "), r.stderr
+        assert "NOT checked against a Bitcoin node" in report
         r, report = _audit(root, "--bitcoin-node", fx.bitcoind.url)
-        assert r.returncode == 0, r.stderr
-        assert "`ots verify` passed against http://***@127.0.0.1" in report and "| complete (block" in report
+        assert r.returncode == 0 and r.stdout.startswith("AUDIT PROVEN: "), r.stderr
+        assert "`ots verify` passed against http://***@127.0.0.1" in report and "| complete, verified (block" in report
         assert fx.bitcoind.password not in report
+        assert status_from_proof(run_dir / "provenance.json") == "complete"
 
         # one number changed: the proof no longer matches, for `ots verify` and for the audit
         doc = json.loads((run_dir / "provenance.json").read_text())
@@ -85,8 +94,9 @@ def test_stamp_upgrade_verify_and_tamper_detection(run):
         assert r.returncode == 1 and "File does not match original!" in r.stderr
         shutil.copy(tampered, run_dir / "provenance.json")
         r, report = _audit(root, "--bitcoin-node", fx.bitcoind.url)
-        assert r.returncode == 1
+        assert r.returncode == 1 and r.stdout.startswith("AUDIT FAILED: ")
         assert f"{R}/provenance.json.ots proves a different file" in r.stderr
+        assert status_from_proof(run_dir / "provenance.json").startswith("invalid: provenance.json.ots proves another")
         assert "changed after it was written" in r.stderr
 
 
@@ -98,21 +108,100 @@ def test_new_revision_is_stamped_and_old_proof_kept(run):
         first = fr.read(run_dir / "provenance_stamp.json")["provenance_sha256"]
         r = stamp(root, "stamp", *cal)  # unchanged: the same proof, no second submission
         assert r.returncode == 0 and fx.calendar.submissions == 1
-        log = run_dir / "arms/hf_bf16/draw1/run.log"
-        log.write_text(log.read_text().replace('"value": 0.9}', '"value": 0.91}'))
-        metrics = run_dir / "metrics.csv"
-        metrics.write_text(metrics.read_text().replace("step_s,0.9,s", "step_s,0.91,s"))
-        assert fr.moebench(root, "provenance", *fr.provenance_args(run_dir)).returncode == 0
+        _second_revision(root, run_dir)
         assert stamp(root, "stamp", *cal).returncode == 0 and fx.calendar.submissions == 2
         rec = fr.read(run_dir / "provenance_stamp.json")
         hist = root / "audits" / ".ots-history" / fr.RUN
         assert rec["provenance_sha256"] != first and (hist / f"{first}.json.ots").is_file()
+        r, _ = _audit(root, "--no-calendars", "--bitcoin-node", fx.bitcoind.url)
+        assert r.returncode == 4  # both revisions pending: not proven yet
         fx.calendar.mine()
         assert stamp(root, "upgrade", *cal).returncode == 0  # upgrades every revision's proof
         for sha in (first, rec["provenance_sha256"]):
             r = ots(root, "-l", fx.calendar.url, "--bitcoin-node", fx.bitcoind.url, "verify", "-f",
                     str(hist / f"{sha}.json"), str(hist / f"{sha}.json.ots"))
             assert r.returncode == 0, r.stderr
+        r, report = _audit(root, "--no-calendars", "--bitcoin-node", fx.bitcoind.url)
+        assert r.returncode == 0 and r.stdout.startswith("AUDIT PROVEN: "), r.stderr + report
+        assert report.count("| complete, verified (block") == 2
+
+
+def test_revision_superseded_unstamped_is_marked_once_and_later_ones_reach_proven(run):
+    """Revision 1 written offline (calendar unreachable), revision 2 stamped online: revision 1 can never be stamped at
+    its own time, is marked so once, and the run is PROVEN on revision 2's proof (which names revision 1)."""
+    root, run_dir = run
+    assert stamp(root, "stamp", "-c", "http://127.0.0.1:9", "-m", "1", "--timeout", "2").returncode == 0
+    first = fr.read(run_dir / "provenance_stamp.json")["provenance_sha256"]
+    hist = root / "audits" / ".ots-history" / fr.RUN
+    _second_revision(root, run_dir)
+    with Fixture() as fx:
+        cal = ["-c", fx.calendar.url, "-m", "1", "--cache", str(root / ".cache" / "ots")]
+        assert stamp(root, "stamp", *cal).returncode == 0
+        mark = fr.read(hist / f"{first}.stamp.json")
+        assert mark["status"] == "superseded" and mark["earlier_record"]["status"] == "unreachable"
+        assert mark["superseded_by"] == fr.read(run_dir / "provenance_stamp.json")["provenance_sha256"]
+        before = (hist / f"{first}.stamp.json").read_bytes()
+        fx.calendar.mine()
+        assert stamp(root, "upgrade", *cal).returncode == 0
+        assert (hist / f"{first}.stamp.json").read_bytes() == before  # marked once, not again
+        r, report = _audit(root, "--no-calendars", "--bitcoin-node", fx.bitcoind.url)
+        assert r.returncode == 0 and r.stdout.startswith("AUDIT PROVEN: "), r.stderr + report
+        assert "| 1 | " in report and "| superseded |" in report
+        # a mark must name a real successor: one that does not is a failure, not a way around the proofs
+        (hist / f"{first}.stamp.json").write_text(before.decode().replace(mark["superseded_by"], "0" * 64))
+        r, _ = _audit(root, "--no-calendars", "--bitcoin-node", fx.bitcoind.url)
+        assert r.returncode == 1 and "marked superseded but the revision it names" in r.stderr
+
+
+def _second_revision(root, run_dir):
+    """hf_bf16 draw 1 measured 0.01 s slower throughout (its log, steps.csv and row), then a new revision."""
+    import re
+
+    log = run_dir / "arms/hf_bf16/draw1/run.log"
+    text = re.sub(r"timed step (\d+)/6: ([0-9.]+) s", lambda m: f"timed step {m[1]}/6: {float(m[2]) + 0.01:.4f} s",
+                  log.read_text())
+    log.write_text(text.replace('"value": 0.9}', '"value": 0.91}'))
+    steps = log.with_name("steps.csv")
+    times = [float(m) for m in re.findall(r"timed step \d+/6: ([0-9.]+) s", text)]
+    steps.write_text("step,seconds,tokens\n" + "".join(f"{i},{t!r},4096\n" for i, t in enumerate(times, 1)))
+    metrics = log.with_name("metrics.csv")
+    metrics.write_text(metrics.read_text().replace("step_s,0.9,s", "step_s,0.91,s"))
+    fr.aggregate_run(root, run_dir)
+    assert fr.moebench(root, "provenance", *fr.provenance_args(run_dir)).returncode == 0
+
+
+def _forge(proof: Path, target: Path, height: int) -> None:
+    """A "complete" proof made up by hand: the file's digest attested directly in Bitcoin block `height`."""
+    import hashlib
+
+    from opentimestamps.core.notary import BitcoinBlockHeaderAttestation
+    from opentimestamps.core.op import OpSHA256
+    from opentimestamps.core.serialize import StreamSerializationContext
+    from opentimestamps.core.timestamp import DetachedTimestampFile, Timestamp
+
+    ts = Timestamp(hashlib.sha256(target.read_bytes()).digest())
+    ts.attestations.add(BitcoinBlockHeaderAttestation(height))
+    with open(proof, "wb") as fh:
+        DetachedTimestampFile(OpSHA256(), ts).serialize(StreamSerializationContext(fh))
+
+
+def test_forged_complete_proof_is_attested_offline_and_failed_with_a_node(run):
+    root, run_dir = run
+    prov = run_dir / "provenance.json"
+    sha = hashlib.sha256(prov.read_bytes()).hexdigest()
+    hist = root / "audits" / ".ots-history" / fr.RUN
+    with Fixture() as fx:
+        height = fx.chain.add(b"\x11" * 32)  # a real block of the fake chain, whose merkle root is another
+        for dest in (hist / f"{sha}.json.ots", Path(f"{prov}.ots")):
+            _forge(dest, prov, height)
+        assert status_from_proof(prov) == "complete"  # what the proof claims; only a node can check it
+        r, report = _audit(root, "--no-calendars")
+        assert r.returncode == 3 and r.stdout.startswith("AUDIT ATTESTED: "), r.stderr
+        assert "NOT checked against a Bitcoin node" in report and "PROVEN" not in r.stdout
+        r, report = _audit(root, "--no-calendars", "--bitcoin-node", fx.bitcoind.url)
+        assert r.returncode == 1 and r.stdout.startswith("AUDIT FAILED: ")
+        assert f"revision 1 ({sha[:16]}): the Bitcoin node at http://***@127.0.0.1" in r.stderr
+        assert "rejects the proof" in r.stderr
 
 
 def test_calendar_that_never_answers_costs_bounded_time(run):
@@ -135,7 +224,7 @@ def test_calendar_that_never_answers_costs_bounded_time(run):
         t = time.monotonic()
         r, report = _audit(root, "--timeout", "2", "-l", fx.calendar.url)
         assert time.monotonic() - t < 30
-        assert r.returncode == 1 and f"calendar {fx.calendar.url} did not answer within 2 s" in r.stderr
+        assert r.returncode == 4 and f"calendar {fx.calendar.url} did not answer within 2 s" in report
 
 
 def _audit(root, *args):

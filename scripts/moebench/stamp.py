@@ -6,10 +6,17 @@ provenance.json.ots when enough answered. With no network it gives up within the
 calendars for the Bitcoin attestation (`ots upgrade`, bounded by a subprocess timeout since the client has none)
 and stamps first when no proof exists yet. Every proof is also kept as <history>/<run>/<sha256>.json.ots beside the
 revision it proves; provenance_stamp.json (and <sha256>.stamp.json in the history) records the state.
+
+Every revision gets its stamp when it is written (rule stamp runs after rule provenance). `upgrade` finishes every
+pending proof of the run's history, not only the newest. An older revision that has no proof when a newer one
+exists can never be stamped at its own time: it is marked `superseded` once, explicitly, in its <sha256>.stamp.json
+(naming the revision that replaced it), and no longer blocks the audit: the newer revision names its sha256, so the
+newer one's proof dates it too. status_from_proof() reads a run's stamp state from the proof itself.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -27,12 +34,16 @@ DEFAULTS = {"calendars": DEFAULT_CALENDARS, "min_calendars": 2, "timeout_s": 5, 
             "bitcoin_node": "", "history": DEFAULT_HISTORY, "require_stamp": True}
 
 
+SUPERSEDED = "superseded"
+
+
 class StampError(Exception):
     pass
 
 
 def settings(config_path: str | None, **overrides) -> dict:
-    """The `provenance:` block of the run's config over the defaults, then command-line overrides."""
+    """The `provenance:` block of the run's config over the defaults, then overrides (the workflow's own block,
+    command-line options)."""
     import yaml
 
     cfg = {}
@@ -105,6 +116,78 @@ def _archive(proof: Path, hist: Path, log) -> None:
         hist.mkdir(parents=True, exist_ok=True)
         shutil.copy2(proof, dest)
         log.info("kept %s as %s", proof, dest)
+
+
+def status_from_proof(path: str | Path) -> str:
+    """A run's stamp state read from its proof, never from a JSON field: `path` is results/<run>/provenance.json
+    (or its .ots). Returns "complete" (a Bitcoin attestation is in the proof; whether a node confirms it is the
+    audit's job: until then it is ATTESTED, not PROVEN), "pending", "unstamped" (no proof), or "invalid: <why>"
+    (unreadable, or the proof of another file)."""
+    path = Path(path)
+    prov = path.with_suffix("") if path.suffix == ".ots" else path
+    proof = Path(f"{prov}.ots")
+    if not proof.is_file():
+        return "unstamped"
+    if not prov.is_file():
+        return f"invalid: {prov} is missing"
+    try:
+        st = proof_state(proof)
+    except StampError:
+        return f"invalid: {proof.name} is not a readable OpenTimestamps proof"
+    if st["digest"] != sha256_file(prov):
+        return f"invalid: {proof.name} proves another file than {prov.name}"
+    return st["status"]
+
+
+def stamp_record(hist: Path, sha: str) -> dict:
+    p = hist / f"{sha}.stamp.json"
+    return read_json(p) if p.is_file() else {}
+
+
+def chain_of(hist: Path) -> list[tuple[str, dict]]:
+    """[(sha256, revision document)] from HEAD back to the first revision, as far as the files go."""
+    from .provenance import read_head
+
+    out, cur, seen = [], read_head(hist), set()
+    while cur and cur not in seen and (hist / f"{cur}.json").is_file():
+        seen.add(cur)
+        doc = read_json(hist / f"{cur}.json")
+        out.append((cur, doc))
+        cur = doc.get("previous_sha256")
+    return out
+
+
+def mark_superseded(hist: Path, log) -> list[str]:
+    """Mark, once, each revision older than HEAD that has no proof: it can no longer be stamped at its own time.
+    Returns the sha256s marked now."""
+    chain, marked = chain_of(hist), []
+    for (child, child_doc), (sha, doc) in zip(chain, chain[1:]):
+        rec = stamp_record(hist, sha)
+        if (hist / f"{sha}.json.ots").exists() or rec.get("status") == SUPERSEDED:
+            continue
+        why = (f"revision {child_doc.get('revision')} ({child[:16]}) replaced it before any calendar stamped it; "
+               "a proof made now would date it no earlier than a later revision's proof does, since that revision "
+               "names its sha256")
+        write_json(hist / f"{sha}.stamp.json", {
+            "run": doc.get("run"), "revision": doc.get("revision"), "provenance_sha256": sha, "status": SUPERSEDED,
+            "superseded_by": child, "marked": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "reason": why, "earlier_record": rec or None})
+        log.info("revision %s (%s) marked %s: %s", doc.get("revision"), sha[:16], SUPERSEDED, why)
+        marked.append(sha)
+    return marked
+
+
+def superseded_ok(rec: dict, sha: str, hist: Path) -> str | None:
+    """None when a `superseded` mark is sound (it names this revision and a revision whose previous_sha256 is this
+    one); otherwise what is wrong with it."""
+    if rec.get("provenance_sha256") != sha:
+        return f"its record names another revision ({str(rec.get('provenance_sha256'))[:16]})"
+    child = hist / f"{rec.get('superseded_by')}.json"
+    if not child.is_file():
+        return f"the revision it names as its successor ({str(rec.get('superseded_by'))[:16]}) is not in the history"
+    if read_json(child).get("previous_sha256") != sha:
+        return f"its named successor ({str(rec.get('superseded_by'))[:16]}) does not name it as previous revision"
+    return None
 
 
 # ---- stamp ---------------------------------------------------------------------------------------------------
@@ -262,9 +345,12 @@ def upgrade_proof(proof: Path, s: dict, log) -> str:
 
 
 def upgrade(prov: Path, s: dict, log) -> dict:
-    """Stamp the newest revision if it has no proof yet, then upgrade every pending proof of the run's history."""
+    """Stamp the newest revision if it has no proof yet, mark older unproven revisions superseded, then upgrade
+    every pending proof of the run's history (every revision, not only the newest)."""
     first = ensure_stamp(prov, s, log)
-    for proof in sorted(history_dir(s["history"], first["run"]).glob("*.json.ots")):
+    hist = history_dir(s["history"], first["run"])
+    mark_superseded(hist, log)
+    for proof in sorted(hist.glob("*.json.ots")):
         try:
             log.info("%s: %s", proof.name, upgrade_proof(proof, s, log))
         except StampError as exc:
@@ -287,6 +373,7 @@ def main(argv=None) -> int:
     ap.add_argument("--provenance", required=True, help="results/<run>/provenance.json")
     ap.add_argument("--out", required=True, help="results/<run>/provenance_stamp.json")
     ap.add_argument("--config", help="the run's config.yaml (its `provenance:` block)")
+    ap.add_argument("--settings", help="a `provenance:` block as JSON, over --config (the workflow passes its own)")
     ap.add_argument("--calendar", "-c", action="append", help="calendar URL (repeat); overrides the config")
     ap.add_argument("--whitelist", "-l", action="append", help="extra calendar trusted when upgrading")
     ap.add_argument("--min-calendars", "-m", type=int)
@@ -298,11 +385,17 @@ def main(argv=None) -> int:
     log = logger("stamp", a.log)
     prov = Path(a.provenance)
     try:
-        s = settings(a.config, calendars=a.calendar, whitelist=a.whitelist, min_calendars=a.min_calendars,
-                     timeout_s=a.timeout_s, history=a.history, cache=a.cache)
+        cli = dict(calendars=a.calendar, whitelist=a.whitelist, min_calendars=a.min_calendars,
+                   timeout_s=a.timeout_s, history=a.history, cache=a.cache)
+        block = json.loads(a.settings) if a.settings else {}
+        s = settings(a.config, **{**block, **{k: v for k, v in cli.items() if v not in (None, [])}})
         if not prov.is_file():
             raise StampError(f"{prov} does not exist: run `snakemake provenance` first")
-        record = ensure_stamp(prov, s, log) if a.action == "stamp" else upgrade(prov, s, log)
+        if a.action == "stamp":
+            record = ensure_stamp(prov, s, log)
+            mark_superseded(history_dir(s["history"], record["run"]), log)
+        else:
+            record = upgrade(prov, s, log)
     except (StampError, KeyError, ValueError, OSError) as exc:
         log.error("stamp: %s", exc)
         return 1

@@ -41,6 +41,14 @@ def _draw_rows(run_dir: Path, arm: str, precision: str, draw: int, step) -> tupl
                 reason="NVML energy counter not supported on this GPU")], log_path
 
 
+def step_times(step: float, spread: float, n: int = 6) -> list[float]:
+    """n = 6 step times, as bench prints them (4 decimals), whose median is `step` and whose inclusive
+    interquartile range is `spread`: offsets -3b, -b, -b, b, b, 3b with b = spread / 2."""
+    b = spread / 2
+    assert n == 6
+    return [round(step + k * b, 4) for k in (-3, -1, -1, 1, 1, 3)]
+
+
 def _write_log(path: Path, rows: list[Row]) -> None:
     log = logging.getLogger(f"fakebench.{path}")
     log.setLevel(logging.INFO)
@@ -50,6 +58,13 @@ def _write_log(path: Path, rows: list[Row]) -> None:
     h.setFormatter(logging.Formatter("%(asctime)s bench %(levelname)s %(message)s"))
     log.addHandler(h)
     log.info("loading model")
+    step = next((r for r in rows if r.stage == "bench" and r.metric == "step_s" and r.status == "measured"), None)
+    if step is not None:  # the per-step lines the audit recomputes the median and spread from
+        times = step_times(step.value, step.spread, step.n)
+        for i, t in enumerate(times, 1):
+            log.info("timed step %d/%d: %.4f s", i, len(times), t)
+        (path.parent / "steps.csv").write_text("step,seconds,tokens\n" + "".join(
+            f"{i},{t!r},4096\n" for i, t in enumerate(times, 1)))
     for r in rows:
         log_row(log, r)
     log.info("done")
@@ -65,6 +80,8 @@ def make_run(root: Path, run: str = RUN) -> Path:
     run_dir = root / "results" / run
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     cfg.update(run=run, arms=list(ARMS), baselines=["hf_bf16", "unsloth_4bit"])
+    cfg["validate"] = {**cfg.get("validate", {}), "arms": ["hf_bf16"]}  # one validation and one offload run:
+    cfg["offload"] = {**cfg.get("offload", {}), "runs": ["hf_bf16:plain"]}  # every stage's log is audited
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=True))
     write_json(run_dir / "tier.json", {
@@ -81,7 +98,6 @@ def make_run(root: Path, run: str = RUN) -> Path:
     write_json(run_dir / "model.sha256", {"config_sha256": "ab" * 32,
                                           "weights_sha256": {"model.safetensors": "cd" * 32},
                                           "model": {"name": "gpt-oss-20b", "source": "random-init"}})
-    draws = []
     for arm, (precision, steps) in ARMS.items():
         for k in (1, 2):
             rows, log_path = _draw_rows(run_dir, arm, precision, k, steps[k - 1] if steps else None)
@@ -90,16 +106,41 @@ def make_run(root: Path, run: str = RUN) -> Path:
             write_json(log_path.parent / "env.json", {
                 "arm": arm, "draw": k, "started": f"2026-01-02T10:0{k}:00+00:00",
                 "ended": f"2026-01-02T10:0{k}:30+00:00", "python": "3.11.7", "packages": {"torch": "2.9.0"}})
-            draws.append(str(log_path.parent / "metrics.csv"))
+    _other_stages(run_dir)
+    aggregate_run(root, run_dir)
+    return run_dir
+
+
+def aggregate_run(root: Path, run_dir: Path) -> None:
+    """aggregate.py over every stage's metrics.csv, as rule aggregate runs it (again after a row changed)."""
+    inputs = [str(p) for pattern in ("arms/*/draw*/metrics.csv", "validate/*/metrics.csv", "offload/*/*/metrics.csv")
+              for p in sorted(run_dir.glob(pattern))]
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        aggregate.main(["--config", str(run_dir / "config.yaml"), "--inputs", *draws,
+        aggregate.main(["--config", str(run_dir / "config.yaml"), "--inputs", *inputs,
                         "--metrics", str(run_dir / "metrics.csv"), "--comparison", str(run_dir / "comparison.csv"),
                         "--markdown", str(run_dir / "comparison.md"), "--verdict", str(run_dir / "verdict.json")])
     finally:
         os.chdir(cwd)
-    return run_dir
+
+
+def _other_stages(run_dir: Path) -> list[Path]:
+    """validate/hf_bf16 and offload/hf_bf16/plain: their run.log and metrics.csv, as those stages write them."""
+    out = []
+    for stage, sub, metrics in (("validate", "validate/hf_bf16", (("loss_first", 11.5, "nats"),
+                                                                 ("loss_last", 9.25, "nats"),
+                                                                 ("expert_lora_grad_fraction", 1.0, "fraction"))),
+                                ("offload", "offload/hf_bf16/plain", (("step_s", 1.5, "s"),
+                                                                      ("tokens_per_s", 2730.5, "tokens/s")))):
+        log_path = run_dir / sub / "run.log"
+        src = str(log_path.relative_to(run_dir.parent.parent))
+        rows = [Row(run_id=RUN, tier="h100", model="gpt-oss-20b", arm="hf_bf16", precision="bf16", stage=stage,
+                    metric=m, value=v, unit=u, source=src) for m, v, u in metrics]
+        _write_log(log_path, rows)
+        write_rows(log_path.parent / "metrics.csv", rows)
+        out.append(log_path.parent / "metrics.csv")
+    return out
 
 
 def env(root: Path) -> dict:
