@@ -3,6 +3,7 @@ this GPU-less VM, and the row math (gross/net J per token, never a zero for a mi
 import csv
 import importlib.util
 import os
+import statistics
 import threading
 import time
 
@@ -457,3 +458,6 @@ def test_bench_reads_idle_before_the_arm_imports_and_counts_every_timed_token(tm
     assert rows["gpu_temp_c_start"].value == 45 and rows["idle_gpu_sm_clock_mhz"].value == 1980
     assert rows["warmup_steps_used"].value >= 1 and rows["frozen_timed"].value == 0.0
     assert rows["router_max_over_mean"].n == 2 and "router_drift_tv" in rows
+    times, q = [float(s["seconds"]) for s in steps], max(1, int(n) // 4)  # step-time drift: last vs first quarter
+    assert rows["step_s_last_over_first_quarter"].value == pytest.approx(
+        statistics.median(times[-q:]) / statistics.median(times[:q]))

@@ -61,6 +61,9 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, lo
     capped = window.max_steps and n >= window.max_steps
     ctx.add("timed_steps_used", n, "steps", reason=f"capped by max_timed_steps={window.max_steps}" if capped else "")
     measure.write_steps(Path(ctx.log_path).with_name("steps.csv"), times, tokens)
+    q = max(1, n // 4)  # a step time that drifts (routing moving as the LoRA trains) shows here
+    first, last = measure.summary(times[:q])["median"], measure.summary(times[-q:])["median"]
+    ctx.add("step_s_last_over_first_quarter", last / first, "ratio", n=q)
     router_rows(ctx, load)
     for k, v in measure.memory_peak(cuda).items():
         ctx.add(k, v, "GB")
