@@ -55,7 +55,7 @@ def test_a_degraded_draw_makes_the_line_and_its_ratios_degraded():
 def test_step_times_from_steps_csv_or_the_run_log(tmp_path):
     d = tmp_path / "arms" / "unsloth_bf16" / "draw1"
     d.mkdir(parents=True)
-    (d / "run.log").write_text("x timed step 1/3: 0.5012 s\nx timed step 2/3: 0.4990 s\nx timed step 3/3: 0.5 s\n")
+    (d / "run.log").write_text("x timed step 1/3: 0.5012 s\nx timed step 2/3: 0.4990 s\nx timed step 3: 0.5 s\n")
     assert aggregate.step_times(d) == [0.5012, 0.499, 0.5]
     (d / "steps.csv").write_text("step,seconds,tokens\n1,0.25,8192\n2,0.26,8192\n")
     assert aggregate.step_times(d) == [0.25, 0.26]

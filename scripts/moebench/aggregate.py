@@ -75,7 +75,7 @@ def compare(rows: list[Row], arms: list[str], baselines: list[str]) -> tuple[lis
 
 
 # ---- the draws the verdict rests on ----------------------------------------------------------------------------
-TIMED_STEP = re.compile(r"timed step (\d+)/(\d+): ([0-9.eE+-]+) s")
+TIMED_STEP = re.compile(r"timed step (\d+)(?:/\d+)?: ([0-9.eE+-]+) s")  # "i/n" in older logs
 
 
 def step_times(draw_dir: Path) -> list[float]:
@@ -85,7 +85,7 @@ def step_times(draw_dir: Path) -> list[float]:
         with open(csv_path) as f:
             return [float(r["seconds"]) for r in csv.DictReader(f)]
     log = draw_dir / "run.log"
-    return [float(m.group(3)) for m in TIMED_STEP.finditer(log.read_text())] if log.exists() else []
+    return [float(m.group(2)) for m in TIMED_STEP.finditer(log.read_text())] if log.exists() else []
 
 
 def console_degraded(rows: list[Row], draw_dirs: list[Path], cfg: dict) -> list[Row]:
