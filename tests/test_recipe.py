@@ -245,14 +245,21 @@ def test_cap_reason_says_when_a_cap_cannot_change_the_answer():
     assert sweep.cap_reason(40, card, 50.0) is None and sweep.cap_reason(24, card, None) is None
 
 
-def test_ladder_climbs_in_one_process_and_records_the_oom(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from conftest import tiny_workdir
+
+    d = tmp_path_factory.mktemp("tiny")
+    return d, tiny_workdir(d, conversations=12)
+
+
+def test_ladder_climbs_in_one_process_and_records_the_oom(tiny, monkeypatch):
     """The real ladder on the tiny model (CPU): sizes climb in one process; an OOM is a row, not a crash."""
     import torch
 
-    from conftest import tiny_workdir
     from moebench import arms, config as cfgmod, harness
 
-    tier = tiny_workdir(tmp_path, conversations=12)
+    tmp_path, tier = tiny
     real = harness.train_step
 
     def step(model, opt, x):
@@ -286,3 +293,32 @@ def test_peak_memory_prefers_reserved_then_alloc_then_host_rss():
     assert s.peak() == pytest.approx(1.5e9 / 2**30)
     (s,) = recipe.collect(rows[:2], TIER["plan"]).values()
     assert s.peak() == pytest.approx(2e9 / 2**30)
+
+
+def test_sweep_process_chain_on_a_pretend_gpu_tier(tiny, tmp_path):
+    """The whole chain on CPU with a tier that claims a GPU: the ladder in its own process, the boundary in a
+    fresh bench process, rows the recipe reads as two draws of one setting. (On CPU nothing runs out of memory,
+    so the ladder reaches its search limit.)"""
+    import yaml
+
+    from conftest import ROOT
+    from moebench.metrics import read_rows
+
+    src, tier = tiny
+    for sub in ("model", "data"):
+        (tmp_path / sub).symlink_to(src / sub)
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg.update(capacity={"seq_min": 32, "seq_max": 64, "steps": 2}, lora={**cfg["lora"], "r": 4, "alpha": 8})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    args = _sweep_args(tmp_path, {**tier, "gpu": {"name": "pretend", "memory_gb": 1.0}})
+    args[1] = str(tmp_path / "config.yaml")
+    sweep.main(args)
+    rows = read_rows(tmp_path / "seq.csv")
+    by = {(r.metric, r.draw): r for r in rows}
+    assert by[("tokens_per_s@1x32", 0)].source.endswith("seq_ladder.log")
+    assert by[("tokens_per_s@1x64", 1)].source == str(tmp_path / "seq.log")  # the fresh bench process, relabelled
+    answer = by[("max_seq_len", None)]
+    assert answer.value == 64 and "fresh processes: 64 measured" in answer.reason
+    assert (tmp_path / "probe_seq_batch1_seq_len64" / "run.log").exists()
+    point = recipe.collect(rows, tier["plan"])[("hf_bf16", "bf16", 1, 64, "none")]
+    assert len(point.ran()) == 2  # two processes measured batch 1 x seq 64
