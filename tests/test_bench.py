@@ -61,6 +61,13 @@ def test_hf_bf16_really_trains_on_cpu_with_expert_lora(setup):
     assert not any(r.status == "degraded" for r in rows.values())  # nothing this arm declares was printed
     env = json.loads((out / "env.json").read_text())
     assert env["packages"]["transformers"] == "5.17.0"
+    # the conditions it really ran under, read from the model and the process, not from the plan
+    cond = env["conditions"]
+    assert cond["attention"]["implementation"] == "eager" and cond["optimizer"] == "torch.optim.adamw.AdamW"
+    assert cond["compile"]["compiled"] is False and cond["dtypes"]["lora"] == ["float32"]
+    assert "applied" in cond["gradient_checkpointing"]
+    assert rows["spread_flag"].value in (0, 1) and rows["step_iqr_over_median"].value >= 0
+    assert "gpu_other_processes" not in rows  # device isolation is a GPU matter
     # the machine is named, so an aggregate can tell draws of different machines apart
     assert env["host"]["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 

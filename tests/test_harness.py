@@ -109,3 +109,118 @@ def test_guard_turns_unavailable_and_crashes_into_rows():
     assert out.status == "failed" and c.rows[-1].metric == "error"  # step_s was measured before the crash
     assert c.rows[-1].reason.startswith("OOM: CUDA out of memory")
     assert harness.guarded(c, log, lambda p: 1, 60, skip="tier says no").status == "skipped"
+
+
+class FakeNvml:
+    """NVML's process listing, scripted: each call returns the next list of (pid, bytes) on the GPU."""
+
+    def __init__(self, listings, fail=None):
+        self.listings, self.fail, self.calls = list(listings), fail, 0
+
+    def nvmlInit(self):
+        if self.fail:
+            raise self.fail
+
+    def nvmlDeviceGetCount(self):
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return f"gpu{i}"
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        from types import SimpleNamespace
+
+        self.calls += 1
+        procs = self.listings[min(self.calls, len(self.listings)) - 1]
+        return [SimpleNamespace(pid=pid, usedGpuMemory=b) for pid, b in procs]
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, s):
+        self.t += s
+
+
+def isolate(listings, wait=30, fail=None):
+    c, clock = ctx(), Clock()
+    reason = harness.isolate(c, wait, logging.getLogger("t-iso"), FakeNvml(listings, fail), clock.sleep, clock)
+    return reason, {r.metric: r for r in c.rows}, clock.t
+
+
+def test_isolation_waits_for_a_leaving_process_and_ignores_its_own():
+    me = os.getpid()
+    reason, rows, waited = isolate([[(4242, 2e9), (me, 1e9)], [(4242, 2e9)], [(me, 1e9)]])
+    assert reason is None and rows["gpu_other_processes"].value == 0 and waited == 2.0
+    assert rows["gpu_isolation_wait_s"].value == 2.0
+
+
+def test_isolation_times_anyway_as_degraded_when_a_process_stays():
+    reason, rows, waited = isolate([[(4242, 3.5e9)]], wait=5)
+    assert waited >= 5 and rows["gpu_other_processes"].value == 1
+    assert reason.startswith("GPU shared: 1 other process(es) still on it after isolation_wait_s=5 s")
+    assert "pid 4242 (3.5 GB)" in reason
+
+
+def test_isolation_unknown_where_nvml_cannot_list():
+    reason, rows, _ = isolate([], fail=RuntimeError("NVML Shared Library Not Found"))
+    assert reason is None and rows["gpu_other_processes"].status == "unavailable"
+    assert rows["gpu_other_processes"].reason.startswith("unknown: NVML cannot list")
+
+
+@pytest.mark.parametrize("iqr,flag", [(0.05, 0), (0.2, 1)])
+def test_spread_flag_marks_but_keeps_an_unsteady_draw(iqr, flag):
+    c = ctx()
+    c.add("step_s", 1.0, "s", n=20, spread=iqr)
+    harness.spread_rows(c, 0.10, logging.getLogger("t-spread"))
+    rows = {r.metric: r for r in c.rows}
+    assert rows["step_iqr_over_median"].value == pytest.approx(iqr)
+    assert rows["spread_flag"].value == flag and rows["step_s"].status == "measured"
+    assert ("IQR/median 0.200 > spread_limit 0.1" in rows["spread_flag"].reason) == bool(flag)
+
+
+def test_no_spread_rows_without_a_measured_step():
+    c = ctx()
+    c.add("step_s", status="skipped", reason="needs CUDA")
+    harness.spread_rows(c, 0.10, logging.getLogger("t-spread"))
+    assert [r.metric for r in c.rows] == ["step_s"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from conftest import _tiny_model
+
+    return str(_tiny_model("gpt-oss-20b"))
+
+
+def load_hf(model_dir, **plan):
+    from moebench.arms.base import LoRASpec
+
+    return arms.get("hf_bf16").load(model_dir, LoRASpec(r=4, alpha=4), {"seq_len": 64, **plan}).model
+
+
+def test_conditions_read_from_the_loaded_model(tiny_model):
+    from moebench import inspect
+
+    plain = load_hf(tiny_model)
+    c = inspect.conditions(plain, inspect.census(plain), {})
+    assert c["attention"] == {"implementation": "eager", "requested": None}  # transformers' pick for GPT-OSS
+    assert c["gradient_checkpointing"] == {"requested": None, "applied": False}
+    assert c["dtypes"] == {"bias": ["bfloat16"], "lora": ["float32"], "norm": ["bfloat16"]}
+    plan = {"hf_attention": "flex_attention", "gradient_checkpointing": True}
+    asked = load_hf(tiny_model, **plan)
+    c = inspect.conditions(asked, inspect.census(asked), plan)
+    assert c["attention"] == {"implementation": "flex_attention", "requested": "flex_attention"}
+    gc = c["gradient_checkpointing"]
+    assert gc["applied"] and gc["function"] == "torch.utils.checkpoint.checkpoint"
+    assert gc["kwargs"] == {"use_reentrant": "False"}
+    assert inspect.compiled() == {"compiled": False, "frames": 0, "graphs": 0}  # nothing compiled the HF arm
+
+
+def test_an_attention_the_model_lacks_is_a_skip_with_reason(tiny_model):
+    with pytest.raises(arms.ArmUnavailable, match="hf_bf16: plan hf_attention=sdpa is not supported"):
+        load_hf(tiny_model, hf_attention="sdpa")  # GPT-OSS's attention sinks: no SDPA path in transformers

@@ -35,6 +35,7 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, lo
     warm, window = measure.WarmupPolicy.from_plan(plan), measure.WindowPolicy.from_plan(plan, arm.name)
     xs = harness.make_inputs(model_dir, data_path, plan, warm.max_steps + window.steps, cfg["seed"] + ctx.draw, cuda)
     opt = torch.optim.AdamW(trainable, lr=2e-4)
+    ctx.conditions["optimizer"] = f"{type(opt).__module__}.{type(opt).__qualname__}"
     model.train()
     losses = []
     # counting stays on from the first step to the last: switching a hook's flag would retrace a compiled layer
@@ -230,17 +231,22 @@ def main(argv=None):
     bare = a.arm in cfg["bare_loop_arms"]
     if cfg.get("recompile_limit") is not None:
         os.environ.setdefault("TORCH_LOGS", "recompiles")  # read when torch is imported: one line per recompile
+    # another process on the GPU (a previous draw still exiting, a neighbour) skews time, memory and energy
+    shared = harness.isolate(ctx, cfg["isolation_wait_s"], log) if not skip and tier.get("gpu") else None
     console = harness.ConsoleMatcher(harness.arm_patterns(cfg, arm.name), cfg.get("recompile_limit"), keep=20)
     with harness.ConsoleTap(console):  # third-party prints announce fallbacks: see them as they pass
         harness.guarded(ctx, log, lambda progress: run(ctx, arm, cfg, tier, a.model, a.data, log, bare, progress),
                         cfg["arm_timeout_s"], skip=skip)
-    degraded = harness.console_reason(console.matches())
+    harness.spread_rows(ctx, cfg["spread_limit"], log)
+    ctx.conditions["compile"] = inspect.compiled()
+    degraded = "; ".join(filter(None, [harness.console_reason(console.matches()), shared])) or None
     if degraded:
         log.warning("degraded: %s", degraded)
     harness.mark_degraded(ctx, degraded)
     for r in ctx.rows:
         log_row(log, r)
-    write_json(Path(a.out).parent / "env.json", {"arm": arm.name, "draw": a.draw, **harness.environment(started, tier)})
+    write_json(Path(a.out).parent / "env.json", {"arm": arm.name, "draw": a.draw, **harness.environment(started, tier),
+                                                 "conditions": ctx.conditions})
     if not any(r.metric == "timed_steps_used" for r in ctx.rows):  # timed nothing: a header-only steps.csv
         measure.write_steps(Path(a.out).with_name("steps.csv"), [], 0)
     write_rows(a.out, ctx.rows)  # last: its existence marks the draw complete

@@ -30,7 +30,7 @@ from .metrics import Row
 
 PACKAGES = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "unsloth", "unsloth_zoo", "trl",
             "experts4bit-qlora", "grouped-nf4-gemm", "triton", "nvidia-ml-py"]
-ENV_PREFIXES = ("UNSLOTH", "E4B", "CUDA_VISIBLE", "OFFLOAD", "SLURM_JOB_ID", "SLURM_JOB_PARTITION", "SLURMD_NODENAME")
+ENV_PREFIXES = ("UNSLOTH", "E4B", "CUDA_VISIBLE", "OFFLOAD", "TORCH_LOGS", "SLURM_JOB_ID", "SLURM_JOB_PARTITION", "SLURMD_NODENAME")
 
 
 @dataclass
@@ -45,6 +45,7 @@ class Ctx:
     log_path: str
     rows: list[Row] = field(default_factory=list)
     stage: str = "bench"
+    conditions: dict = field(default_factory=dict)  # what the draw really ran under: env.json's `conditions`
 
     def add(self, metric, value=None, unit="", status="measured", reason="", n=None, spread=None, stage=None):
         """A number that is not finite cannot be a measured row: it becomes a failed one that says so."""
@@ -289,6 +290,68 @@ def mark_degraded(ctx: Ctx, reason: str | None) -> None:
             r.status, r.reason = "degraded", reason
 
 
+# ---- device isolation and spread --------------------------------------------------------------------------
+def _own_gpu(nvml):
+    """The NVML handle of the GPU this process will use: CUDA_VISIBLE_DEVICES' first entry (index or UUID) when
+    NVML can see it, else GPU 0 (a Slurm cgroup shows NVML only the allocated GPU)."""
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    if first.startswith(("GPU-", "MIG-")):
+        return nvml.nvmlDeviceGetHandleByUUID(first)
+    index = int(first) if first.isdigit() and int(first) < nvml.nvmlDeviceGetCount() else 0
+    return nvml.nvmlDeviceGetHandleByIndex(index)
+
+
+def _others(nvml, handle) -> list[str]:
+    me = os.getpid()
+    procs = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+    return [f"pid {p.pid} ({(getattr(p, 'usedGpuMemory', None) or 0) / 1e9:.1f} GB)" for p in procs if p.pid != me]
+
+
+def isolate(ctx: Ctx, wait_s: float, log, nvml=None, sleep=time.sleep, clock=time.monotonic) -> str | None:
+    """Before a GPU draw: wait up to `wait_s` for other processes on this GPU (NVML) to leave. Records
+    `gpu_other_processes` (and how long it waited); returns a degraded reason when some stayed (the draw is
+    timed anyway), None when the GPU was ours or NVML cannot list processes (then the row is `unavailable`)."""
+    try:
+        if nvml is None:
+            import pynvml as nvml
+        nvml.nvmlInit()
+        handle = _own_gpu(nvml)
+        t0 = clock()
+        others = _others(nvml, handle)
+        while others and clock() - t0 < wait_s:
+            sleep(1.0)
+            others = _others(nvml, handle)
+    except Exception as exc:  # noqa: BLE001 - no NVML, or a driver that will not list processes
+        ctx.add("gpu_other_processes", status="unavailable",
+                reason=f"unknown: NVML cannot list the processes on this GPU ({type(exc).__name__}: {exc})"[:300])
+        return None
+    waited = clock() - t0
+    ctx.add("gpu_isolation_wait_s", waited, "s")
+    ctx.add("gpu_other_processes", len(others), "processes")
+    if not others:
+        return None
+    reason = (f"GPU shared: {len(others)} other process(es) still on it after isolation_wait_s={wait_s:g} s: "
+              + ", ".join(others[:5]))
+    log.warning("%s; timing anyway", reason)
+    return reason
+
+
+def spread_rows(ctx: Ctx, limit: float, log) -> None:
+    """Flag (not drop) a draw whose timed step times spread: IQR/median of step_s above `limit` gives
+    `spread_flag` 1 with the ratio in its reason, else 0; `step_iqr_over_median` holds the ratio."""
+    step = next((r for r in ctx.rows if r.metric == "step_s" and r.status == "measured"), None)
+    if step is None or step.spread is None or not step.value:
+        return
+    ratio = step.spread / step.value
+    ctx.add("step_iqr_over_median", ratio, "fraction", n=step.n)
+    flagged = ratio > limit
+    why = f"step-time IQR/median {ratio:.3f} > spread_limit {limit:g}: this draw's steps were not steady" if flagged \
+        else ""
+    if flagged:
+        log.warning("%s", why)
+    ctx.add("spread_flag", 1 if flagged else 0, "flag", n=step.n, reason=why)
+
+
 # ---- skipped / failed rows --------------------------------------------------------------------------------
 def is_oom(exc: BaseException) -> bool:
     """torch.OutOfMemoryError, or an allocator error that only says so in its message (bitsandbytes, triton)."""
@@ -424,6 +487,7 @@ def load_model(ctx: Ctx, arm, cfg: dict, plan: dict, model_dir: str, log, cuda: 
     if backend:  # what really ran, not what was asked for
         ctx.add("moe_backend", str(backend), "")
     log.info("dtype census after load: %s", json.dumps(census))
+    ctx.conditions.update(inspect.conditions(model, census, plan))
     ctx.add("trainable_params", sum(p.numel() for p in model.parameters() if p.requires_grad), "params")
     for cat in ("expert", "attention"):
         ctx.add(f"{cat}_weights_gb", inspect.weights_gb(census, cat), "GB")

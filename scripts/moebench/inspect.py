@@ -149,3 +149,46 @@ def trainable_summary(model) -> dict:
     non_lora = [n for n, _ in tr if category(n) != "lora"]
     return {"trainable_tensors": len(tr), "trainable_numel": sum(p.numel() for _, p in tr),
             "trainable_dtypes": sorted({str(p.dtype) for _, p in tr}), "non_lora_trainable": non_lora[:10]}
+
+
+# ---- the conditions a draw really ran under ---------------------------------------------------------------
+def checkpointing(model) -> dict:
+    """Gradient checkpointing as applied: on how many modules, through which function and with what arguments
+    (HF's non-reentrant torch checkpoint, Unsloth's offloaded variant, ...), read from the modules themselves."""
+    on = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    if not on:
+        return {"applied": False}
+    fn = getattr(on[0], "_gradient_checkpointing_func", None)
+    inner = getattr(fn, "func", fn)  # functools.partial(checkpoint, use_reentrant=False)
+    name = f"{getattr(inner, '__module__', '')}.{getattr(inner, '__qualname__', type(inner).__name__)}" if inner \
+        else None
+    return {"applied": True, "modules": len(on), "function": name,
+            "kwargs": {k: repr(v) for k, v in (getattr(fn, "keywords", None) or {}).items()}}
+
+
+def conditions(model, c: dict, plan: dict) -> dict:
+    """What differs between stacks besides the one thing compared: attention implementation (the model's
+    config, and Unsloth's flex-attention switch), checkpointing as applied, and the dtypes LoRA factors, norms
+    and biases are kept in (from the census `c`)."""
+    import os
+
+    cfg = getattr(model, "config", None)
+    attention = {"implementation": getattr(cfg, "_attn_implementation", None), "requested": plan.get("hf_attention")}
+    if "UNSLOTH_ENABLE_FLEX_ATTENTION" in os.environ:
+        attention["UNSLOTH_ENABLE_FLEX_ATTENTION"] = os.environ["UNSLOTH_ENABLE_FLEX_ATTENTION"]
+    return {"attention": attention,
+            "gradient_checkpointing": {"requested": plan.get("gradient_checkpointing"), **checkpointing(model)},
+            "dtypes": role_dtypes(c)}
+
+
+def compiled() -> dict:
+    """torch.compile at work in this process so far: frames TorchDynamo compiled and graphs it built (0 when
+    nothing compiled; Unsloth compiles its layers, the transformers arms do not unless asked)."""
+    import sys
+
+    utils = sys.modules.get("torch._dynamo.utils")
+    counters = getattr(utils, "counters", None)
+    if counters is None:
+        return {"compiled": False, "frames": 0, "graphs": 0}
+    frames, graphs = int(counters["frames"]["ok"]), int(counters["stats"]["unique_graphs"])
+    return {"compiled": frames > 0, "frames": frames, "graphs": graphs}

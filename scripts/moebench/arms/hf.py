@@ -2,7 +2,7 @@
 3-D expert tensors (PEFT `target_parameters`)."""
 from __future__ import annotations
 
-from .base import Arm, Loaded, LoRASpec
+from .base import Arm, ArmUnavailable, Loaded, LoRASpec
 
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -44,7 +44,15 @@ class HFBf16(Arm):
         kwargs = {"dtype": torch.bfloat16, "device_map": plan.get("load_on") or ("cuda" if cuda else "cpu")}
         if self.quantization() is not None:
             kwargs["quantization_config"] = self.quantization()
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        if plan.get("hf_attention"):  # e.g. the flex attention the Unsloth arms run, to separate that effect
+            kwargs["attn_implementation"] = plan["hf_attention"]
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        except ValueError as exc:  # transformers refuses an attention implementation this model lacks
+            if "attn_implementation" not in kwargs or "attention implementation" not in str(exc):
+                raise
+            raise ArmUnavailable(f"{self.name}: plan hf_attention={kwargs['attn_implementation']} is not supported "
+                                 f"for this model by transformers ({str(exc).splitlines()[0][:200]})") from exc
         info = {"experts_implementation": use_grouped_mm(model, plan) or
                 getattr(model.config, "_experts_implementation", None)}
         if plan.get("gradient_checkpointing"):
