@@ -522,6 +522,8 @@ def check_inputs(doc: dict, root: Path, F: Findings) -> None:
     inputs = doc.get("inputs", {})
     files = [(k, v) for k, v in inputs.items() if isinstance(v, dict) and "sha256" in v and "path" in v]
     files += [(f"env {k}", v) for k, v in (doc.get("environment", {}).get("arms") or {}).items()]
+    if isinstance((inputs.get("model") or {}).get("fingerprint"), dict):
+        files.append(("model fingerprint", inputs["model"]["fingerprint"]))
     data_dir = Path(inputs.get("data", {}).get("path", "")).parent
     files += [(f"data {name}", {"path": str(data_dir / name), "sha256": sha})
               for name, sha in (inputs.get("data", {}).get("files") or {}).items()]

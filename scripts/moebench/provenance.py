@@ -142,21 +142,44 @@ def _sha_lines(path: Path) -> dict:
     return out
 
 
+def data_used(sha_file: Path) -> dict:
+    """{name: sha256} of the data files as they are now (the bytes the jobs used: each job checked them against
+    data.sha256 before it ran, moebench.inputs), which must still be what data.sha256 records."""
+    recorded = _sha_lines(sha_file)
+    if not recorded:
+        raise ProvenanceError(f"{sha_file}: no `sha256  file` lines in it")
+    out = {}
+    for name, want in recorded.items():
+        p = sha_file.parent / name
+        if not p.is_file():
+            raise ProvenanceError(f"{p} is missing: {sha_file} records it; rebuild it with snakemake --forcerun data")
+        out[name] = sha256_file(p)
+        if out[name] != want:
+            raise ProvenanceError(f"{p} is not the file {sha_file} records (sha256 {out[name][:16]}, recorded "
+                                  f"{want[:16]}): it changed after rule data wrote it; rebuild with snakemake "
+                                  "--forcerun data")
+    return out
+
+
+def _fingerprint(model_sha: Path, root: Path) -> dict:
+    """The weights' cheap fingerprint (sizes, safetensors headers, sampled chunks) jobs checked them against."""
+    fp = model_sha.with_name(model_sha.name.removesuffix(".sha256") + ".fingerprint.json")
+    return {"fingerprint": _file(fp, root)} if fp.is_file() else {}
+
+
 def inputs(a, root: Path) -> dict:
     import yaml
 
     cfg_text = Path(a.config).read_text()
     cfg = yaml.safe_load(cfg_text) or {}
     model = read_json(a.model_sha)
-    data = {**_file(Path(a.data_sha), root), "files": _sha_lines(Path(a.data_sha))}
-    if not data["files"]:
-        raise ProvenanceError(f"{a.data_sha}: no `sha256  file` lines in it")
+    data = {**_file(Path(a.data_sha), root), "files": data_used(Path(a.data_sha))}
     return {
         "config": {**_file(Path(a.config), root), "content": cfg},
         "data": data,
         "model": {**_file(Path(a.model_sha), root), "config_sha256": model.get("config_sha256"),
                   "weights_sha256": model.get("weights_sha256"), "tokenizer_sha256": model.get("tokenizer_sha256"),
-                  "how": model.get("how"), "source": model.get("model")},
+                  "how": model.get("how"), "source": model.get("model"), **_fingerprint(Path(a.model_sha), root)},
         "seeds": {"seed": cfg.get("seed"), "data.seed": (cfg.get("data") or {}).get("seed")},
         "tier": _file(Path(a.tier), root),
         "metrics": _file(Path(a.metrics), root),

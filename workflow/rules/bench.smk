@@ -28,5 +28,7 @@ rule bench:
         runtime=30,
         **TIER_RES,
     shell:
+        # every input checked against its recorded hash first: a truncated or edited file stops the job, named
+        "python -m moebench.inputs verify --data {input.train} --model {input.model} --prequant {input.bnb4} && "
         "python -m moebench.bench --config {params.config} --tier {input.tier} --model {input.model} --data {input.train}"
         " --arm {wildcards.arm} --draw {wildcards.draw} --out {output.metrics} --log {log.run} 2>&1 | tee {log.console}"

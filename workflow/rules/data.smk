@@ -17,5 +17,7 @@ rule data:
     resources:
         runtime=10,
     shell:
+        # every input checked against its recorded hash first: a truncated or edited file stops the job, named
+        "python -m moebench.inputs verify --model {input.model} && "
         "python -m moebench.data --config {params.config} --model {input.model} --out {params.outdir} --sha {output.sha}"
         " --log {log}"

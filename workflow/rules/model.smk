@@ -20,3 +20,5 @@ rule model:
     shell:
         "python -m moebench.models --config {params.config} --tier {input.tier} --out {output.model} --sha {output.sha}"
         " --log {log}"
+        # the cheap fingerprint later jobs check the weights against (moebench.inputs: sizes, headers, samples)
+        " && python -m moebench.inputs fingerprint --model {output.model}"

@@ -22,5 +22,7 @@ rule offload:
         runtime=30,
         **TIER_RES,
     shell:
+        # every input checked against its recorded hash first: a truncated or edited file stops the job, named
+        "python -m moebench.inputs verify --data {input.train} --model {input.model} && "
         "python -m moebench.offload --config {params.config} --tier {input.tier} --model {input.model}"
         " --data {input.train} --arm {wildcards.arm} --mode {wildcards.mode} --out {output} --log {log.run} 2>&1 | tee {log.console}"

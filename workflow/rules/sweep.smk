@@ -25,5 +25,7 @@ rule sweep:
         runtime=120,
         **TIER_RES,
     shell:
+        # every input checked against its recorded hash first: a truncated or edited file stops the job, named
+        "python -m moebench.inputs verify --data {input.train} --model {input.model} --prequant {input.bnb4} && "
         "python -m moebench.sweep --config {params.config} --tier {input.tier} --model {input.model}"
         " --data {input.train} --arm {wildcards.arm} --kind {wildcards.kind} --out {output} --log {log}"

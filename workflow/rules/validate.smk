@@ -34,6 +34,8 @@ rule validate:
         runtime=VALIDATE_TIMEOUT_S // 60 + 30,  # minutes: the fine-tune's own limit plus load and reload
         **TIER_RES,
     shell:
+        # every input checked against its recorded hash first: a truncated or edited file stops the job, named
+        "python -m moebench.inputs verify --data {input.train} {input.heldout} --model {input.model} && "
         "python -m moebench.validate --config {params.config} --tier {input.tier} --model {input.model}"
         " --train {input.train} --heldout {input.heldout} --arm {wildcards.arm} --out-dir {params.out_dir}"
         " --log {log.run} 2>&1 | tee {log.console}"
