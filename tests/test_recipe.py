@@ -220,6 +220,8 @@ def test_answer_reads_the_ladder_and_adds_fresh_draws():
         lad.add(grid.shape_metric("tokens_per_s", 1, s), 1000.0 + s, "tokens/s")
     lad.add(grid.shape_metric("step_s", 1, 8192), status="failed", reason="OOM: CUDA out of memory")
     assert sweep.ladder_outcomes(lad.rows, "seq")[:2] == (4096, 8192)
+    harness.mark_degraded(lad, "console: fell back")  # a fallback path still fitted: the boundary stands
+    assert sweep.ladder_outcomes(lad.rows, "seq")[:2] == (4096, 8192)
     sweep.answer(ctx, "seq", sw, lad.rows, lambda v: "measured" if v <= 4096 else "oom", logging_stub())
     (row,) = ctx.rows
     assert (row.metric, row.value, row.unit) == ("max_seq_len", 4096, "tokens")

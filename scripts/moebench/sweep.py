@@ -248,7 +248,7 @@ def bench_probe(args, plan_change: dict, workdir: Path, log) -> tuple[str, list[
     rows = read_rows(out) if out.exists() else []
     step = next((r for r in rows if r.metric == "step_s"), None)
     result = (f"failed: no result (exit {code}): {text.strip().splitlines()[-1][:200] if text.strip() else ''}"
-              if step is None else "measured" if step.status == "measured" else
+              if step is None else "measured" if step.status in ("measured", "degraded") else
               "oom" if step.reason.startswith("OOM") else f"{step.status}: {step.reason}")
     log.info("fresh probe %s -> %s", plan_change, result)
     return result, rows
@@ -269,13 +269,31 @@ def ladder_outcomes(rows: list[Row], kind: str) -> tuple[int | None, int | None,
         if not p or p[3] is not None:
             continue
         v = p[2] if kind == "seq" else p[1]
-        if p[0] == "tokens_per_s" and r.status == "measured":
+        if p[0] == "tokens_per_s" and r.status in ("measured", "degraded"):  # it fitted, on whatever path
             seen[v] = "measured"
         elif p[0] == "step_s" and r.status == "failed":
             seen[v] = "oom" if r.reason.startswith("OOM") else f"failed: {r.reason}"
     fits = [v for v, o in seen.items() if o == "measured"]
     bads = [v for v, o in seen.items() if o != "measured" and (not fits or v > max(fits))]
     return (max(fits) if fits else None), (min(bads) if bads else None), sorted(seen.items())
+
+
+def run_ladder(ctx, arm, cfg: dict, tier: dict, args, skip: str | None, metric: str, log) -> None:
+    """The ladder under the time limit, its console watched as bench's is: a ladder that printed one of the
+    arm's fallback lines (config degraded_patterns) has its measured rows `degraded`, as a bench draw would."""
+    import os
+
+    if cfg.get("recompile_limit") is not None:
+        os.environ.setdefault("TORCH_LOGS", "recompiles")
+    console = harness.ConsoleMatcher(harness.arm_patterns(cfg, arm.name), cfg.get("recompile_limit"), keep=20)
+    with harness.ConsoleTap(console):
+        harness.guarded(ctx, log, lambda progress: ladder(ctx, arm, cfg, tier, args.kind, args.model, args.data, log,
+                                                          progress),
+                        ladder_timeout(cfg), skip=skip, metric=metric, phase=f"{args.kind} ladder")
+    degraded = harness.console_reason(console.matches())
+    if degraded:
+        log.warning("degraded: %s", degraded)
+    harness.mark_degraded(ctx, degraded)
 
 
 def run_ladder_process(args, log) -> list[Row]:
@@ -332,9 +350,7 @@ def main(argv=None):
     skip = ("capacity sweeps find GPU memory limits: no GPU on this host (CPU tier)" if tier.get("gpu") is None
             else harness.unavailable(arm, tier["plan"], True, args.model))
     if args.ladder:
-        harness.guarded(ctx, log, lambda progress: ladder(ctx, arm, cfg, tier, args.kind, args.model, args.data, log,
-                                                          progress),
-                        ladder_timeout(cfg), skip=skip, metric=metric, phase=f"{args.kind} ladder")
+        run_ladder(ctx, arm, cfg, tier, args, skip, metric, log)
     elif skip:
         log.info("skipped: %s", skip)
         ctx.add(metric, status="skipped", reason=skip)
