@@ -120,6 +120,11 @@ def test_lowest_net_energy_with_gross_beside_it():
     p = recipe.search(rows, TIER)["picks"]["lowest_energy"]
     assert p["setting"]["arm"] == "b" and p["value"] == 0.3 and p["gross_j_per_token"] == 0.6
     assert p["runner_up"]["value"] == pytest.approx(0.6)
+    # a draw without energy rows does not count towards the energy pick's draws
+    p = recipe.search(draw("a", 1, 1000, 50, j=(0.5, 0.9)) + draw("a", 2, 1000, 50), TIER)["picks"]["lowest_energy"]
+    assert p["n"] == 1 and p["missing"] == "needs 1 more draw"
+    p = recipe.search(draw("a", 1, 1000, 50) + draw("a", 2, 1000, 50), TIER)["picks"]["lowest_energy"]
+    assert p["status"] == "none" and p["reason"] == "no setting qualifies: no net J/token measured"
 
 
 def test_dominated_and_skipped_arms_are_pruned_with_reasons():

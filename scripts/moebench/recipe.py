@@ -197,16 +197,17 @@ def choose(grid: dict, pick: str, limit_gib: float | None, rules: dict) -> dict:
     cands = [s for s in grid.values() if eligibility(s, pick, limit_gib, rules["allow_degraded"]) is None]
     out = {"question": title, "metric": attr, "unit": unit}
     if not cands:
+        whys = {eligibility(s, pick, limit_gib, rules["allow_degraded"]) for s in grid.values()}
         why = ("nothing was measured" if not grid else
                "every setting ran out of memory" if all(s.failures() and not s.ran() for s in grid.values()) else
-               "no setting qualifies (see `excluded`)")
+               f"no setting qualifies: {whys.pop()}" if len(whys) == 1 else "no setting qualifies (see `excluded`)")
         return {**out, "status": "none", "reason": why}
     # best first; ties broken by fewer draws needed elsewhere: less memory, then the label, so the pick is stable
     ranked = sorted(cands, key=lambda s: ((-1 if higher else 1) * score(s, attr), s.peak(), s.label))
     best = ranked[0]
     value = score(best, attr)
     vals = best.values(attr)
-    out.update(status="measured", setting=best.spec(), label=best.label, value=value, n=len(best.ran()),
+    out.update(status="measured", setting=best.spec(), label=best.label, value=value, n=len(vals),
                min=min(vals), max=max(vals), draws=vals,
                spread="min–max over fresh-process draws" if len(vals) > 1 else "one draw: no spread",
                ids=sorted({i for d in best.ran() for i in d.ids}),
@@ -215,7 +216,8 @@ def choose(grid: dict, pick: str, limit_gib: float | None, rules: dict) -> dict:
     if len(ranked) > 1:
         other = score(ranked[1], attr)
         gap = abs(value - other) / abs(value) if value else 0.0
-        out["runner_up"] = {"label": ranked[1].label, "value": other, "gap": gap, "n": len(ranked[1].ran())}
+        out["runner_up"] = {"label": ranked[1].label, "value": other, "gap": gap,
+                            "n": len(ranked[1].values(attr))}
         if gap <= rules["close"]:
             need = rules["close_draws"]
             out["runner_up"]["note"] = f"within {rules['close']:.0%}: the pick needs {need} draws"
@@ -226,7 +228,7 @@ def choose(grid: dict, pick: str, limit_gib: float | None, rules: dict) -> dict:
         out["gross_j_per_token"] = statistics.median(gross) if gross else None
     if pick == "smallest":
         out["tokens_per_s"] = statistics.median(best.values("tokens_per_s"))
-    n = len(best.ran())
+    n = len(vals)  # draws that measured this pick's quantity
     if n < need:
         k = need - n
         out.update(status="needs draws", missing=f"needs {k} more draw{'s' if k > 1 else ''}", draws_needed=k)

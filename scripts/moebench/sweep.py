@@ -38,8 +38,8 @@ from .metrics import Row, log_row, read_rows, write_rows
 GIB = 2**30
 # A probe answers: "measured" (trained), "oom", or "failed: <reason>" (anything else: stop, say why).
 Probe = Callable[[int], str]
-KEEP = ("tokens_per_s", "step_s", "peak_reserved_gb", "peak_alloc_gb", "loss_first", "loss_last", "j_per_token",
-        "j_per_token_net")
+KEEP = ("tokens_per_s", "step_s", "peak_reserved_gb", "peak_alloc_gb", "peak_rss_gb", "loss_first", "loss_last",
+        "j_per_token", "j_per_token_net")
 
 
 def search(probe: Probe, lo: int, hi: int, refine: int = 0, quantum: int = 1) -> tuple[int | None, int | None, list]:
