@@ -148,3 +148,43 @@ def test_skew_makes_the_measured_load_uneven():
     skew = models.routing_census(m, tok, corpus, "cpu")
     assert skew["max_over_mean"] > even["max_over_mean"] * 1.2 and skew["entropy_norm"] < even["entropy_norm"]
 
+
+
+# ---- router load calibrated at build (issue 20) -----------------------------------------------------------------
+def test_build_calibrates_routers_records_the_load_and_keeps_both_router_sets(tiny, tmp_path):
+    """A balanced build (bf16, as on a GPU) records the load per layer, saves raw and calibrated routers beside
+    the model, and differs from the raw build in router tensors only."""
+    from safetensors.torch import load_file
+
+    from moebench import router_calibration
+
+    convs = data.split(data.conversations(20, 42), 0.1, 42)
+    info = models.build(SPEC, "tiny", "random-init", str(tmp_path / "m"), 42, data.corpus_text(60, 42),
+                        logger("t"), router_load="balanced", calib_convs=convs,
+                        routers_out=str(tmp_path / "routers.safetensors"))
+    cal = info["routing"]["calibration"]
+    assert cal["router_load"] == "balanced" and set(cal["layers"]) == {"0", "1"}
+    assert {"max_over_mean", "entropy_norm", "unused"} <= set(cal["layers"]["0"]["after"]) and cal["seconds"] > 0
+    assert cal["uniform_floor"] > 1 and cal["settings"] == router_calibration.settings()
+    saved = load_file(tmp_path / "routers.safetensors")
+    raw_build = load_file(tiny / "model.safetensors")  # the fixture: same seed, router_load raw
+    new_build = load_file(tmp_path / "m" / "model.safetensors")
+    routers = {k.split("/", 1)[1] for k in saved}
+    assert routers == {k for k in new_build if k.endswith(("mlp.router.weight", "mlp.router.bias"))}
+    assert all(torch.equal(saved[f"raw/{k}"], raw_build[k]) and torch.equal(saved[f"saved/{k}"], new_build[k])
+               for k in routers)
+    assert {k for k in new_build if not torch.equal(new_build[k], raw_build[k])} <= routers
+
+
+def test_from_pretrained_keeps_its_trained_routers(tiny, tmp_path):
+    convs = data.split(data.conversations(20, 42), 0.1, 42)
+    info = models.build(SPEC, "tiny", str(tiny), str(tmp_path / "copy"), 42, [], logger("t"),
+                        router_load="balanced", calib_convs=convs)
+    assert info["routing"]["calibration"]["router_load"] == "trained"
+    assert models.fingerprint(tiny)["weights_sha256"] == models.fingerprint(tmp_path / "copy")["weights_sha256"]
+
+
+def test_numeric_router_load_under_a_skew_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="routing_skew 0 with a numeric router_load"):
+        models.build(SPEC, "tiny", "random-init", str(tmp_path / "x"), 42, [], logger("t"), routing_skew=1.0,
+                     router_load=2.2)

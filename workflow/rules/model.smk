@@ -5,6 +5,7 @@ rule model:
     output:
         model=directory(f"{R}/model"),
         sha=f"{R}/model.sha256",
+        routers=f"{R}/model.routers.safetensors",  # raw and saved router tensors, for in-process A/B
     params:
         config=CONFIG,
         settings=wl.per_run(config, wl.settings, "model"),  # rerun when these settings change
@@ -19,6 +20,6 @@ rule model:
         **TIER_RES,
     shell:
         "python -m moebench.models --config {params.config} --tier {input.tier} --out {output.model} --sha {output.sha}"
-        " --log {log}"
+        " --routers {output.routers} --log {log}"
         # the cheap fingerprint later jobs check the weights against (moebench.inputs: sizes, headers, samples)
         " && python -m moebench.inputs fingerprint --model {output.model}"

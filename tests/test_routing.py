@@ -1,0 +1,117 @@
+"""Router-load calibration (issue 20): reaches its target on every family's tiny model, is deterministic, and
+changes router tensors only."""
+import logging
+
+import pytest
+import torch
+
+from moebench import config as cfgmod
+from moebench import data, models, router_calibration, routing
+
+FAMILIES = cfgmod.load_yaml("models.yaml")
+LOG = logging.getLogger("test_routing")
+
+
+@pytest.fixture(scope="module")
+def blocks():
+    """Calibration tokens from the training conversations, held-out tokens from the held-out ones (256-token
+    blocks, the CPU tier's bench shape)."""
+    tok = models.train_tokenizer(data.corpus_text(60, 42), 1024)
+    train, held = data.split(data.conversations(200, 42), 0.1, 42)
+    return models._token_blocks(tok, train, 256, 4096), models._token_blocks(tok, held, 256, 4096)
+
+
+def _tiny(name: str, seed: int = 42):
+    cfg = models.model_config(FAMILIES[name], "tiny")
+    cfg.architectures = [FAMILIES[name]["model_class"]]
+    cfg.vocab_size = 1024
+    return models.random_init(cfg, seed, dtype="float32")  # CPU bf16 matmuls are slow; bf16: test_data_models
+
+
+_CALIBRATED: dict = {}
+
+
+def _calibrated(name: str, blocks, target="balanced"):
+    """(raw model, calibrated model, record), once per family and target."""
+    if (name, target) not in _CALIBRATED:
+        raw, cal = _tiny(name), _tiny(name)
+        rec = router_calibration.calibrate(cal, *blocks, target, 42, LOG)
+        _CALIBRATED[name, target] = raw, cal, rec
+    return _CALIBRATED[name, target]
+
+
+def test_uniform_floor_is_the_noise_of_a_perfect_router():
+    f2k = router_calibration.uniform_floor(2048, 32, 4)
+    assert 1.08 < f2k < 1.2  # GPT-OSS's 32 experts, top-4, on 2,048 tokens
+    assert router_calibration.uniform_floor(8192, 32, 4) < f2k  # more tokens, less noise
+    assert router_calibration.uniform_floor(2048, 32, 4) == f2k  # seeded
+
+
+def test_target_shares_balanced_and_zipf_keeping_the_hot_experts():
+    raw = torch.tensor([5.0, 50.0, 1.0, 20.0, 9.0, 9.0, 3.0, 2.0])
+    even = router_calibration.target_shares(raw, "balanced", 2)
+    assert torch.allclose(even, torch.full((8,), 1 / 8, dtype=even.dtype))
+    z = router_calibration.target_shares(raw, 2.2, 2)
+    assert abs(float(z.max()) * 8 - 2.2) < 1e-6 and abs(float(z.sum()) - 1) < 1e-9
+    assert int(z.argmax()) == 1 and float(z[3]) > float(z[2])  # raw's hot experts stay hot
+    with pytest.raises(ValueError, match="experts/top_k"):
+        router_calibration.target_shares(raw, 4.5, 2)
+
+
+def test_parse_router_load():
+    assert router_calibration.parse("auto", on_gpu=True) == "balanced"
+    assert router_calibration.parse("auto", on_gpu=False) == "raw"
+    assert router_calibration.parse("2.2", on_gpu=False) == 2.2 and router_calibration.parse(3, True) == 3.0
+    with pytest.raises(ValueError, match="model.router_load='0.5'"):
+        router_calibration.parse("0.5", on_gpu=True)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_balanced_reaches_the_floor_and_changes_routers_only(name, blocks):
+    raw, cal, rec = _calibrated(name, blocks)
+    assert rec["reached"] and rec["unused_experts"] == 0, (rec["uniform_floor"], {
+        l: (v["before"]["max_over_mean"], v["after"]["max_over_mean"]) for l, v in rec["layers"].items()})
+    assert rec["max_over_mean"] <= router_calibration.BALANCED_SLACK * rec["uniform_floor"]
+    assert rec["worst_layer_max_over_mean"] <= router_calibration.BALANCED_WORST * rec["uniform_floor"]
+    before = sum(l["before"]["max_over_mean"] for l in rec["layers"].values())
+    assert rec["max_over_mean"] * len(rec["layers"]) < before  # the raw load was more uneven
+    router_names = set(router_calibration.router_state(cal))
+    changed = {n for n, t in cal.state_dict().items() if not torch.equal(t, raw.state_dict()[n])}
+    assert changed and changed <= router_names  # every other tensor is bit-identical
+    assert list(cal.state_dict()) == list(raw.state_dict())  # no new parameter: the published layout
+
+
+def test_measured_load_agrees_with_router_load_hooks(blocks):
+    """The calibration's own count and RouterLoad's (the bench's) see the same top-k choices."""
+    _, cal, rec = _calibrated("qwen3-30b-a3b", blocks)
+    load = routing.RouterLoad.of(cal)
+    load.counting = True
+    with torch.no_grad():
+        cal(input_ids=blocks[1][:4])
+    load.remove()
+    mine = router_calibration.measure(cal, blocks[1][:4], 16)
+    assert {l: list(c) for l, c in load.counts().items()} == mine
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_calibration_is_deterministic(name, blocks):
+    """Same seed, same tokens: bit-identical routers (fewer tokens than above: determinism needs no more)."""
+    few = blocks[0][::4], blocks[1][::4]
+    a, b = _tiny(name), _tiny(name)
+    router_calibration.calibrate(a, *few, "balanced", 42, LOG)
+    router_calibration.calibrate(b, *few, "balanced", 42, LOG)
+    a, b, raw = (router_calibration.router_state(m) for m in (a, b, _tiny(name)))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], raw[k]) for k in a)  # and the calibration did change them
+
+
+@pytest.mark.parametrize("name", ["gpt-oss-20b", "olmoe-1b-7b"])  # bias update and weight optimisation
+def test_numeric_target_is_reached(name, blocks):
+    _, _, rec = _calibrated(name, blocks, 1.6)
+    assert rec["reached"], rec
+    assert all(abs(l["after"]["max_over_mean"] - 1.6) <= 0.15 * 1.6 for l in rec["layers"].values())
+
+
+def test_target_below_the_noise_floor_is_a_clear_error(blocks):
+    with pytest.raises(ValueError, match="noise floor.*use router_load: balanced"):
+        router_calibration.calibrate(_tiny("gpt-oss-20b"), *blocks, 1.01, 42, LOG)
