@@ -32,11 +32,11 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .chain import (SUPERSEDED, StampError, history_dir, proof_state, read_head, read_proof, resolve_source,
+                    run_ots, settings, sha256_bytes, stamp_record, superseded_ok)
+from .ids import number_id, row_id
 from .io import atomic_write, logger, read_json, sha256_file
 from .metrics import LOG_TAG, Row
-from .provenance import history_dir, number_id, read_head, resolve_source, row_id, sha256_bytes
-from .stamp import (SUPERSEDED, StampError, proof_state, read_proof, run_ots, settings, stamp_record,
-                    superseded_ok)
 
 FIELDS = ("value", "unit", "status", "reason", "n", "spread")
 # Levels, best first, and the exit code of each (FAILED is 1 so that any plain `&&` chain stops on it).

@@ -22,6 +22,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .chain import DEFAULT_HISTORY, history_dir, read_head, resolve_source, sha256_bytes  # noqa: F401
 from .io import atomic_write, logger, package_versions, read_json, sha256_file
 from .metrics import LOG_TAG, Row, log_row, parse_log_rows, read_rows
 
@@ -30,7 +31,6 @@ __all__ = ["LOG_TAG", "log_row", "parse_log_rows", "number_id", "row_id", "load_
 
 SCHEMA = "moebench.provenance/1"
 CHAIN_KEYS = ("revision", "previous_sha256", "created")
-DEFAULT_HISTORY = "audits/.ots-history"
 # comparison.csv columns that are numbers, with their units (speedups are `compare` rows of metrics.csv already)
 COMPARISON_UNITS = {"draws": "count", "step_s": "s", "step_s_iqr": "s", "draw_range_s": "s",
                     "tokens_per_s": "tokens/s", "peak_alloc_gb": "GB", "mem_after_load_gb": "GB", "load_s": "s",
@@ -52,25 +52,8 @@ def row_id(row: Row) -> str:
     return number_id(row.run_id, row.stage, row.arm, row.draw, row.metric)
 
 
-def resolve_source(source: str, run_dir: Path, root: Path = Path(".")) -> Path | None:
-    """A row's source is a path relative to the repository root (logs) or to the run directory
-    (comparison.csv for derived rows)."""
-    if not source:
-        return None
-    for cand in (root / source, run_dir / source, Path(source)):
-        if cand.is_file():
-            return cand
-    return None
-
-
 def canonical(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
-
-
-def sha256_bytes(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 def numbers_from_rows(rows: list[Row], run_dir: Path, root: Path) -> list[dict]:
@@ -263,17 +246,6 @@ def build(a, root: Path = Path(".")) -> dict:
 
 
 # ---- the hash chain ----------------------------------------------------------------------------------------
-def history_dir(history: str | Path, run: str) -> Path:
-    return Path(history) / run
-
-
-def read_head(hist: Path) -> str | None:
-    head = hist / "HEAD"
-    if not head.is_file():
-        return None
-    return head.read_text().strip() or None
-
-
 def strip_chain(doc: dict) -> dict:
     return {k: v for k, v in doc.items() if k not in CHAIN_KEYS}
 

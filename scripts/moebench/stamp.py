@@ -24,84 +24,11 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .io import logger, read_json, run_bounded, sha256_file, write_json
-from .provenance import DEFAULT_HISTORY, history_dir
-
-# The client's own defaults (otsclient/cmds.py stamp_command, opentimestamps.calendar.DEFAULT_AGGREGATORS).
-DEFAULT_CALENDARS = ["https://a.pool.opentimestamps.org", "https://b.pool.opentimestamps.org",
-                     "https://a.pool.eternitywall.com", "https://ots.btc.catallaxy.com"]
-DEFAULTS = {"calendars": DEFAULT_CALENDARS, "min_calendars": 2, "timeout_s": 5, "whitelist": [],
-            "bitcoin_node": "", "history": DEFAULT_HISTORY, "require_stamp": True}
-
-
-SUPERSEDED = "superseded"
-
-
-class StampError(Exception):
-    pass
-
-
-def settings(config_path: str | None, **overrides) -> dict:
-    """The `provenance:` block of the run's config over the defaults, then overrides (the workflow's own block,
-    command-line options)."""
-    import yaml
-
-    cfg = {}
-    if config_path:
-        cfg = (yaml.safe_load(Path(config_path).read_text()) or {}).get("provenance") or {}
-    out = {**DEFAULTS, **cfg}
-    out.update({k: v for k, v in overrides.items() if v not in (None, [])})
-    # a node URL holds credentials: better in the environment than in a committed config
-    out["bitcoin_node"] = out.get("bitcoin_node") or os.environ.get("MOEBENCH_BITCOIN_NODE", "")
-    return out
-
-
-def ots_binary() -> str:
-    """The `ots` of this interpreter's environment, else the one on PATH."""
-    here = Path(sys.executable).absolute().parent / "ots"  # absolute: ots may run in another cwd
-    found = str(here) if here.exists() else shutil.which("ots")
-    if not found:
-        raise StampError("the `ots` command is not installed: pip install opentimestamps-client==0.7.2")
-    return found
-
-
-def run_ots(args: list[str], timeout: float, cwd=None) -> tuple[int, str]:
-    """Run the client, killing its whole process group past `timeout`; returns (exit code, output)."""
-    rc, out = run_bounded([ots_binary(), *args], timeout, cwd=cwd)
-    if rc is None:
-        return 124, out + f"\n(ots {args[-2] if len(args) > 1 else ''} killed after {timeout:.0f} s)"
-    return rc, out
-
+from .chain import (SUPERSEDED, StampError, chain_of, history_dir, proof_state, run_ots, settings,  # noqa: F401
+                    stamp_record, status_from_proof, superseded_ok)
+from .io import logger, read_json, sha256_file, write_json
 
 # ---- reading proofs ------------------------------------------------------------------------------------------
-def read_proof(path: str | Path):
-    """The DetachedTimestampFile in an .ots file; StampError when it is not one."""
-    from opentimestamps.core.serialize import DeserializationError, StreamDeserializationContext
-    from opentimestamps.core.timestamp import DetachedTimestampFile
-
-    try:
-        with open(path, "rb") as fh:
-            return DetachedTimestampFile.deserialize(StreamDeserializationContext(fh))
-    except (DeserializationError, OSError, ValueError) as exc:
-        raise StampError(f"{path} is not a readable OpenTimestamps proof: {exc}") from exc
-
-
-def proof_state(path: str | Path) -> dict:
-    """What a proof holds: the digest it proves, calendars still pending, Bitcoin attestations."""
-    from opentimestamps.core.notary import BitcoinBlockHeaderAttestation, PendingAttestation
-
-    proof = read_proof(path)
-    pending, bitcoin = set(), []
-    for msg, att in proof.timestamp.all_attestations():
-        if isinstance(att, PendingAttestation):
-            pending.add(att.uri)
-        elif isinstance(att, BitcoinBlockHeaderAttestation):
-            bitcoin.append({"height": att.height, "merkle_root": msg[::-1].hex()})
-    return {"digest": proof.file_digest.hex(), "hash": proof.file_hash_op.TAG_NAME, "pending": sorted(pending),
-            "bitcoin": sorted(bitcoin, key=lambda b: b["height"]),
-            "status": "complete" if bitcoin else "pending"}
-
-
 def _archive(proof: Path, hist: Path, log) -> None:
     """Keep a proof in the history under the digest it proves (never overwriting a different one)."""
     try:
@@ -116,45 +43,6 @@ def _archive(proof: Path, hist: Path, log) -> None:
         hist.mkdir(parents=True, exist_ok=True)
         shutil.copy2(proof, dest)
         log.info("kept %s as %s", proof, dest)
-
-
-def status_from_proof(path: str | Path) -> str:
-    """A run's stamp state read from its proof, never from a JSON field: `path` is results/<run>/provenance.json
-    (or its .ots). Returns "complete" (a Bitcoin attestation is in the proof; whether a node confirms it is the
-    audit's job: until then it is ATTESTED, not PROVEN), "pending", "unstamped" (no proof), or "invalid: <why>"
-    (unreadable, or the proof of another file)."""
-    path = Path(path)
-    prov = path.with_suffix("") if path.suffix == ".ots" else path
-    proof = Path(f"{prov}.ots")
-    if not proof.is_file():
-        return "unstamped"
-    if not prov.is_file():
-        return f"invalid: {prov} is missing"
-    try:
-        st = proof_state(proof)
-    except StampError:
-        return f"invalid: {proof.name} is not a readable OpenTimestamps proof"
-    if st["digest"] != sha256_file(prov):
-        return f"invalid: {proof.name} proves another file than {prov.name}"
-    return st["status"]
-
-
-def stamp_record(hist: Path, sha: str) -> dict:
-    p = hist / f"{sha}.stamp.json"
-    return read_json(p) if p.is_file() else {}
-
-
-def chain_of(hist: Path) -> list[tuple[str, dict]]:
-    """[(sha256, revision document)] from HEAD back to the first revision, as far as the files go."""
-    from .provenance import read_head
-
-    out, cur, seen = [], read_head(hist), set()
-    while cur and cur not in seen and (hist / f"{cur}.json").is_file():
-        seen.add(cur)
-        doc = read_json(hist / f"{cur}.json")
-        out.append((cur, doc))
-        cur = doc.get("previous_sha256")
-    return out
 
 
 def mark_superseded(hist: Path, log) -> list[str]:
@@ -175,19 +63,6 @@ def mark_superseded(hist: Path, log) -> list[str]:
         log.info("revision %s (%s) marked %s: %s", doc.get("revision"), sha[:16], SUPERSEDED, why)
         marked.append(sha)
     return marked
-
-
-def superseded_ok(rec: dict, sha: str, hist: Path) -> str | None:
-    """None when a `superseded` mark is sound (it names this revision and a revision whose previous_sha256 is this
-    one); otherwise what is wrong with it."""
-    if rec.get("provenance_sha256") != sha:
-        return f"its record names another revision ({str(rec.get('provenance_sha256'))[:16]})"
-    child = hist / f"{rec.get('superseded_by')}.json"
-    if not child.is_file():
-        return f"the revision it names as its successor ({str(rec.get('superseded_by'))[:16]}) is not in the history"
-    if read_json(child).get("previous_sha256") != sha:
-        return f"its named successor ({str(rec.get('superseded_by'))[:16]}) does not name it as previous revision"
-    return None
 
 
 # ---- stamp ---------------------------------------------------------------------------------------------------
