@@ -1,17 +1,16 @@
 """The measuring harness every measuring stage shares (bench, offload, validate): the process context that labels
 rows, the time limit and heartbeat, the guard that turns an arm that cannot run into `skipped` rows and one that
 crashes into `failed` rows, the environment record, and the common steps (load through the arm, feed packed
-token blocks, one training step).
+token blocks, one training step: `steps`), the degraded-path detection (`console`), device isolation and the
+spread flag.
 
-A stage imports this module, never another stage.
+A stage imports this package, never another stage.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
-import re
 import signal
 import sys
 import threading
@@ -23,10 +22,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from . import arms as arm_registry
-from . import inspect
-from .io import package_versions
-from .metrics import Row
+from .. import arms as arm_registry
+from ..io import package_versions
+from ..metrics import Row
+from .console import (ConsoleMatcher, ConsoleTap, arm_patterns, console_reason, degraded_matches,  # noqa: F401
+                      mark_degraded)
+from .steps import (batches, load_model, lora_spec, make_inputs, read_texts, token_stream,  # noqa: F401
+                    train_step)
 
 PACKAGES = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "unsloth", "unsloth_zoo", "trl",
             "experts4bit-qlora", "grouped-nf4-gemm", "triton", "nvidia-ml-py"]
@@ -152,144 +154,6 @@ def watched(seconds: int, log, phase: str = "loading the model", setting: str = 
         yield progress
 
 
-# ---- degraded paths: console lines that announce a fallback -------------------------------------------------
-# moebench's own log records (logging's format here, or the `[name|LEVEL]` form Unsloth gives every logger) quote
-# reasons such as a refusal's "no quant_state found": they are reports about a path, never the path itself.
-OWN_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ |\[)(bench|offload|validate|sweep)[ |][A-Z]+[ \]]")
-RECOMPILE = re.compile(r"Recompiling function (\S+ in \S+)")  # TORCH_LOGS=recompiles, one line per recompile
-
-
-class ConsoleMatcher:
-    """Feeds console lines, one at a time, against an arm's fallback patterns; counts recompiles per function.
-    Keeps the first `keep` matched lines (all when None) and how many matched in all."""
-
-    def __init__(self, patterns: list[str], recompile_limit: int | None = None, keep: int | None = None):
-        self.regexes = []
-        for p in patterns:
-            try:
-                self.regexes.append(re.compile(p))
-            except re.error as exc:
-                raise ValueError(f"degraded_patterns: {p!r} is not a regular expression ({exc}); fix it in the "
-                                 "config") from None
-        self.limit, self.keep = recompile_limit, keep
-        self.lines: list[str] = []
-        self.count = 0
-        self.recompiles: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def feed(self, line: str) -> None:
-        line = line.rstrip("\r\n")
-        if not line or OWN_LINE.match(line):
-            return
-        with self._lock:
-            m = RECOMPILE.search(line)
-            if m:
-                self.recompiles[m.group(1)] = self.recompiles.get(m.group(1), 0) + 1
-            if any(r.search(line) for r in self.regexes):
-                self.count += 1
-                if self.keep is None or len(self.lines) < self.keep:
-                    self.lines.append(line.strip()[:600])
-
-    def matches(self) -> list[str]:
-        """The matched lines, then one line per function recompiled more than the limit allows."""
-        storms = [f"torch recompiled {fn} {n} times (recompile_limit {self.limit})"
-                  for fn, n in self.recompiles.items() if self.limit is not None and n > self.limit]
-        return self.lines + storms
-
-
-def degraded_matches(text: str, patterns: list[str], recompile_limit: int | None = None) -> list[str]:
-    """Every console line of `text` that announces a fallback path (and every recompile storm): [] if none."""
-    m = ConsoleMatcher(patterns, recompile_limit)
-    for line in text.splitlines():
-        m.feed(line)
-    return m.matches()
-
-
-def arm_patterns(cfg: dict, arm: str) -> list[str]:
-    """The fallback patterns an arm declares in config (`degraded_patterns`), with those for `all` arms."""
-    pats = cfg.get("degraded_patterns") or {}
-    return list(pats.get(arm, [])) + list(pats.get("all", []))
-
-
-class ConsoleTap:
-    """Sees everything this process prints, third-party prints and child processes included: file descriptors 1
-    and 2 go through pipes whose reader threads write each chunk on to the original descriptor (the rule's
-    `tee console.log` still gets all of it) and feed its lines to a ConsoleMatcher."""
-
-    def __init__(self, matcher: ConsoleMatcher):
-        self.matcher, self._streams = matcher, []
-
-    def __enter__(self):
-        for f in (sys.stdout, sys.stderr):
-            f.flush()
-        for fd in (1, 2):
-            saved = os.dup(fd)
-            r, w = os.pipe()
-            os.dup2(w, fd)
-            os.close(w)
-            t = threading.Thread(target=self._pump, args=(r, saved), name=f"console-tap-{fd}", daemon=True)
-            t.start()
-            self._streams.append((fd, saved, r, t))
-        return self
-
-    def _pump(self, r: int, out: int) -> None:
-        buf = b""
-        while True:
-            try:
-                chunk = os.read(r, 1 << 16)
-            except OSError:
-                break
-            if not chunk:
-                break
-            try:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(out, view):]
-            except OSError:
-                pass  # the reader of our output went away: keep draining, so the process never blocks
-            *lines, buf = (buf + chunk).split(b"\n")
-            if len(buf) > 1 << 20:  # a progress bar redrawn with \r for ever: look at it, drop it
-                lines, buf = lines + [buf], b""
-            for line in lines:
-                try:
-                    self.matcher.feed(line.decode(errors="replace"))
-                except Exception:  # noqa: BLE001 - never let matching stop the pass-through
-                    pass
-        if buf:
-            self.matcher.feed(buf.decode(errors="replace"))
-
-    def __exit__(self, *exc):
-        for f in (sys.stdout, sys.stderr):
-            try:
-                f.flush()
-            except (OSError, ValueError):
-                pass
-        for fd, saved, _, _ in self._streams:
-            os.dup2(saved, fd)  # the pipe's last writer closes here, unless a child process still holds it
-        for fd, saved, r, t in self._streams:
-            t.join(timeout=5)
-            if not t.is_alive():  # a lingering child keeps its pipe: leave it to the daemon thread
-                os.close(r)
-                os.close(saved)
-        self._streams = []
-        return False
-
-
-def console_reason(matches: list[str]) -> str | None:
-    """The reason a draw whose console matched is degraded: the first matched line and how many more."""
-    if not matches:
-        return None
-    return f"console: {matches[0][:300]}" + (f" (+{len(matches) - 1} more)" if len(matches) > 1 else "")
-
-
-def mark_degraded(ctx: Ctx, reason: str | None) -> None:
-    """A draw measured on a fallback path (or a shared GPU): its measured rows become `degraded` with `reason`;
-    the values stay."""
-    for r in ctx.rows if reason else ():
-        if r.status == "measured":
-            r.status, r.reason = "degraded", reason
-
-
 # ---- device isolation and spread --------------------------------------------------------------------------
 def _own_gpu(nvml):
     """The NVML handle of the GPU this process will use: CUDA_VISIBLE_DEVICES' first entry (index or UUID) when
@@ -411,85 +275,3 @@ def unavailable(arm, plan: dict, cuda: bool, model_dir: str | None = None) -> st
     if reason is None and arm.precision == "bf16" and not plan.get("bf16_viable", True):
         reason = f"{arm.name}: bf16 weights do not fit this tier's memory (tier plan: bf16_viable false)"
     return reason
-
-
-# ---- the common steps: LoRA spec, load, inputs, one training step -----------------------------------------
-def lora_spec(cfg: dict) -> arm_registry.LoRASpec:
-    lo = cfg["lora"]
-    return arm_registry.LoRASpec(lo["r"], lo["alpha"], lo.get("dropout", 0.0), tuple(lo.get("attention", ())),
-                                 lo.get("experts", True))
-
-
-def read_texts(path: str) -> list[str]:
-    """The rendered conversations of a train/held-out .jsonl (one {"text": ...} per line)."""
-    return [json.loads(line)["text"] for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def token_stream(tokenizer, texts: list[str]) -> list[int]:
-    """The conversations as one token stream, each closed by EOS: what bench and validate both pack."""
-    eos = tokenizer.eos_token_id
-    return [i for t in texts for i in tokenizer(t)["input_ids"] + [eos]]
-
-
-def batches(data_path: str, tokenizer, seq_len: int, batch: int, count: int, seed: int):
-    """Pack the rendered conversations into one token stream and cut it into [batch, seq_len] blocks: every
-    position is a real token (no padding, never zeros). Cycles through the stream when it is short."""
-    import torch
-
-    stream = token_stream(tokenizer, read_texts(data_path))
-    need = seq_len * batch
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.tensor(stream, dtype=torch.long)
-    while ids.numel() < need + 1:
-        ids = torch.cat([ids, ids])
-    for _ in range(count):
-        start = int(torch.randint(0, ids.numel() - need, (1,), generator=g))
-        yield ids[start:start + need].view(batch, seq_len)
-
-
-def make_inputs(model_dir: str, data_path: str, plan: dict, count: int, seed: int, cuda: bool) -> list:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return [x.to("cuda" if cuda else "cpu") for x in batches(data_path, tok, plan["seq_len"], plan["batch"], count, seed)]
-
-
-def train_step(model, opt, x):
-    opt.zero_grad(set_to_none=True)  # at the start, so the last step's gradients stay for the expert-LoRA check
-    out = model(input_ids=x, labels=x)
-    out.loss.backward()
-    opt.step()
-    return out.loss.detach()
-
-
-def load_model(ctx: Ctx, arm, cfg: dict, plan: dict, model_dir: str, log, cuda: bool):
-    """Load through the arm (timed), then record memory after load and what really got loaded."""
-    import torch
-
-    from . import measure
-
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    loaded = arm.load(model_dir, lora_spec(cfg), plan)
-    if cuda:
-        torch.cuda.synchronize()
-    ctx.add("load_s", time.perf_counter() - t0, "s")
-    model = loaded.model
-    for k, v in measure.memory_now(cuda).items():
-        ctx.add(f"{k.removesuffix('_gb')}_after_load_gb", v, "GB")
-    census = inspect.census(model)
-    log.info("loaded: %s", json.dumps(loaded.info, default=str))
-    # Unsloth's GPT-OSS view (interleaved gate/up) applies to GPT-OSS only; other families run what it selected
-    gpt_oss = getattr(getattr(loaded.model, "config", None), "model_type", "") == "gpt_oss"
-    backend = (loaded.info.get("moe_backend_gpt_oss") if gpt_oss else loaded.info.get("moe_backend_selected")) or \
-        loaded.info.get("moe_backend") or loaded.info.get("experts_implementation")
-    if backend:  # what really ran, not what was asked for
-        ctx.add("moe_backend", str(backend), "")
-    log.info("dtype census after load: %s", json.dumps(census))
-    ctx.conditions.update(inspect.conditions(model, census, plan))
-    ctx.add("trainable_params", sum(p.numel() for p in model.parameters() if p.requires_grad), "params")
-    for cat in ("expert", "attention"):
-        ctx.add(f"{cat}_weights_gb", inspect.weights_gb(census, cat), "GB")
-        ctx.add(f"{cat}_weights_4bit_fraction", inspect.four_bit_fraction(census, cat), "fraction")
-    return model
