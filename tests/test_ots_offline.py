@@ -202,6 +202,11 @@ def test_forged_complete_proof_is_attested_offline_and_failed_with_a_node(run):
         assert r.returncode == 1 and r.stdout.startswith("AUDIT FAILED: ")
         assert f"revision 1 ({sha[:16]}): the Bitcoin node at http://***@127.0.0.1" in r.stderr
         assert "rejects the proof" in r.stderr
+        other = run_dir / "tier.json"  # a proof of another file, kept under this revision's name
+        _forge(hist / f"{sha}.json.ots", other, height)
+        r, _ = _audit(root, "--no-calendars")
+        assert r.returncode == 1 and f"revision 1 ({sha[:16]}): {hist.relative_to(root)}/{sha}.json.ots proves " \
+            "another file" in r.stderr
 
 
 def test_calendar_that_never_answers_costs_bounded_time(run):

@@ -225,9 +225,17 @@ def _edit_old_revision(root, run_dir):
     return [f"chain broken at revision 1 ({old[:16]})", "was changed"]
 
 
+def _stamp_record_claims_complete(root, run_dir):
+    """provenance_stamp.json saying more than the proof holds (here: no proof at all)."""
+    (run_dir / "provenance_stamp.json").write_text(json.dumps(
+        {"status": "complete", "provenance_sha256": sha(run_dir / "provenance.json")}))
+    return [f"{R}/provenance_stamp.json says 'complete' but the proof is missing"]
+
+
 @pytest.mark.parametrize("tamper", [_tamper_provenance, _tamper_log, _extra_log_row, _malformed_log_line,
                                     _delete_old_revision, _edit_old_revision, _dropped_validate_rows,
-                                    _dropped_offload_run, _edited_step_line, _edited_comparison])
+                                    _dropped_offload_run, _edited_step_line, _edited_comparison,
+                                    _stamp_record_claims_complete])
 def test_audit_names_each_kind_of_tampering(run, tamper):
     root, run_dir = run
     assert provenance(root).returncode == 0
