@@ -115,3 +115,44 @@ def test_numeric_target_is_reached(name, blocks):
 def test_target_below_the_noise_floor_is_a_clear_error(blocks):
     with pytest.raises(ValueError, match="noise floor.*use router_load: balanced"):
         router_calibration.calibrate(_tiny("gpt-oss-20b"), *blocks, 1.01, 42, LOG)
+
+
+# ---- raw against calibrated routers inside one process (routing_ab) -------------------------------------------
+def _ab(tmp_path, calibrated):
+    """Run routing_ab on the tiny GPT-OSS (hf_bf16 arm, CPU) with `calibrated(model)` making the second router
+    set from the raw one; returns its rows by metric."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import ROOT, tiny_workdir
+    from moebench import routing_ab
+    from moebench.metrics import read_rows
+
+    tiny_workdir(tmp_path, "gpt-oss-20b", seq_len=64)
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.bfloat16)
+    raw = router_calibration.router_state(m)
+    calibrated(m)
+    router_calibration.save_routers(str(tmp_path / "routers.safetensors"), raw, router_calibration.router_state(m))
+    out = tmp_path / "ab" / "metrics.csv"
+    routing_ab.main(["--config", str(ROOT / "config" / "config.yaml"), "--tier", str(tmp_path / "tier.json"),
+                     "--model", str(tmp_path / "model"), "--routers", str(tmp_path / "routers.safetensors"),
+                     "--data", str(tmp_path / "data" / "train.jsonl"), "--arm", "hf_bf16", "--windows", "4",
+                     "--steps", "2", "--out", str(out), "--log", str(tmp_path / "ab" / "run.log")])
+    return {r.metric: r for r in read_rows(out)}
+
+
+def test_routing_ab_swaps_router_sets_in_place_and_measures_each_window(tmp_path):
+    """A strongly skewed second set must show in its windows' measured load: the swap really happened, A B A B."""
+    rows = _ab(tmp_path, lambda m: routing.apply_skew(m, 4.0, 1))
+    assert {r.stage for r in rows.values()} == {"routing_ab"}
+    for w, label in ((1, "raw"), (2, "calibrated"), (3, "raw"), (4, "calibrated")):
+        assert rows[f"w{w}_{label}_step_s"].status == "measured" and rows[f"w{w}_{label}_step_s"].n == 2
+    mm = {w: rows[f"w{w}_{label}_router_max_over_mean"].value
+          for w, label in ((1, "raw"), (2, "calibrated"), (3, "raw"), (4, "calibrated"))}
+    assert min(mm[2], mm[4]) > max(mm[1], mm[3])  # the skewed set routed more unevenly, each time
+    assert rows["calibrated_over_raw_step_s"].status == "measured" and rows["calibrated_over_raw_step_s"].value > 0
+
+
+def test_routing_ab_with_identical_sets_is_skipped(tmp_path):
+    rows = _ab(tmp_path, lambda m: None)
+    assert rows["calibrated_over_raw_step_s"].status == "skipped"
+    assert "identical" in rows["calibrated_over_raw_step_s"].reason

@@ -1,0 +1,175 @@
+"""Raw against calibrated routers inside one process (issue 20): load one arm once, then alternate timed windows
+with the raw and the calibrated router tensors swapped in place (A B A B ...), so the process-to-process spread
+(20-30 % between draws) does not swamp what the load changes.
+
+The two router sets come from the model rule's model.routers.safetensors (`raw/<name>`, `saved/<name>`; see
+router_calibration.save_routers). Each window warms up one step after its swap (an arm that compiles or autotunes
+per expert-load shape pays that outside the timing), then times `steps` LoRA training steps; its rows carry the
+step time, peak memory and the load the routers really routed in that window.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import arms as arm_registry
+from . import config as cfgmod
+from . import harness, measure, routing
+from .harness import Ctx, Progress
+from .io import logger, read_json, write_json
+from .metrics import log_row, write_rows
+
+SETS = {"raw": "raw", "calibrated": "saved"}  # row prefix -> key prefix in model.routers.safetensors
+
+
+def router_sets(path: str) -> dict[str, dict[int, dict[str, object]]]:
+    """{"raw"|"calibrated": {layer: {"weight"|"bias": tensor}}} from the routers file."""
+    from safetensors.torch import load_file
+
+    out: dict = {k: {} for k in SETS}
+    for key, t in load_file(path).items():
+        prefix, name = key.split("/", 1)
+        m = re.search(r"layers\.(\d+)\..*\.(weight|bias)$", name)
+        for label, p in SETS.items():
+            if prefix == p and m:
+                out[label].setdefault(int(m.group(1)), {})[m.group(2)] = t
+    return out
+
+
+def swap(model, routers: dict[int, dict]) -> int:
+    """Copy one router set into the loaded model's routers in place (whatever wraps them: PEFT, Unsloth).
+    Returns the number of tensors copied; a router the file lacks, or a trainable one, is an error."""
+    import torch
+
+    n = 0
+    with torch.no_grad():
+        for layer, mod in routing.routers(model):
+            for k, p in mod.named_parameters(recurse=False):
+                if k not in routers.get(layer, {}):
+                    raise KeyError(f"routers file has no layer {layer} router {k}: was it written for this model?")
+                if p.requires_grad:
+                    raise ValueError(f"layer {layer} router {k} is trainable in this arm: swapping it would fight "
+                                     "the optimizer")
+                p.copy_(routers[layer][k].to(p.device, p.dtype))
+                n += 1
+    return n
+
+
+def identical(sets: dict) -> bool:
+    import torch
+
+    raw, cal = sets["raw"], sets["calibrated"]
+    return raw.keys() == cal.keys() and all(torch.equal(raw[l][k], cal[l][k]) for l in raw for k in raw[l])
+
+
+def window(model, opt, xs, load, cuda: bool) -> tuple[list[float], dict, dict]:
+    """One warm-up step, then the timed steps: (step times, peak memory, tokens per expert per layer)."""
+    import torch
+
+    harness.train_step(model, opt, xs[0])
+    before = load.counts()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for x in xs[1:]:
+        t = time.perf_counter()
+        loss = harness.train_step(model, opt, x)
+        float(loss)  # waits for the step
+        times.append(time.perf_counter() - t)
+    after = load.counts()
+    counts = {l: [a - b for a, b in zip(c, before.get(l, [0] * len(c)))] for l, c in after.items()}
+    return times, measure.memory_peak(cuda), counts
+
+
+def load_rows(ctx: Ctx, prefix: str, counts: dict, n: int) -> None:
+    per = [routing.summary(c) for c in counts.values()]
+    per = [s for s in per if s["max_over_mean"] is not None]
+    if not per:
+        ctx.add(f"{prefix}_router_max_over_mean", status="unavailable",
+                reason="no router reported its top-k choice in this window")
+        return
+    for k, unit in (("max_over_mean", "ratio"), ("entropy_norm", "fraction of log E"), ("unused", "count")):
+        ctx.add(f"{prefix}_router_{k}", sum(s[k] for s in per) / len(per), unit, n=len(per))
+
+
+def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, routers_path: str, data_path: str, log,
+        windows: int, steps: int, progress: Progress | None = None) -> None:
+    arm.preimport()
+    import torch
+
+    sets = router_sets(routers_path)
+    if identical(sets):
+        raise arm_registry.ArmUnavailable("raw and calibrated routers are identical (router_load raw, or a "
+                                          "from_pretrained model): nothing to compare")
+    plan, cuda = tier["plan"], torch.cuda.is_available()
+    torch.manual_seed(cfg["seed"])
+    model = harness.load_model(ctx, arm, cfg, plan, model_dir, log, cuda)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    xs = harness.make_inputs(model_dir, data_path, plan, windows * (steps + 1), cfg["seed"], cuda)
+    model.train()
+    load = routing.RouterLoad.of(model)
+    load.counting = True  # on throughout: switching a hook's flag would retrace a compiled layer
+    times: dict = {label: [] for label in SETS}
+    for w in range(windows):
+        label = list(SETS)[w % 2]  # A B A B: raw first
+        if progress:
+            progress.enter(f"window {w + 1}/{windows} ({label} routers)")
+        log.info("window %d/%d: %s routers (%d tensors swapped in)", w + 1, windows, label, swap(model, sets[label]))
+        t, mem, counts = window(model, opt, xs[w * (steps + 1):(w + 1) * (steps + 1)], load, cuda)
+        s = measure.summary(t)
+        log.info("window %d/%d %s: median step %.4f s, %s", w + 1, windows, label, s["median"], mem)
+        ctx.add(f"w{w + 1}_{label}_step_s", s["median"], "s", n=s["n"], spread=s["iqr"])
+        for k, v in mem.items():
+            ctx.add(f"w{w + 1}_{label}_{k}", v, "GB")
+        load_rows(ctx, f"w{w + 1}_{label}", counts, s["n"])
+        times[label] += t
+    load.remove()
+    summary_rows(ctx, times)
+
+
+def summary_rows(ctx: Ctx, times: dict) -> None:
+    """Median step time per router set over all its windows, and calibrated over raw."""
+    med = {label: measure.summary(t) for label, t in times.items() if t}
+    for label, s in med.items():
+        ctx.add(f"{label}_step_s", s["median"], "s", n=s["n"], spread=s["iqr"])
+    if len(med) == 2:
+        ctx.add("calibrated_over_raw_step_s", med["calibrated"]["median"] / med["raw"]["median"], "ratio",
+                n=min(s["n"] for s in med.values()))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--tier", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--routers", required=True, help="model.routers.safetensors")
+    ap.add_argument("--data", required=True, help="train.jsonl")
+    ap.add_argument("--arm", required=True)
+    ap.add_argument("--windows", type=int, default=4, help="timed windows, alternating raw and calibrated")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per window (after one warm-up step)")
+    ap.add_argument("--out", required=True, help="metrics.csv")
+    ap.add_argument("--log", required=True)
+    a = ap.parse_args(argv)
+    log = logger("routing_ab", a.log)
+    cfg, tier = cfgmod.load(a.config), read_json(a.tier)
+    arm = arm_registry.get(a.arm)
+    ctx = Ctx(cfg["run"], tier["tier"], cfg["model"]["name"], arm.name, arm.precision, None, a.log,
+              stage="routing_ab")
+    started = datetime.now(timezone.utc).isoformat()
+    skip = harness.unavailable(arm, tier["plan"], tier.get("gpu") is not None, a.model)
+    harness.guarded(ctx, log, lambda progress: run(ctx, arm, cfg, tier, a.model, a.routers, a.data, log,
+                                                   a.windows, a.steps, progress),
+                    cfg["arm_timeout_s"], skip=skip, metric="calibrated_over_raw_step_s", stage="routing_ab")
+    for r in ctx.rows:
+        log_row(log, r)
+    write_json(Path(a.out).parent / "env.json", {"arm": arm.name, **harness.environment(started, tier),
+                                                 "conditions": ctx.conditions})
+    write_rows(a.out, ctx.rows)
+
+
+if __name__ == "__main__":
+    main()
