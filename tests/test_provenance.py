@@ -351,3 +351,26 @@ def test_snakemake_rules_run_rerun_as_noop_and_lint_clean(run):
     assert r.returncode != 0 and (root / "audits" / "level.txt").read_text().startswith("FAILED\n")
     r = sm("--lint")
     assert r.returncode == 0 and "Congratulations" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_draw_degraded_afterwards_by_its_console_checks_out_only_with_that_line(run):
+    """aggregate marks a draw logged `measured` as `degraded` when its console.log holds a declared fallback line:
+    the audit accepts the changed status only while that line is in the console.log."""
+    import yaml
+
+    root, run_dir = run
+    console = run_dir / "arms/unsloth_bf16/draw2/console.log"
+    console.write_text("Unsloth: Falling back to the slow MoE path\n")
+    cfg_path = run_dir / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["degraded_patterns"] = {"unsloth_bf16": ["Falling back to the slow"]}
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=True))
+    fr.aggregate_run(root, run_dir)
+    assert provenance(root).returncode == 0
+    step = {n["id"]: n for n in fr.read(run_dir / "provenance.json")["numbers"]}[f"{RUN}/bench/unsloth_bf16/d2/step_s"]
+    assert step["status"] == "degraded" and step["reason"].startswith("console: Unsloth: Falling back")
+    r, _ = audit(root)
+    assert r.returncode == 5, r.stderr[-2000:]
+    console.write_text("all fast\n")
+    r, _ = audit(root)
+    assert r.returncode == 1 and "status: provenance 'degraded' vs log 'measured'" in r.stderr

@@ -101,9 +101,27 @@ def same(a, b) -> bool:
     return a == b or (a in (None, "") and b in (None, ""))
 
 
-def diff(number: dict, row: dict) -> list[str]:
-    return [f"{f}: provenance {number.get(f)!r} vs log {row.get(f)!r}" for f in FIELDS
+def diff(number: dict, row: dict, log: Path | None = None) -> list[str]:
+    fields = FIELDS
+    if log is not None and console_degraded(number, row, log):
+        fields = tuple(f for f in FIELDS if f not in ("status", "reason"))
+    return [f"{f}: provenance {number.get(f)!r} vs log {row.get(f)!r}" for f in fields
             if not same(number.get(f), row.get(f))]
+
+
+CONSOLE_MORE = re.compile(r" \(\+\d+ more\)$")
+
+
+def console_degraded(number: dict, row: dict, log: Path) -> bool:
+    """A row logged `measured` that the aggregate marked `degraded` afterwards, for a fallback line its console.log
+    holds (aggregate.console_degraded: draws measured before the process looked for such lines): true only when
+    that line really is in the console.log beside the log."""
+    reason = str(number.get("reason") or "")
+    if number.get("status") != "degraded" or row.get("status") != "measured" or not reason.startswith("console: "):
+        return False
+    line = CONSOLE_MORE.sub("", reason.removeprefix("console: ")).removesuffix(" …")
+    console = log.with_name("console.log")
+    return bool(line) and console.is_file() and line in console.read_text(errors="replace")
 
 
 # ---- chain and stamps --------------------------------------------------------------------------------------
@@ -335,7 +353,7 @@ def check_numbers(doc: dict, run_dir: Path, root: Path, F: Findings) -> dict[Pat
         if row is None:
             F.fail(f"number {nid} = {n.get('value')!r}: not in its source log {_rel(src, root)}")
             continue
-        bad = diff(n, asdict(row))
+        bad = diff(n, asdict(row), src)
         if bad:
             F.fail(f"number {nid}: does not match its source log {_rel(src, root)}: " + "; ".join(bad))
         else:
