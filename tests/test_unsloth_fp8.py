@@ -54,6 +54,20 @@ def test_make_fp8_on_cpu_records_why_it_made_nothing(tmp_path):
     assert [p.name for p in (tmp_path / "dst").iterdir()] == [fp8.RECORD]
 
 
+def test_make_fp8_records_a_crash_and_the_arm_refuses_with_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(fp8, "_cuda", lambda: (True, (9, 0)))
+    monkeypatch.setattr(fp8, "_version", lambda pkg: "0.17.0")
+
+    def boom(src, dst, mode):
+        raise RuntimeError("torchao could not quantize model.layers.0\nmore")
+
+    monkeypatch.setattr(fp8, "_quantize", boom)
+    rec = fp8.make_fp8_checkpoint(str(tmp_path / "model"), str(tmp_path / "model-fp8"))
+    assert rec["failed"] == "RuntimeError: torchao could not quantize model.layers.0"
+    assert arms.get("unsloth_fp8").refusal(str(tmp_path / "model"), {}).endswith(
+        "was not made: RuntimeError: torchao could not quantize model.layers.0")
+
+
 class Sub:
     """Stands in for torchao's Float8Tensor: reports bf16, stores float8 codes and a float32 scale."""
     dtype = torch.bfloat16

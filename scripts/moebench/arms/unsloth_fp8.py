@@ -139,7 +139,13 @@ def make_fp8_checkpoint(src: str, dst: str, mode: str = "row") -> dict:
     if why:
         record["skipped"] = why
     else:
-        record.update(_quantize(src, dst, mode))
+        try:
+            record.update(_quantize(src, dst, mode))
+        except Exception as exc:  # noqa: BLE001 - recorded: the arm's rows then say why, the workflow goes on
+            import traceback
+
+            traceback.print_exc()
+            record["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
     (Path(dst) / RECORD).write_text(json.dumps(record, indent=1, default=str) + "\n")
     return record
 
@@ -213,8 +219,8 @@ class UnslothFP8(Arm):
     def refusal(self, model_dir: str, plan: dict) -> str | None:
         source = self.checkpoint(model_dir, plan)
         rec = _record(source)
-        if rec and rec.get("skipped"):
-            return f"unsloth_fp8: the FP8 checkpoint {source} was not made: {rec['skipped']}"
+        if rec and (rec.get("skipped") or rec.get("failed")):
+            return f"unsloth_fp8: the FP8 checkpoint {source} was not made: {rec.get('skipped') or rec['failed']}"
         if rec is None or not any(Path(source).glob("*.bin")) and not any(Path(source).glob("*.safetensors")):
             return (f"unsloth_fp8: no prebuilt FP8 checkpoint at {source} (Unsloth would otherwise quantize on every "
                     f"fresh machine into a cache named by basename only). Make it first: "
