@@ -24,7 +24,6 @@ import gc
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
