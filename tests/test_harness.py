@@ -224,3 +224,13 @@ def test_conditions_read_from_the_loaded_model(tiny_model):
 def test_an_attention_the_model_lacks_is_a_skip_with_reason(tiny_model):
     with pytest.raises(arms.ArmUnavailable, match="hf_bf16: plan hf_attention=sdpa is not supported"):
         load_hf(tiny_model, hf_attention="sdpa")  # GPT-OSS's attention sinks: no SDPA path in transformers
+
+
+def test_console_watch_uses_the_arms_patterns_and_asks_torch_for_recompile_lines(monkeypatch, capfd):
+    monkeypatch.delenv("TORCH_LOGS", raising=False)
+    cfg = {"degraded_patterns": {"unsloth_4bit": ["auto-tuning failed"], "all": ["hit config"]}, "recompile_limit": 3}
+    with harness.console_watch(cfg, "unsloth_4bit") as m:
+        os.write(2, b"MoE kernel auto-tuning failed\nan hf_bf16 line\ntorch._dynamo hit config.recompile_limit (8)\n")
+    assert m.matches() == ["MoE kernel auto-tuning failed", "torch._dynamo hit config.recompile_limit (8)"]
+    assert os.environ["TORCH_LOGS"] == "recompiles" and m.limit == 3
+    assert "an hf_bf16 line" in capfd.readouterr().err

@@ -6,7 +6,6 @@ gives `skipped` rows; one that crashes or runs out of memory gives `failed` rows
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -229,12 +228,9 @@ def main(argv=None):
     started = datetime.now(timezone.utc).isoformat()
     skip = harness.unavailable(arm, tier["plan"], tier.get("gpu") is not None, a.model)
     bare = a.arm in cfg["bare_loop_arms"]
-    if cfg.get("recompile_limit") is not None:
-        os.environ.setdefault("TORCH_LOGS", "recompiles")  # read when torch is imported: one line per recompile
     # another process on the GPU (a previous draw still exiting, a neighbour) skews time, memory and energy
     shared = harness.isolate(ctx, cfg["isolation_wait_s"], log) if not skip and tier.get("gpu") else None
-    console = harness.ConsoleMatcher(harness.arm_patterns(cfg, arm.name), cfg.get("recompile_limit"), keep=20)
-    with harness.ConsoleTap(console):  # third-party prints announce fallbacks: see them as they pass
+    with harness.console_watch(cfg, arm.name) as console:  # third-party prints announce fallbacks
         harness.guarded(ctx, log, lambda progress: run(ctx, arm, cfg, tier, a.model, a.data, log, bare, progress),
                         cfg["arm_timeout_s"], skip=skip)
     harness.spread_rows(ctx, cfg["spread_limit"], log)

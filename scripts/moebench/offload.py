@@ -509,8 +509,10 @@ def main(argv=None):
     reason = reason or harness.unavailable(arm, tier["plan"], tier.get("gpu") is not None, a.model)
     if reason is None and tier.get("gpu") is None:
         reason = "offload and memory caps measure GPU memory; the CPU tier has none"
-    harness.guarded(ctx, log, lambda _: run_mode(ctx, arm, cfg, tier, a.mode, a.model, a.data, log),
-                    cfg["arm_timeout_s"], skip=reason, stage="offload", phase=f"{arm.name} with {a.mode}")
+    with harness.console_watch(cfg, arm.name) as console:  # a fallback path taints this mode's rows too
+        harness.guarded(ctx, log, lambda _: run_mode(ctx, arm, cfg, tier, a.mode, a.model, a.data, log),
+                        cfg["arm_timeout_s"], skip=reason, stage="offload", phase=f"{arm.name} with {a.mode}")
+    harness.mark_degraded(ctx, harness.console_reason(console.matches()))
     for r in ctx.rows:
         if r.stage == "bench":  # load-time rows of this process belong to the offload stage
             r.stage = "offload"

@@ -9,6 +9,7 @@ import os
 import re
 import sys
 import threading
+from contextlib import contextmanager
 
 
 # ---- degraded paths: console lines that announce a fallback -------------------------------------------------
@@ -147,3 +148,14 @@ def mark_degraded(ctx, reason: str | None) -> None:
     for r in ctx.rows if reason else ():
         if r.status == "measured":
             r.status, r.reason = "degraded", reason
+
+
+@contextmanager
+def console_watch(cfg: dict, arm: str):
+    """Watch this process's console for the fallbacks `arm` declares in config (yields the matcher). Asks torch
+    for one line per recompile (TORCH_LOGS, read when torch is imported) when a recompile limit is set."""
+    if cfg.get("recompile_limit") is not None:
+        os.environ.setdefault("TORCH_LOGS", "recompiles")
+    matcher = ConsoleMatcher(arm_patterns(cfg, arm), cfg.get("recompile_limit"), keep=20)
+    with ConsoleTap(matcher):
+        yield matcher
