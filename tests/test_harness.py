@@ -234,3 +234,19 @@ def test_console_watch_uses_the_arms_patterns_and_asks_torch_for_recompile_lines
     assert m.matches() == ["MoE kernel auto-tuning failed", "torch._dynamo hit config.recompile_limit (8)"]
     assert os.environ["TORCH_LOGS"] == "recompiles" and m.limit == 3
     assert "an hf_bf16 line" in capfd.readouterr().err
+
+
+def test_console_tap_does_not_wait_for_a_child_that_lives_on(capfd):
+    """torch's compile workers inherit fds 1 and 2 and outlive the draw: leaving the tap must not hang on them."""
+    import time
+
+    m = harness.ConsoleMatcher(["MAIN"])
+    t0 = time.monotonic()
+    with harness.ConsoleTap(m):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        os.write(1, b"MAIN line\n")
+    try:
+        assert time.monotonic() - t0 < 10 and m.matches() == ["MAIN line"]
+    finally:
+        child.kill()
+        child.wait()

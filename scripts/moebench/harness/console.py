@@ -127,7 +127,7 @@ class ConsoleTap:
         for fd, saved, _, _ in self._streams:
             os.dup2(saved, fd)  # the pipe's last writer closes here, unless a child process still holds it
         for fd, saved, r, t in self._streams:
-            t.join(timeout=5)
+            t.join(timeout=2)  # torch's compile workers inherit the pipe and live on: never wait on them long
             if not t.is_alive():  # a lingering child keeps its pipe: leave it to the daemon thread
                 os.close(r)
                 os.close(saved)
