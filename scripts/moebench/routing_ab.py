@@ -85,7 +85,8 @@ def window(model, opt, xs, load, cuda: bool) -> tuple[list[float], dict, dict]:
     return times, measure.memory_peak(cuda), counts
 
 
-def load_rows(ctx: Ctx, prefix: str, counts: dict, n: int) -> None:
+def load_rows(ctx: Ctx, prefix: str, counts: dict) -> None:
+    """The load one window routed, averaged over layers (n = layers)."""
     per = [routing.summary(c) for c in counts.values()]
     per = [s for s in per if s["max_over_mean"] is not None]
     if not per:
@@ -125,7 +126,7 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, routers_path: str,
         ctx.add(f"w{w + 1}_{label}_step_s", s["median"], "s", n=s["n"], spread=s["iqr"])
         for k, v in mem.items():
             ctx.add(f"w{w + 1}_{label}_{k}", v, "GB")
-        load_rows(ctx, f"w{w + 1}_{label}", counts, s["n"])
+        load_rows(ctx, f"w{w + 1}_{label}", counts)
         times[label] += t
     load.remove()
     summary_rows(ctx, times)
