@@ -3,8 +3,9 @@ router load actually seen (tokens per expert, counted from each router's top-k c
 
 A random-init router does not spread tokens evenly, and not as a trained one does: measured in the arms'
 warm-up on GPU, max/mean expert load is 4.9 for GPT-OSS-20B, ~7 for OLMoE and ~13 of a possible 16 for
-Qwen3-30B-A3B (many tokens pick the same experts; why is not measured here), where a
-trained router is trained to balance its load (an auxiliary loss). `apply_skew` makes it more uneven still, on purpose,
+Qwen3-30B-A3B (many tokens pick the same experts; why is not measured here), where a trained router is
+trained to balance its load (an auxiliary loss). `router_calibration` sets a random-init model's load at build
+(`model.router_load`: raw, balanced or a max/mean target), `apply_skew` makes it more uneven still, on purpose,
 so the arms can be compared under skew, and `RouterLoad` measures what the routers really did: a setting is
 never reported as the load.
 """
