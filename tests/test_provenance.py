@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -291,47 +290,11 @@ def test_stamp_offline_finishes_quickly_and_says_why(run):
     assert r.returncode == 1 and "does not exist" in r.stderr and not (run_dir / "x.json").exists()
 
 
-HARNESS = '''# Test harness: the main Snakefile defines RUN, R, CONFIG, then includes rules/provenance.smk.
-import sys
-from pathlib import Path
-
-configfile: "config/test.yaml"
-sys.path.insert(0, str(Path(workflow.basedir).parent / "scripts"))
-from moebench import workflowlib as wl  # noqa: E402
-
-RUN = config["run"]
-R = f"results/{RUN}"
-RUN_CONFIG = f"{R}/config.yaml"  # the main Snakefile's checkpoint run_config writes it; here the test does
-CONFIG = lambda wildcards, input: input.run_config
-
-
-include: "rules/provenance.smk"
-
-
-rule all:
-    input:
-        f"{R}/PROVENANCE.md",
-        f"{R}/provenance_stamp.json",
-    default_target: True
-'''
-
-
 def test_snakemake_rules_run_rerun_as_noop_and_lint_clean(run):
     root, run_dir = run
-    (root / "workflow" / "rules").mkdir(parents=True)
-    shutil.copy(fr.ROOT / "workflow" / "rules" / "provenance.smk", root / "workflow" / "rules")
-    shutil.copy(fr.ROOT / "environment.yml", root)
-    (root / "workflow" / "Snakefile").write_text(HARNESS)
-    (run_dir / "claims.json").write_text('{"claims": []}\n')  # the claims ledger's output (its rule is not here)
-    (root / "config").mkdir()
-    (root / "config" / "test.yaml").write_text(f"run: {RUN}\n")
     cfg = run_dir / "config.yaml"
     cfg.write_text(cfg.read_text() + f"provenance:\n  calendars: [{CLOSED}]\n  timeout_s: 2\n")
-    snake = [str(Path(sys.executable).parent / "snakemake"), "--cores", "1"]
-
-    def sm(*args):
-        return subprocess.run(snake + list(args), cwd=root, env=fr.env(root), capture_output=True, text=True,
-                              timeout=120)
+    sm = fr.snakemake_harness(root)
 
     r = sm()
     assert r.returncode == 0, r.stderr[-3000:]

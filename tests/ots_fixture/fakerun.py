@@ -164,3 +164,49 @@ def moebench(root: Path, module: str, *args: str, timeout: float = 120) -> subpr
 
 def read(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+HARNESS = '''# Test harness: the main Snakefile defines RUN, R, CONFIG, then includes rules/provenance.smk.
+import sys
+from pathlib import Path
+
+configfile: "config/test.yaml"
+sys.path.insert(0, str(Path(workflow.basedir).parent / "scripts"))
+from moebench import workflowlib as wl  # noqa: E402
+
+RUN = config["run"]
+R = f"results/{RUN}"
+RUN_CONFIG = f"{R}/config.yaml"  # the main Snakefile's checkpoint run_config writes it; here the test does
+CONFIG = lambda wildcards, input: input.run_config
+
+
+include: "rules/provenance.smk"
+
+
+rule all:
+    input:
+        f"{R}/PROVENANCE.md",
+        f"{R}/provenance_stamp.json",
+    default_target: True
+'''
+
+
+def snakemake_harness(root: Path, run: str = RUN):
+    """workflow/rules/provenance.smk under a small Snakefile in root (HARNESS); returns sm(*args) running snakemake
+    there with one core."""
+    import shutil
+
+    (root / "workflow" / "rules").mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "workflow" / "rules" / "provenance.smk", root / "workflow" / "rules")
+    shutil.copy(ROOT / "environment.yml", root)
+    (root / "workflow" / "Snakefile").write_text(HARNESS)
+    (root / "results" / run / "claims.json").write_text('{"claims": []}\n')  # the claims rule is not here
+    (root / "config").mkdir(exist_ok=True)
+    (root / "config" / "test.yaml").write_text(f"run: {run}\n")
+    snake = [str(Path(sys.executable).parent / "snakemake"), "--cores", "1"]
+
+    def sm(*args, timeout: float = 120):
+        return subprocess.run(snake + list(args), cwd=root, env=env(root), capture_output=True, text=True,
+                              timeout=timeout)
+
+    return sm
