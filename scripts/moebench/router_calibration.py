@@ -29,7 +29,7 @@ from . import routing
 MAX_TOKENS = 16384        # calibration tokens (training conversations) and held-out tokens measured, at most
 BIAS_STEPS = 400          # auxiliary-loss-free bias updates per layer (each: one router forward, no gradient)
 WEIGHT_STEPS = 300        # Adam steps per layer for routers without a bias
-WEIGHT_LR = 2e-3          # Adam learning rate, relative to the router weight's std
+WEIGHT_STEP = 0.02        # Adam's step moves a logit by at most ~this fraction of the logits' spread (any width)
 STOP_VIOLATION = 0.02     # stop a layer early once max_e |c_e - c*_e| / mean(c*) is this small
 FLOOR_SIMS = 32           # uniform-router simulations per noise-floor estimate
 BALANCED_SLACK = 1.3      # balanced is reached when the held-out max/mean, mean over layers, is <= slack * floor,
@@ -57,7 +57,7 @@ def parse(value, on_gpu: bool) -> str | float:
 
 def settings() -> dict:
     """The method's constants, recorded in the model's record."""
-    return {"bias_steps": BIAS_STEPS, "weight_steps": WEIGHT_STEPS, "weight_lr": WEIGHT_LR,
+    return {"bias_steps": BIAS_STEPS, "weight_steps": WEIGHT_STEPS, "weight_step": WEIGHT_STEP,
             "stop_violation": STOP_VIOLATION, "floor_sims": FLOOR_SIMS, "balanced_slack": BALANCED_SLACK,
             "balanced_worst": BALANCED_WORST,
             "target_tolerance": TARGET_TOLERANCE}
@@ -167,7 +167,10 @@ def fit_weight(router, x, shares, top_k: int, steps: int = WEIGHT_STEPS) -> dict
     master = router.weight.detach().float().clone().requires_grad_(True)
     want = shares * x.shape[0] * top_k
     target = shares.to(xs.device, torch.float32)
-    opt = torch.optim.Adam([master], lr=WEIGHT_LR * max(float(master.detach().std()), 1e-3))
+    with torch.no_grad():  # Adam moves each weight by ~lr: a logit by ~lr * |x|_1, so scale by the width
+        spread = float((xs @ master.T).std())
+        lr = WEIGHT_STEP * max(spread, 1e-3) / max(float(xs.abs().sum(1).mean()), 1e-6)
+    opt = torch.optim.Adam([master], lr=lr)
     best = (math.inf, master.detach().clone(), 0)
     for step in range(steps + 1):
         with torch.enable_grad():
