@@ -1,5 +1,6 @@
 """The harness on CPU: a real training step per runnable arm, the skipped and failed paths, the FLOP model."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ def run_arm(d, arm, draw=1, config=ROOT / "config" / "config.yaml", tier="tier.j
 
 
 def test_registry_knows_every_configured_arm_and_imports_nothing_heavy():
-    assert set(arms.REGISTRY) == {"hf_bf16", "hf_bnb4", "unsloth_bf16", "unsloth_4bit", "e4b_4bit"}
+    assert set(arms.REGISTRY) == {"hf_bf16", "hf_bnb4", "unsloth_bf16", "unsloth_4bit", "unsloth_fp8", "e4b_4bit"}
     for name in arms.REGISTRY:
         arm = arms.get(name)
         assert arm.name == name and not isinstance(arm, arms.Broken), getattr(arm, "error", "")
@@ -72,7 +73,7 @@ def test_hf_bf16_really_trains_on_cpu_with_expert_lora(setup):
     assert env["host"]["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
-@pytest.mark.parametrize("arm", ["hf_bnb4", "unsloth_bf16", "unsloth_4bit", "e4b_4bit"])
+@pytest.mark.parametrize("arm", ["hf_bnb4", "unsloth_bf16", "unsloth_4bit", "unsloth_fp8", "e4b_4bit"])
 def test_gpu_arms_are_skipped_with_reason_on_cpu(setup, arm):
     d, _ = setup
     rows, _ = run_arm(d, arm)
@@ -167,10 +168,13 @@ def test_overrunning_draw_becomes_failed_row(setup):
     d, _ = setup
     cfg, tier = variant(d, "slow", {"arm_timeout_s": 20}, {"timed_steps": 5000})
     rows, out = run_arm(d, "hf_bf16", draw=8, config=cfg, tier=tier)
-    assert rows["step_s"].status == "failed" and "arm_timeout_s=20" in rows["step_s"].reason
-    assert "(in 5000 timed steps, " in rows["step_s"].reason  # where the draw was when it ran out of time
-    assert rows["load_s"].status == "measured"  # what was measured before the overrun stays
-    assert rows["first_step_s"].value > 0  # the warm-up's first step, compile time included
+    reason = rows["step_s"].reason
+    assert rows["step_s"].status == "failed" and "arm_timeout_s=20" in reason
+    # where the draw was when it ran out of time (on a loaded 2-core host the load itself can take 20 s)
+    assert re.search(r"\(in (loading the model|warm-up step \d+ \(of .*\)|5000 timed steps.*), \d+ s in\)", reason)
+    if "timed steps" in reason:
+        assert rows["load_s"].status == "measured"  # what was measured before the overrun stays
+        assert rows["first_step_s"].value > 0  # the warm-up's first step, compile time included
 
 
 def test_progress_reports_a_long_phase_while_it_lasts(caplog):
