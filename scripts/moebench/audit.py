@@ -289,7 +289,7 @@ def check_stamp_record(run_dir: Path, prov: Path, hist: Path, F: Findings) -> No
     claims = rec.get("status")
     if rec.get("provenance_sha256") not in (None, sha):
         F.fail(f"{path} describes another provenance (sha256 {str(rec.get('provenance_sha256'))[:16]}, the file is "
-               f"{sha[:16]})")
+               f"{sha[:16]}): stamp the newest revision (`snakemake ots_upgrade`) to bring it up to date")
     elif RANK.get(claims, 0) > RANK.get(actual, 0):
         F.fail(f"{path} says {claims!r} but the proof {'is ' + actual if actual else 'is missing'}")
 
