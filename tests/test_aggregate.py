@@ -71,10 +71,11 @@ def test_shape_says_when_a_run_overrides_its_tier_plan():
 
 
 def test_conditions_that_differ_are_listed():
-    envs = [{"arm": "hf_bf16", "conditions": {"attention": "sdpa", "optimizer": "AdamW"}},
-            {"arm": "unsloth_bf16", "conditions": {"attention": "flex_attention", "optimizer": "AdamW"}}]
+    envs = [{"arm": "hf_bf16", "conditions": {"attention": {"implementation": "sdpa"}, "optimizer": "AdamW"}},
+            {"arm": "unsloth_bf16", "conditions": {"attention": {"implementation": "flex_attention"},
+                                                   "optimizer": "AdamW"}}]
     note = aggregate.conditions_note(envs)
-    assert "attention: hf_bf16 sdpa; unsloth_bf16 flex_attention" in note and "optimizer" not in note
+    assert "attention.implementation: hf_bf16 sdpa; unsloth_bf16 flex_attention" in note and "optimizer" not in note
 
 
 def _env(arm, start, end, boot=None, gpu="H200"):
@@ -108,3 +109,22 @@ def test_a_verdict_across_sessions_says_so():
     mixed = aggregate.split_by_session({"verdict": "VIABLE", "reason": "r", "reference": "hf_bf16"},
                                        [{"arms": ["hf_bf16"]}, {"arms": ["unsloth_bf16", "hf_bf16"]}])
     assert "different sessions" in mixed["reason"]
+
+
+def test_committed_qwen3_draws_read_their_queue_log_and_turn_degraded():
+    """The H200 Qwen3 unsloth_4bit draw printed Unsloth's autotune fallback 48 times (its queue log, committed):
+    re-aggregated, its rows are degraded with that line; a draw whose console shows nothing stays measured."""
+    from pathlib import Path
+
+    from moebench import config as cfgmod
+    from moebench.metrics import read_many
+
+    root = Path(__file__).resolve().parents[1]
+    run = root / "results/h200-qwen3-30b-a3b"
+    dirs = [run / "arms/unsloth_4bit/draw1", run / "arms/hf_bf16/draw1"]
+    assert "MoE kernel auto-tuning failed" in aggregate.console_text(dirs[0])
+    cfg = cfgmod.load(str(run / "config.yaml"))
+    rows = aggregate.console_degraded(read_many([str(d / "metrics.csv") for d in dirs]), dirs, cfg)
+    step = {r.arm: r for r in rows if r.metric == "step_s"}
+    assert step["unsloth_4bit"].status == "degraded" and "auto-tuning failed" in step["unsloth_4bit"].reason
+    assert step["hf_bf16"].status == "measured"

@@ -89,26 +89,42 @@ def step_times(draw_dir: Path) -> list[float]:
 
 
 def console_degraded(rows: list[Row], draw_dirs: list[Path], cfg: dict) -> list[Row]:
-    """Re-read each draw's console.log for the fallback lines its arm declares: a draw measured before the
-    process looked for them (committed runs) is degraded all the same. Rows are returned, not changed."""
-    from .harness import degraded_matches
+    """Re-read each draw's console for the fallback lines its arm declares: a draw measured before the process
+    looked for them (committed runs) is degraded all the same. Rows are returned, not changed."""
+    from .harness import arm_patterns, console_reason, degraded_matches
 
     hits = {}
     for d in draw_dirs:
-        console = d / "console.log"
-        if console.exists():
+        text = console_text(d)
+        if text:
             arm, k = d.parent.name, int(d.name.removeprefix("draw"))
-            found = degraded_matches(console.read_text(errors="replace"), degraded_patterns(cfg, arm),
-                                     cfg.get("recompile_limit"))
-            if found:
-                hits[(arm, k)] = f"console: {shorten(found[0], 240)}" + (f" (+{len(found) - 1} more)" if len(found) > 1 else "")
+            why = console_reason(degraded_matches(text, arm_patterns(cfg, arm), cfg.get("recompile_limit")))
+            if why:
+                hits[(arm, k)] = why
     return [replace(r, status="degraded", reason=hits[(r.arm, r.draw)])
             if r.status == "measured" and r.stage == "bench" and (r.arm, r.draw) in hits else r for r in rows]
 
 
-def degraded_patterns(cfg: dict, arm: str) -> list[str]:
-    pats = cfg.get("degraded_patterns") or {}
-    return list(pats.get(arm, [])) + list(pats.get("all", []))
+JOB_START = re.compile(r"^(local)?(rule|checkpoint) \w+:", re.M)
+
+
+def console_text(draw_dir: Path) -> str:
+    """What a draw's process printed: its console.log, or, for draws committed before bench kept one, its job's
+    part of the run's lent-GPU queue log (logs/queue*.log: from the job's `output: …/drawK/metrics.csv` line to
+    the next job; draws ran one at a time there)."""
+    own = draw_dir / "console.log"
+    if own.exists():
+        return own.read_text(errors="replace")
+    run_dir = draw_dir.parents[2]
+    marker = f"output: results/{run_dir.name}/arms/{draw_dir.parent.name}/{draw_dir.name}/metrics.csv"
+    parts = []
+    for log in sorted((run_dir / "logs").glob("queue*.log")):
+        text = log.read_text(errors="replace")
+        start = text.find(marker)
+        if start >= 0:
+            nxt = JOB_START.search(text, start)
+            parts.append(text[start:nxt.start() if nxt else len(text)])
+    return "\n".join(parts)
 
 
 def read_draws(rows: list[Row], draw_dirs: list[Path]) -> dict[str, list[Draw]]:
@@ -240,13 +256,24 @@ def conditions_note(envs: list[dict]) -> str:
     a ratio between them is then a stack ratio, and the table says so."""
     per_arm: dict[str, dict] = {}
     for e in envs:
-        per_arm.setdefault(e["arm"], e.get("conditions") or {})
+        per_arm.setdefault(e["arm"], flat(e.get("conditions") or {}))
     keys = sorted({k for c in per_arm.values() for k in c})
     differ = [k for k in keys if len({str(c.get(k)) for c in per_arm.values()}) > 1]
     if not differ:
         return ""
     rows = [f"- {k}: " + "; ".join(f"{a} {c.get(k, '—')}" for a, c in sorted(per_arm.items())) for k in differ]
     return "**Conditions that differ between arms** (ratios below compare stacks, not only expert LoRA):\n" + "\n".join(rows)
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    """{"attention": {"implementation": "sdpa"}} -> {"attention.implementation": "sdpa"}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def main(argv=None):
