@@ -1,58 +1,177 @@
-"""Shared fixtures: the repository copied to a temp dir and the CPU workflow run there once per session."""
+"""Shared fixtures and the one way tests run Snakemake.
+
+`cpu_run`: the CPU-tier workflow run once per session from a copy of the repo; every test that needs a whole CPU
+chain reads that run instead of building its own. It starts in the background as soon as collection shows a
+selected test needs it, so it overlaps the unit tests instead of adding to them.
+`snakemake(...)`: the venv's Snakemake in its own process group, killed whole on overrun.
+`tiny_workdir(...)`: a tiny model, its data and a CPU tier.json for tests that call a stage directly; the model is
+built once per session and family and copied.
+moebench itself is importable because `make setup` installs it (`pip install -e .`, pyproject.toml).
+"""
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 BIN = Path(sys.executable).parent
-# Small but real: the default CPU plan with fewer timed steps, so the suite stays fast on 2 cores.
-QUICK = ["--config", "plan_overrides={timed_steps: 3, warmup_steps: 1, draws: 2}"]
+# Small but real: the default CPU plan with fewer timed steps and 40 conversations (the fine-tune's 12 steps use
+# fewer than those hold), so the suite stays fast on 2 cores.
+QUICK = ["--config", "plan_overrides={timed_steps: 3, warmup_steps: 1, draws: 2}", "data={conversations: 40, seed: 42}"]
+# The committed run the CPU chain renders beside its own (report, claims, tier comparison): one real GPU run keeps
+# those rules exercised on committed data; all seven would add ~20 jobs. `make run` renders them all.
+CPU_RUN_COMMITTED = ("h100-gptoss20b",)
+CPU_RUN_LIMIT_S = 900
 
 
-def copy_repo(dest: Path) -> Path:
-    """What a fresh clone would hold: tracked files and untracked ones git does not ignore."""
+def copy_repo(dest: Path, committed: tuple[str, ...] | None = None) -> Path:
+    """What a fresh clone would hold: tracked files and untracked ones git does not ignore. `committed`: the
+    committed runs (results/<run>/) to keep, None for all; the default target renders every run it finds, so a
+    test that checks only its own run leaves the others out."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
                            capture_output=True).stdout.decode().split("\0")
     for f in filter(None, files):
         src = ROOT / f
+        run = f.split("/")[1] if f.startswith("results/") and f.count("/") > 1 else None
+        if run and committed is not None and run not in committed:
+            continue
         if src.is_file() and not f.startswith("results/local"):
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / f)
     return dest
 
 
+# ---- running Snakemake --------------------------------------------------------------------------------------
+class Ran(subprocess.CompletedProcess):
+    """A finished Snakemake: returncode is None when it was killed at its time limit."""
+
+    @property
+    def out(self) -> str:
+        return (self.stdout or "") + (self.stderr or "")
+
+    @property
+    def timed_out(self) -> bool:
+        return self.returncode is None
+
+
+def venv_env(**extra: str) -> dict:
+    """This environment with the venv's bin first on PATH (rules call `python -m moebench...`), plus `extra`."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+
+
+def snakemake(cwd: Path, *args: str, timeout: float = 600, env: dict | None = None, wait: bool = True):
+    """Run the venv's `snakemake *args` in `cwd`, in a process group of its own (env: venv_env() by default).
+    Returns a Ran; past `timeout` the whole group gets SIGKILL (a hung Snakemake ignores SIGTERM) and returncode
+    is None. wait=False starts it and returns the Popen (output to cwd/snakemake.out), for tests that kill it."""
+    cmd = [str(BIN / "snakemake"), *args]
+    env = venv_env() if env is None else env
+    if not wait:
+        with open(Path(cwd) / "snakemake.out", "w") as log:
+            return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+        return Ran(cmd, p.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        return Ran(cmd, None, out, err)
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    """SIGKILL a process started by snakemake(wait=False) and everything it started."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait(timeout=30)
+
+
+# ---- the one CPU chain ---------------------------------------------------------------------------------------
+_CPU_RUN: dict = {}
+
+
+def _start_cpu_run(base: Path) -> None:
+    root = copy_repo(base / "cpu-run", committed=CPU_RUN_COMMITTED)
+    _CPU_RUN.update(root=root, t0=time.time(),
+                    proc=snakemake(root, "--cores", "2", *QUICK, wait=False))
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Start the CPU chain now when a selected test needs it: it then runs beside the unit tests."""
+    if config.option.collectonly or _CPU_RUN:
+        return
+    if any("cpu_run" in getattr(item, "fixturenames", ()) for item in items):
+        _start_cpu_run(Path(tempfile.mkdtemp(prefix="moebench-cpu-run-")))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _CPU_RUN and _CPU_RUN["proc"].poll() is None:  # e.g. -x stopped the session before anyone waited on it
+        kill_group(_CPU_RUN["proc"])
+    if _CPU_RUN and _CPU_RUN["proc"].returncode == 0:  # a failed run stays for inspection (its path is in the error)
+        shutil.rmtree(_CPU_RUN["root"].parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cpu_run() -> Path:
+    """The CPU-tier workflow (QUICK plan) run once from a copy of the repo; returns that copy's root.
+    Read it, never write to it: other tests share it (copy it first to change anything)."""
+    if not _CPU_RUN:  # collected without the hook (e.g. requested dynamically)
+        _start_cpu_run(Path(tempfile.mkdtemp(prefix="moebench-cpu-run-")))
+    p, root = _CPU_RUN["proc"], _CPU_RUN["root"]
+    try:
+        p.wait(timeout=max(1.0, CPU_RUN_LIMIT_S - (time.time() - _CPU_RUN["t0"])))
+    except subprocess.TimeoutExpired:
+        kill_group(p)
+    log = (root / "snakemake.out").read_text(errors="replace")
+    assert p.returncode == 0, f"CPU workflow run in {root} failed (exit {p.returncode}):\n{log[-6000:]}"
+    return root
+
+
+# ---- a tiny model and its data, for tests that call a stage directly -------------------------------------------
+_TINY_MODELS: dict[str, Path] = {}
+
+
+def _tiny_model(model: str) -> Path:
+    """The tiny random-init `model`, built once per session (same seed, same bytes) and copied by callers."""
+    if model not in _TINY_MODELS:
+        from moebench import config as cfgmod
+        from moebench import data, models
+        from moebench.io import logger
+
+        out = Path(tempfile.mkdtemp(prefix=f"moebench-tiny-{model}-")) / "model"
+        spec = cfgmod.load_yaml("models.yaml")[model]
+        models.build(spec, "tiny", "random-init", str(out), 42, data.corpus_text(60, 42), logger("t"))
+        _TINY_MODELS[model] = out
+    return _TINY_MODELS[model]
+
+
 def tiny_workdir(d: Path, model: str = "gpt-oss-20b", conversations: int = 30, **plan) -> dict:
     """A tiny random-init `model`, its data and a CPU tier.json (plan overridden by `plan`) in `d`, as the
     workflow lays them out: what the harness and validation tests train on. Returns the tier document."""
     from moebench import config as cfgmod
-    from moebench import data, models
+    from moebench import data
     from moebench.io import logger, write_json
 
-    spec = cfgmod.load_yaml("models.yaml")[model]
-    models.build(spec, "tiny", "random-init", str(d / "model"), 42, data.corpus_text(60, 42), logger("t"))
+    shutil.copytree(_tiny_model(model), d / "model")
     data.build(str(d / "model"), conversations, 42, 0.1, str(d / "data"), logger("t"))
     tier = {"tier": "cpu", "gpu": None, "plan": {**cfgmod.load_yaml("tiers.yaml")["cpu"]["plan"], **plan}}
     write_json(d / "tier.json", tier)
     return tier
 
 
-def snakemake(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    return subprocess.run([str(BIN / "snakemake"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
-@pytest.fixture(scope="session")
-def cpu_run(tmp_path_factory) -> Path:
-    """The CPU-tier workflow run once from a copy of the repo; returns that copy's root."""
-    root = copy_repo(tmp_path_factory.mktemp("repo"))
-    r = snakemake(root, "--cores", "2", *QUICK)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return root
+@pytest.fixture(scope="session", autouse=True)
+def _drop_tiny_models():
+    yield
+    for path in _TINY_MODELS.values():
+        shutil.rmtree(path.parent, ignore_errors=True)

@@ -1,15 +1,12 @@
 """The whole chain on CPU from a copy of the repo, as a new user would run it; the fan-out over tiers (dry run)."""
 import json
-import os
 import re
-import signal
-import subprocess
 import time
 
 import pytest
 import yaml
 
-from conftest import BIN, QUICK, ROOT, copy_repo, snakemake
+from conftest import QUICK, ROOT, copy_repo, kill_group, snakemake
 from moebench import config as cfgmod
 from moebench import workflowlib as wl
 from moebench.metrics import read_rows
@@ -46,24 +43,24 @@ def test_lint_is_clean(cpu_run):
 
 
 def test_killed_run_resumes_without_taking_partial_output(tmp_path):
-    root = copy_repo(tmp_path)
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    p = subprocess.Popen([str(BIN / "snakemake"), "--cores", "1", *QUICK], cwd=root, env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    root = copy_repo(tmp_path, committed=())
+    # one arm, no validation or offload: what is checked is one arm's draws across a kill
+    slim = [*QUICK, "arms=[hf_bf16]", "offload={runs: []}", "validate={arms: []}"]
+    p = snakemake(root, "--cores", "1", *slim, wait=False)
     draw = root / "results" / "local" / "arms" / "hf_bf16"
     deadline = time.time() + 300
-    while time.time() < deadline and not (draw / "draw1" / "run.log").exists():
+    while time.time() < deadline and p.poll() is None and not (draw / "draw1" / "run.log").exists():
         time.sleep(0.2)
     time.sleep(1.0)  # inside the first benchmark draw
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait(timeout=30)
+    assert p.poll() is None, (root / "snakemake.out").read_text()[-3000:]
+    kill_group(p)
     assert not (root / "results" / "local" / "metrics.csv").exists()
     assert not (draw / "draw1" / "metrics.csv").exists()  # the killed draw left no output that looks done
     # after a hard kill (power loss) Snakemake's lock stays: --unlock as its message says, then run again
     assert snakemake(root, "--unlock").returncode == 0
     # up to the aggregate table: what resuming has to prove (the report stages are covered elsewhere)
-    r = snakemake(root, "--cores", "2", "results/local/metrics.csv", *QUICK)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = snakemake(root, "--cores", "2", "results/local/metrics.csv", *slim)
+    assert r.returncode == 0, r.out[-4000:]
     rows = read_rows(root / "results" / "local" / "metrics.csv")
     assert sum(x.metric == "step_s" and x.arm == "hf_bf16" and x.status == "measured" for x in rows) == 2
 
@@ -143,25 +140,35 @@ def _jobs(out: str, rule: str) -> list[dict]:
 
 
 def test_dry_run_fans_the_matrix_out_over_the_tiers(tmp_path):
-    """One detect per run on its partition; once each run's tier.json exists (as after detect), one bench job per
-    run x arm x draw, each on its run's partition, and one aggregate per run."""
+    """One detect per run on its partition; once each run's config.yaml and tier.json exist (as after run_config
+    and detect), one bench job per run x arm x draw, each on its run's partition, and one aggregate per run."""
     root = copy_repo(tmp_path)
     r = snakemake(root, "-n", "--config", CLUSTER)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     detects = _jobs(r.stdout, "detect")
     assert {j["wildcards"]["run"]: j["resources"]["slurm_partition"] for j in detects} == FANNED
     assert {j["resources"]["gpu"] for j in detects} == {"0", "1"}  # the CPU runs ask for no GPU, the H100 run for one
+    # each run's config.yaml as rule run_config writes it (local and quick), then its tier.json as detect would
+    r = snakemake(root, "--cores", "1", *(f"results/{run}/config.yaml" for run in FANNED), "--config", CLUSTER)
+    assert r.returncode == 0, r.out[-3000:]
     tiers = cfgmod.load_yaml("tiers.yaml")
-    for run in FANNED:  # what detect writes on the tier's own node (here: written for it, the plan of its tier)
-        tier = "cpu" if run.startswith("local-cpu") else "h100_80gb"
+    plans = {run: tiers["cpu" if run.startswith("local-cpu") else "h100_80gb"]["plan"] for run in FANNED}
+    for run, plan in plans.items():  # what detect writes on the tier's own node (here: written for it)
         (root / "results" / run).mkdir(parents=True, exist_ok=True)
-        (root / "results" / run / "tier.json").write_text(json.dumps({"tier": tier, "plan": tiers[tier]["plan"]}))
+        tier = "cpu" if run.startswith("local-cpu") else "h100_80gb"
+        (root / "results" / run / "tier.json").write_text(json.dumps({"tier": tier, "plan": plan}))
     r = snakemake(root, "-n", "--config", CLUSTER)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     arms = _config()["arms"]
     bench = _jobs(r.stdout, "bench")
     got = sorted((j["wildcards"]["run"], j["wildcards"]["arm"], j["wildcards"]["draw"]) for j in bench)
-    assert got == sorted((run, arm, str(d)) for run in FANNED for arm in arms for d in (1, 2))
+
+    def n_draws(plan: dict, arm: str) -> int:  # the verdict pair gets the plan's verdict_draws when it has them
+        return max(plan["draws"], plan.get("verdict_draws", 0)) if arm in wl.VERDICT_ARMS else plan["draws"]
+
+    assert got == sorted((run, arm, str(d)) for run, plan in plans.items() for arm in arms
+                         for d in range(1, n_draws(plan, arm) + 1))
+    assert any(n_draws(plan, arm) == 3 for plan in plans.values() for arm in arms)  # the H100 pair: 3 draws
     assert all(j["resources"]["slurm_partition"] == FANNED[j["wildcards"]["run"]] for j in bench)
     assert sorted(j["wildcards"]["run"] for j in _jobs(r.stdout, "aggregate")) == sorted(FANNED)
     assert not (root / "results" / "local").exists()  # no run named plain `local` when the tiers fan out
