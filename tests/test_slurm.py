@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, QUICK, ROOT, copy_repo
-from moebench.io import run_bounded
+from conftest import BIN, QUICK, ROOT, copy_repo, snakemake, venv_env
 from moebench.metrics import read_rows
 
 SLURM = ROOT / "tests" / "slurm"
@@ -34,13 +33,21 @@ ABS_PROFILES = ["--profile", str(ROOT / "slurm-gpu"), "--profile", str(SLURM / "
 # The plugin's own line per submission: "Job 3 has been submitted with SLURM jobid 12 (log: /…/12.log)."
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.")
 CLUSTER_RULES = {"detect", "model", "bench", "offload", "validate", "sweep"}  # need the GPU node; every other rule is a localrule
-# Two arms (one measured on CPU, one skipped there) keep the cluster run short; the local run has them all.
-ARMS = ["hf_bf16", "unsloth_4bit"]
+# The cluster runs are slim (one arm, one draw, no offload, the small data of conftest.QUICK): each job costs a
+# submission, a Snakemake start and the plugin's polling, whatever it computes. What they check stays whole: the
+# plain run is compared with the same arm and draw of the session's local CPU run (conftest.cpu_run).
+ARMS = ["hf_bf16"]
+DRAWS = 1
+SLIM = [*QUICK, f"plan_overrides={{timed_steps: 3, warmup_steps: 1, draws: {DRAWS}}}", "offload={runs: []}"]
+# Every Snakemake of this module is started at once by `cluster_runs` and bounded by these limits (a hang, not
+# a slow machine, is what they catch); they share the cluster's queueing and polling waits instead of adding them.
+LIMIT_S = {"plain": 540, "fanout": 540, "wrong": 240, "toy": 240, "sacct": 60}
 
 
-def bounded(cmd: list[str], cwd: Path, env: dict, limit: float) -> tuple[int | None, str]:
-    """SIGKILL the whole process group on overrun (a hung Snakemake ignores SIGTERM): (exit code or None, output)."""
-    return run_bounded(cmd, limit, cwd=cwd, env=env)
+def bounded(args: list[str], cwd: Path, env: dict, limit: float) -> tuple[int | None, str]:
+    """conftest.snakemake with these args: (exit code, or None when killed at `limit`; all its output)."""
+    r = snakemake(cwd, *args, timeout=limit, env=env)
+    return r.returncode, r.out
 
 
 def ctld_log() -> str:
@@ -76,7 +83,7 @@ def slurm_env():
         pytest.skip(f"no Slurm here: {r.stderr.strip()[-500:]}")
     assert r.returncode == 0, f"start.sh failed:\n{r.stderr[-3000:]}"
     conf = re.search(r"export SLURM_CONF=(\S+)", r.stdout).group(1)
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "SLURM_CONF": conf}
+    env = venv_env(SLURM_CONF=conf)
     env.pop("SLURM_JOB_ID", None)  # pytest itself inside a Slurm job must not confuse the plugin
     yield env
     subprocess.run([str(SLURM / "stop.sh")], timeout=60)
@@ -84,27 +91,36 @@ def slurm_env():
 
 @pytest.fixture(scope="module")
 def cluster_runs(slurm_env, tmp_path_factory):
-    """Every workflow run the cluster tests inspect, submitted at once (they share the cluster's queueing and
-    polling waits instead of adding them up), each from its own fresh copy of the repo, as cluster users run it:
-    `plain` the CPU-tier workflow through the profile; `fanout` the tier fan-out (see FAN below); `wrong` a GPU
-    tier mapped to a CPU partition, up to its detect. Each: (root, exit code or None, output, seconds)."""
-    plain, fan, wrong = (copy_repo(tmp_path_factory.mktemp(n)) for n in ("slurm-repo", "slurm-fanout",
-                                                                        "slurm-wrong-partition"))
-    cmds = {"plain": ([*PROFILES, *QUICK, f"arms=[{', '.join(ARMS)}]"], plain, 540),  # QUICK ends in --config
-            "fanout": ([*PROFILES, *QUICK, *FAN_CONFIG], fan, 540),
-            "wrong": ([*PROFILES, WRONG_TARGET, *QUICK, "cluster={tiers: {h100_80gb: {partition: cpu2}}}"], wrong,
-                      150)}
+    """Every Snakemake the cluster tests inspect, started at once, each in its own directory (the workflows from
+    fresh copies of the repo, as cluster users run them): `plain` the CPU-tier workflow through the profile;
+    `fanout` the tier fan-out (FAN below); `wrong` a GPU tier mapped to a CPU partition, up to its detect; `toy`
+    and `sacct` small Snakefiles (TOY, SACCT). Returns ({name: (dir, exit code or None, output, seconds)}, the
+    controller's log lines written meanwhile, Slurm's view of the `sacct` run's job right after it was killed)."""
+    plain, fan, wrong = (copy_repo(tmp_path_factory.mktemp(n), committed=()) for n in
+                         ("slurm-repo", "slurm-fanout", "slurm-wrong-partition"))  # committed runs: see copy_repo
+    toy, sacct = tmp_path_factory.mktemp("slurm-toy"), tmp_path_factory.mktemp("slurm-sacct")
+    (toy / "Snakefile").write_text(TOY)
+    (sacct / "Snakefile").write_text(SACCT)
+    cmds = {"plain": ([*PROFILES, *SLIM, f"arms=[{', '.join(ARMS)}]"], plain),  # SLIM ends in --config
+            "fanout": ([*PROFILES, *SLIM, *FAN_CONFIG], fan),
+            "wrong": ([*PROFILES, WRONG_TARGET, *SLIM, "cluster={tiers: {h100_80gb: {partition: cpu2}}}"], wrong),
+            "toy": (ABS_PROFILES, toy),
+            "sacct": ([*ABS_PROFILES, "--slurm-status-command", "sacct"], sacct)}
     mark = len(ctld_log())
+    state = {}
 
-    def one(args, root, limit):
+    def one(name, args, root):
         t0 = time.time()
-        rc, out = bounded([str(BIN / "snakemake"), *args], root, slurm_env, limit)
+        rc, out = bounded(args, root, slurm_env, LIMIT_S[name])
+        if name == "sacct" and (m := SUBMITTED.search(out)):  # asked at once: Slurm forgets it after MinJobAge
+            state["sacct"] = subprocess.run(["scontrol", "show", "job", m.group(1)], capture_output=True,
+                                            text=True, env=slurm_env, timeout=30).stdout
         return root, rc, out, time.time() - t0
 
     with ThreadPoolExecutor(len(cmds)) as pool:
-        futures = {k: pool.submit(one, *v) for k, v in cmds.items()}
+        futures = {k: pool.submit(one, k, *v) for k, v in cmds.items()}
         runs = {k: f.result() for k, f in futures.items()}
-    return runs, ctld_log()[mark:]
+    return runs, ctld_log()[mark:], state
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +154,7 @@ def test_profile_is_found_from_repo_root_and_avoids_the_sacct_hang():
 
 def test_profile_names_only_rules_the_workflow_has():
     """set-resources for a renamed rule is silently ignored: its jobs would then ask for no GPU."""
-    r = subprocess.run([str(BIN / "snakemake"), "--list-rules"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    r = snakemake(ROOT, "--list-rules", timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     rules = set(r.stdout.split())
     for prof in (ROOT / "slurm-gpu" / "config.yaml", SLURM / "profile" / "config.yaml"):
@@ -176,16 +191,23 @@ def test_slurm_results_have_the_local_runs_shape(slurm_run, cpu_run):
     assert rc == 0, out[-3000:]
     local, slurm = cpu_run / "results" / "local", root / "results" / "local"
 
-    def files(d: Path) -> set[str]:  # the local run's extra arms left out
-        rel = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()}
-        return {f for f in rel if not re.match(r"(arms|sweep|offload|validate)/", f) or f.split("/")[1] in ARMS}
+    def ran_here(f: str) -> bool:  # the local run's other arms and draws and its offload runs left out
+        m = re.match(r"(arms|sweep|offload|validate)/([^/]+)/([^/]+)", f)
+        if not m:
+            return True
+        stage, arm, sub = m.groups()
+        return stage != "offload" and arm in ARMS and (stage != "arms" or int(sub[len("draw"):]) <= DRAWS)
+
+    def files(d: Path) -> set[str]:
+        return {f for f in (str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()) if ran_here(f)}
 
     assert files(slurm) == files(local)
     for f in ("model.sha256", "data/data.sha256"):  # same seed, same bytes, wherever it ran
         assert (slurm / f).read_text() == (local / f).read_text(), f
 
     def shape(d: Path) -> set[tuple]:
-        return {(x.arm, x.metric, x.status, x.unit, x.draw) for x in read_rows(d / "metrics.csv") if x.arm in ARMS}
+        return {(x.arm, x.metric, x.status, x.unit, x.draw) for x in read_rows(d / "metrics.csv")
+                if x.arm in ARMS and x.stage != "offload" and (x.draw is None or x.draw <= DRAWS)}
 
     assert shape(slurm) == shape(local)
     assert any(x.status == "measured" and x.value > 0 for x in read_rows(slurm / "metrics.csv"))
@@ -211,9 +233,8 @@ rule gpu:
 """
 
 
-def test_failures_name_the_cause_and_the_log(slurm_env, tmp_path):
-    (tmp_path / "Snakefile").write_text(TOY)
-    rc, out = bounded([str(BIN / "snakemake"), *ABS_PROFILES], tmp_path, slurm_env, limit=120)
+def test_failures_name_the_cause_and_the_log(cluster_runs):
+    tmp_path, rc, out, _ = cluster_runs[0]["toy"]
     assert rc not in (None, 0), out[-4000:]
     assert (tmp_path / "ok.txt").is_file()  # keep-going: the other jobs still ran
     # a failed job: Slurm's state and the path of its log, which holds the job's own error
@@ -235,10 +256,10 @@ def test_missing_sbatch_says_so(tmp_path):
         for f in Path(d).glob("*") if Path(d).is_dir() else []:
             if f.name not in slurm_cmds and not (bin_dir / f.name).exists():
                 (bin_dir / f.name).symlink_to(f)
-    root = copy_repo(tmp_path / "repo")
+    root = copy_repo(tmp_path / "repo", committed=())
     env = {**os.environ, "PATH": f"{BIN}:{bin_dir}"}
     assert shutil.which("sbatch", path=env["PATH"]) is None
-    cmd = [str(BIN / "snakemake"), "--profile", "slurm-gpu", "--slurm-init-seconds-before-status-checks", "2"]
+    cmd = ["--profile", "slurm-gpu", "--slurm-init-seconds-before-status-checks", "2"]
     rc, out = bounded(cmd, root, env, limit=120)
     assert rc not in (None, 0), out[-3000:]
     tail = out[-1500:]
@@ -246,17 +267,17 @@ def test_missing_sbatch_says_so(tmp_path):
     assert "No such file or directory: 'sacct'" not in out
 
 
-def test_default_status_command_hangs_without_accounting(slurm_env, tmp_path):
+SACCT = "rule ok:\n    output: 'ok.txt'\n    shell: 'touch {output}'\n"
+
+
+def test_default_status_command_hangs_without_accounting(cluster_runs):
     """Why the profile says `slurm-status-command: squeue`: with the plugin's default (`sacct`, because the
     binary exists) on a cluster without accounting, the job completes in Slurm and Snakemake never notices.
     If this starts passing through, the plugin learnt to cope and the profile setting is belt and braces."""
-    (tmp_path / "Snakefile").write_text("rule ok:\n    output: 'ok.txt'\n    shell: 'touch {output}'\n")
-    cmd = [str(BIN / "snakemake"), *ABS_PROFILES, "--slurm-status-command", "sacct"]
-    rc, out = bounded(cmd, tmp_path, slurm_env, limit=35)  # squeue finishes this in ~15 s (polls at 2, 14 s)
-    jobid = SUBMITTED.search(out).group(1)
-    state = subprocess.run(["scontrol", "show", "job", jobid], capture_output=True, text=True, env=slurm_env,
-                           timeout=30).stdout
-    assert "JobState=COMPLETED" in state and (tmp_path / "ok.txt").exists()
+    tmp_path, rc, out, _ = cluster_runs[0]["sacct"]
+    assert SUBMITTED.search(out), out[-3000:]
+    # squeue finishes this in ~15 s (polls at 2, 14 s); killed at LIMIT_S["sacct"]
+    assert "JobState=COMPLETED" in cluster_runs[2]["sacct"] and (tmp_path / "ok.txt").exists()
     assert rc is None, f"finished (rc={rc}) despite sacct answering nothing:\n{out[-2000:]}"
 
 
@@ -265,7 +286,7 @@ def test_default_status_command_hangs_without_accounting(slurm_env, tmp_path):
 # last test). A tier may list several partitions, one run each (`<run>-<tier>-<partition>`): the same feature that
 # lets a site compare one GPU kind across node types stands in here for an A100 and an H100 partition.
 FAN = {"local-cpu-cpu": "cpu", "local-cpu-cpu2": "cpu2"}  # run -> partition
-FAN_CONFIG = ["arms=[hf_bf16]", "offload={runs: []}", "cluster={tiers: {cpu: {partition: [cpu, cpu2]}}}"]
+FAN_CONFIG = ["arms=[hf_bf16]", "cluster={tiers: {cpu: {partition: [cpu, cpu2]}}}"]
 
 
 def run_of(log: Path) -> str:

@@ -6,7 +6,8 @@
 #   eval "$(tests/slurm/start.sh)"      # prints `export SLURM_CONF=...`; client commands then find the cluster
 #   tests/slurm/stop.sh                 # stops the daemons started here (by pid file), keeps the logs
 #
-# Environment: MOEBENCH_SLURM_DIR (state dir, default /tmp/moebench-slurm), MOEBENCH_SLURM_MINJOBAGE (300).
+# Environment: MOEBENCH_SLURM_DIR (state dir, default /tmp/moebench-slurm), MOEBENCH_SLURM_MINJOBAGE (300),
+# MOEBENCH_SLURM_SLOTS (CPUs the node declares; default max(cores, 8)).
 # Exit 77: Slurm cannot be had here (not root, or apt cannot install it) -> callers skip; other non-zero: broken.
 #
 # The cluster mimics the clusters that made the profile hang: Debian's Slurm 22.05, AccountingStorageType=none
@@ -38,10 +39,15 @@ mkdir -p "$STATE"/{ctld,spool,log,run}
 rm -rf "$STATE"/ctld/* "$STATE"/spool/*        # a fresh cluster: job ids start at 1 again
 for f in "$STATE"/log/slurm*.log; do [ -f "$f" ] && mv "$f" "$f.prev"; done
 HOST=$(hostname -s)
-# slurmd -C reports what slurmd will detect; declaring less than that is fine, more makes the node INVAL.
+# slurmd -C reports what slurmd will detect; declaring more than that makes the node INVAL unless slurmd is told
+# to take the config's word for it (SlurmdParameters=config_overrides, set below for the CPU count only).
 read -r CPUS MEM < <(slurmd -C | awk '{for(i=1;i<=NF;i++){split($i,a,"=");
   if(a[1]=="CPUs")c=a[2]; if(a[1]=="RealMemory")m=a[2]}} END{print c, m}')
 MEM=$(( MEM * 9 / 10 ))   # leave headroom so the node never drains for "Low RealMemory"
+# Job slots: at least 8, more than the cores (config_overrides below lets slurmd accept that). The test's jobs
+# mostly wait (Snakemake's start, the plugin's polling), and on a 2-core machine two slots would queue the
+# workflows and short probe jobs of tests/test_slurm.py one behind another.
+SLOTS=${MOEBENCH_SLURM_SLOTS:-$(( CPUS > 8 ? CPUS : 8 ))}
 
 # munged on a private socket (AuthInfo below), key from the package (/etc/munge/munge.key).
 if [ ! -S "$STATE/run/munge.sock" ] || ! munge -n -S "$STATE/run/munge.sock" >/dev/null 2>&1; then
@@ -83,7 +89,8 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 GresTypes=gpu
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
+SlurmdParameters=config_overrides
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$SLOTS RealMemory=$MEM State=UNKNOWN
 PartitionName=cpu Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 # A second partition on the same node, to check that per-tier partitions (config cluster.tiers) are honoured.
 PartitionName=cpu2 Nodes=$HOST Default=NO MaxTime=INFINITE State=UP
