@@ -256,7 +256,8 @@ def conditions_note(envs: list[dict]) -> str:
     a ratio between them is then a stack ratio, and the table says so."""
     per_arm: dict[str, dict] = {}
     for e in envs:
-        per_arm.setdefault(e["arm"], flat(e.get("conditions") or {}))
+        if e.get("conditions"):  # an arm that never loaded (skipped, failed) has none to compare
+            per_arm.setdefault(e["arm"], flat(e["conditions"]))
     keys = sorted({k for c in per_arm.values() for k in c})
     differ = [k for k in keys if len({str(c.get(k)) for c in per_arm.values()}) > 1]
     if not differ:
