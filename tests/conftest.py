@@ -23,9 +23,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# Small but real: the default CPU plan with fewer timed steps and 40 conversations (the fine-tune's 12 steps use
-# fewer than those hold), so the suite stays fast on 2 cores.
-QUICK = ["--config", "plan_overrides={timed_steps: 3, warmup_steps: 1, draws: 2}", "data={conversations: 40, seed: 42}"]
+# Small but real, so the suite stays fast on 2 cores: the default CPU plan with fewer timed steps, 40
+# conversations, and the short fine-tune tests/test_validate.py shows passing every gate (8 steps of 64 tokens).
+QUICK = ["--config", "plan_overrides={timed_steps: 3, warmup_steps: 1, draws: 2}", "data={conversations: 40, seed: 42}",
+         "validate={cpu_steps: 8, grad_accum: 1, cpu_seq_len: 64, lr: 3.0e-3, window: 3, warmup_ratio: 0.0, "
+         "reload_tokens: 32}"]
 # The committed run the CPU chain renders beside its own (report, claims, tier comparison): one real GPU run keeps
 # those rules exercised on committed data; all seven would add ~20 jobs. `make run` renders them all.
 CPU_RUN_COMMITTED = ("h100-gptoss20b",)
