@@ -140,6 +140,14 @@ def cpu_run() -> Path:
     return root
 
 
+def clone(src: Path, dest: Path) -> Path:
+    """A copy of a workflow directory (e.g. cpu_run) with its results and Snakemake's records (.snakemake/metadata;
+    mtimes kept), so Snakemake in the copy finds the same jobs done and builds only what a test adds. Run it with
+    the same config (QUICK for cpu_run): a changed config reruns the stages whose settings changed."""
+    skip = shutil.ignore_patterns("locks", "incomplete", "snakemake.out", "__pycache__")
+    return Path(shutil.copytree(src, dest, symlinks=True, ignore=skip, dirs_exist_ok=True))
+
+
 # ---- a tiny model and its data, for tests that call a stage directly -------------------------------------------
 _TINY_MODELS: dict[str, Path] = {}
 

@@ -6,7 +6,7 @@ import time
 import pytest
 import yaml
 
-from conftest import QUICK, ROOT, copy_repo, kill_group, snakemake
+from conftest import QUICK, ROOT, clone, copy_repo, kill_group, snakemake
 from moebench import config as cfgmod
 from moebench import workflowlib as wl
 from moebench.metrics import read_rows
@@ -34,6 +34,12 @@ def test_second_invocation_does_nothing(cpu_run):
     r = snakemake(cpu_run, "--cores", "2", *QUICK, "-n")
     assert r.returncode == 0
     assert "Nothing to be done" in r.stdout + r.stderr, r.stdout[-2000:]
+
+
+def test_a_clone_of_the_run_is_done_too(cpu_run, tmp_path):
+    """conftest.clone: what tests that add to the shared run build on (they must not write into it)."""
+    r = snakemake(clone(cpu_run, tmp_path / "clone"), "--cores", "2", *QUICK, "-n")
+    assert r.returncode == 0 and "Nothing to be done" in r.out, r.out[-2000:]
 
 
 def test_lint_is_clean(cpu_run):
