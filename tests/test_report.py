@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from moebench.ids import row_id
+from moebench.metrics import read_rows
 from test_plots import SKIP_REASON, write_fixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,12 +46,11 @@ def _workspace(tmp: Path) -> tuple[Path, list[str]]:
     for f in REPO.iterdir():  # environment.yml, requirements*.txt: rules may point at them
         if f.is_file() and not f.name.startswith("."):
             shutil.copy(f, tmp / f.name)
-    snakefile = tmp / "workflow" / "Snakefile"
-    if "rules/report.smk" not in snakefile.read_text():  # until the lead wires it in: same rules, added here
-        snakefile.write_text(snakefile.read_text() + '\ninclude: "rules/report.smk"\n')
     fx = write_fixture(tmp / "results", run="fx-gpu")
     (fx / "PROVENANCE.md").write_text("# fx-gpu provenance (fixture)\n")
-    (fx / "provenance.json").write_text(json.dumps({"rows": [], "fixture": True}))
+    # the fixture's provenance holds its rows under the ids provenance.py gives them (ids.row_id)
+    numbers = [{"id": row_id(r), "value": r.value} for r in read_rows(fx / "metrics.csv")]
+    (fx / "provenance.json").write_text(json.dumps({"numbers": numbers, "fixture": True}))
     (fx / "provenance_stamp.json").write_text(json.dumps({"status": "pending"}))
     targets = [f"results/{r}/{f}" for r in (RUN, "fx-gpu") for f in ("plots/throughput.png",
                                                                      "report/provenance.html")]
@@ -166,3 +167,72 @@ window.addEventListener('load', () => setTimeout(() => app.setView({{navbarMode:
     img = Image.open(shot)
     assert img.size == (1400, 1000)
     assert len(set(img.convert("L").resize((140, 100)).getdata())) > 20, "screenshot is blank"
+
+
+# Runs in Chromium after the page's own scripts: where the front page's title sits at scroll 0, then each figure
+# opened in the report's image view, its shown and natural size.
+PROBE = """<script>
+window.addEventListener('load', async () => {
+  const sleep = ms => new Promise(r => setTimeout(r, ms));
+  await sleep(300);
+  const out = {front: null, figures: {}};
+  const t = document.querySelector('h1.title'), box = t && t.closest('.overflow-auto');
+  if (t) { const r = t.getBoundingClientRect();
+    out.front = {top: r.top, bottom: r.bottom, scroll: box ? box.scrollTop : null, vh: window.innerHeight}; }
+  out.vw = window.innerWidth;
+  for (const [p, r] of Object.entries(results).filter(([p, r]) => r.mime_type.startsWith('image/'))) {
+    app.setView({content: "img", contentPath: r.data_uri});
+    await sleep(250);
+    const img = [...document.querySelectorAll('img')].find(i => i.getAttribute('src') === r.data_uri);
+    if (!img) { out.figures[p] = null; continue; }
+    const b = img.getBoundingClientRect();
+    out.figures[p] = {shown_w: b.width, natural_w: img.naturalWidth, natural_h: img.naturalHeight,
+                      left: b.left, right: b.right};
+  }
+  const d = document.createElement('pre'); d.id = 'probe'; d.textContent = JSON.stringify(out);
+  document.body.appendChild(d);
+});
+</script>"""
+
+
+def test_front_page_and_figures_are_readable_at_1400x900(built, tmp_path):
+    """At 1400x900: the title is on screen at scroll 0; every figure is between 1:3 and 3:1, shown at >= 60% of its
+    size, fully on screen, and its smallest text (from its sidecar) is >= 9 px as shown."""
+    ws, text = built
+    exe = _chromium()
+    (tmp_path / "probe.html").write_text(_inject(text, PROBE))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tempfile.mkdtemp()}",
+             "--virtual-time-budget=60000", "--window-size=1400,900"]
+    dom = subprocess.run([exe, *flags, "--dump-dom", f"file://{tmp_path / 'probe.html'}"], capture_output=True,
+                         text=True, timeout=300).stdout
+    m = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
+    assert m, "the probe did not run in Chromium"
+    out = json.loads(html.unescape(m.group(1)))
+    front = out["front"]
+    assert front and front["scroll"] == 0 and 0 <= front["top"] and front["bottom"] <= front["vh"], front
+    assert out["figures"] and all(out["figures"].values()), out["figures"]
+    for path, f in out["figures"].items():
+        side = json.loads((ws / path).with_suffix(".json").read_text())["render"]
+        scale = f["shown_w"] / f["natural_w"]
+        assert 1 / 3 <= f["natural_w"] / f["natural_h"] <= 3, (path, f)
+        assert scale >= 0.6 and f["left"] >= 0 and f["right"] <= out["vw"] + 0.5, (path, f)
+        assert side["min_font_pt"] * side["dpi"] / 72 * scale >= 9, (path, side, scale)
+
+
+ID = re.compile(r"\b([A-Za-z0-9][\w.-]*/(?:bench|compare|energy|offload|validate|sweep|comparison)/[\w.+-]+/"
+                r"(?:d\d+|all)/[\w.-]+)")
+
+
+def test_every_caption_id_is_in_its_runs_provenance(built):
+    """Captions cite numbers by the ids provenance.json gives them: each one resolves there."""
+    ws, text = built
+    cited = {i for r in _embedded(text, "results").values() for i in ID.findall(_text(r["caption"]))}
+    assert any(i.startswith(f"{RUN}/") for i in cited) and any(i.startswith("fx-gpu/") for i in cited)
+    known: dict[str, set] = {}
+    for nid in sorted(cited):
+        run = nid.split("/", 1)[0]
+        if run not in known:
+            doc = json.loads((ws / "results" / run / "provenance.json").read_text())
+            known[run] = {n["id"] for n in doc["numbers"]}
+        assert nid in known[run], f"caption id {nid} is not in results/{run}/provenance.json"
