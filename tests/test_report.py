@@ -59,7 +59,9 @@ def _workspace(tmp: Path) -> tuple[Path, list[str]]:
 
 def _sm(ws: Path, *args, timeout=900):
     cmd = [_snakemake(), "--snakefile", "workflow/Snakefile", "--cores", "2", *args]
-    p = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, timeout=timeout)
+    # rules call `python -m moebench...`: the venv's python first on PATH, as `make` arranges
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    p = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, timeout=timeout, env=env)
     assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
     return p
 
