@@ -102,7 +102,7 @@ def cluster_runs(slurm_env, tmp_path_factory):
     (toy / "Snakefile").write_text(TOY)
     (sacct / "Snakefile").write_text(SACCT)
     cmds = {"plain": ([*PROFILES, *SLIM, f"arms=[{', '.join(ARMS)}]"], plain),  # SLIM ends in --config
-            "fanout": ([*PROFILES, *SLIM, *FAN_CONFIG], fan),
+            "fanout": ([*PROFILES, *FAN_TARGETS, *SLIM, *FAN_CONFIG], fan),
             "wrong": ([*PROFILES, WRONG_TARGET, *SLIM, "cluster={tiers: {h100_80gb: {partition: cpu2}}}"], wrong),
             "toy": (ABS_PROFILES, toy),
             "sacct": ([*ABS_PROFILES, "--slurm-status-command", "sacct"], sacct)}
@@ -287,6 +287,9 @@ def test_default_status_command_hangs_without_accounting(cluster_runs):
 # lets a site compare one GPU kind across node types stands in here for an A100 and an H100 partition.
 FAN = {"local-cpu-cpu": "cpu", "local-cpu-cpu2": "cpu2"}  # run -> partition
 FAN_CONFIG = ["arms=[hf_bf16]", "cluster={tiers: {cpu: {partition: [cpu, cpu2]}}}"]
+# What the fan-out tests read: each run up to its provenance, and the report's cross-run view. The per-run plots
+# and pages are local rules the plain run already covers.
+FAN_TARGETS = [*(f"results/{run}/provenance.json" for run in FAN), "results/_report/tiers.json"]
 
 
 def run_of(log: Path) -> str:
