@@ -118,25 +118,30 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _CPU_RUN and _CPU_RUN["proc"].poll() is None:  # e.g. -x stopped the session before anyone waited on it
+    if not _CPU_RUN:
+        return
+    stopped = _CPU_RUN["proc"].poll() is None  # e.g. -x ended the session before a test waited on the run
+    if stopped:
         kill_group(_CPU_RUN["proc"])
-    if _CPU_RUN and _CPU_RUN["proc"].returncode == 0:  # a failed run stays for inspection (its path is in the error)
+    if stopped or _CPU_RUN["proc"].returncode == 0:  # a failed run stays for inspection (its path is in the error)
         shutil.rmtree(_CPU_RUN["root"].parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def cpu_run() -> Path:
     """The CPU-tier workflow (QUICK plan) run once from a copy of the repo; returns that copy's root.
-    Read it, never write to it: other tests share it (copy it first to change anything)."""
+    Read it, never write to it: other tests share it (conftest.clone copies it to build more)."""
     if not _CPU_RUN:  # collected without the hook (e.g. requested dynamically)
         _start_cpu_run(Path(tempfile.mkdtemp(prefix="moebench-cpu-run-")))
     p, root = _CPU_RUN["proc"], _CPU_RUN["root"]
     try:
         p.wait(timeout=max(1.0, CPU_RUN_LIMIT_S - (time.time() - _CPU_RUN["t0"])))
+        how = f"failed (exit {p.returncode})"
     except subprocess.TimeoutExpired:
         kill_group(p)
+        how = f"was killed after {CPU_RUN_LIMIT_S} s"
     log = (root / "snakemake.out").read_text(errors="replace")
-    assert p.returncode == 0, f"CPU workflow run in {root} failed (exit {p.returncode}):\n{log[-6000:]}"
+    assert p.returncode == 0, f"CPU workflow run in {root} {how}:\n{log[-6000:]}"
     return root
 
 
