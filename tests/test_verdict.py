@@ -72,6 +72,8 @@ def test_missing_reference_is_not_testable_and_never_substituted():
 def test_too_few_draws_is_not_testable():
     v = V.speed_verdict(pair([0.5, 0.5], [2.0, 2.0]), 1.5, min_draws=3, reps=100)
     assert v["verdict"] == "NOT TESTABLE" and "2 paired draws" in v["reason"]
+    # what was measured is shown (labelled), but carries no interval and no verdict
+    assert v["paired_ratios"] == [4.0, 4.0] and v["interval"] is None and "4.00x, 4.00x" in v["reason"]
 
 
 def test_no_expert_lora_is_not_viable():

@@ -104,10 +104,12 @@ def speed_verdict(by_arm: dict[str, list[Draw]], min_speedup: float, min_draws: 
         if why:
             return _not_testable(why, min_speedup)
     ps = pairs(cand, ref)
-    if len(ps) < min_draws:
-        return _not_testable(f"{len(ps)} paired draws of {CANDIDATE} and {REFERENCE}; the rule needs >= {min_draws} "
-                             "fresh-process draws of each, interleaved", min_speedup)
     ratios = paired_ratios(ps)
+    if len(ps) < min_draws:  # the paired ratios are shown, labelled; no interval, no verdict
+        seen = f" (paired ratios so far: {', '.join(f'{r:.2f}x' for r in ratios)})" if ratios else ""
+        return {**_not_testable(f"{len(ps)} paired draws of {CANDIDATE} and {REFERENCE}; the rule needs >= "
+                                f"{min_draws} fresh-process draws of each, interleaved{seen}", min_speedup),
+                "paired_ratios": ratios, "n_draws": len(ps)}
     point = statistics.median(ratios)
     lo, hi = bootstrap(ps, reps=reps, level=level)
     lora = all((c.expert_lora_params or 0) > 0 for c, _ in ps)
