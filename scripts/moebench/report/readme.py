@@ -82,13 +82,18 @@ class Sources:
         """A measured number; `<id>#<field>` reads another field of the entry (e.g. `#spread`, the IQR)."""
         nid, _, fld = nid.partition("#")
         n = self.entry(nid)
-        if n.get("status") != "measured" or not isinstance(n.get(fld or "value"), (int, float)):
+        if n.get("status") not in VALUED or not isinstance(n.get(fld or "value"), (int, float)):
             raise RenderError(f"{nid} has no measured {fld or 'value'} (status {n.get('status')}: {n.get('reason')})")
         return float(n[fld or "value"])
 
     def measured(self, nid: str) -> bool:
+        """A number is there: measured, or measured on a fallback path (degraded; rendered so, never plain)."""
         n = self.run(nid.split("/", 1)[0]).get(nid) or {}
-        return n.get("status") == "measured" and isinstance(n.get("value"), (int, float))
+        return n.get("status") in VALUED and isinstance(n.get("value"), (int, float))
+
+    def degraded(self, ids: list[str]) -> bool:
+        return any((self.run(i.split("/", 1)[0]).get(i.partition("#")[0]) or {}).get("status") == "degraded"
+                   for i in ids)
 
     def matching(self, pattern: str) -> list[str]:
         """Measured ids matching a glob whose first segment (the run) is literal."""
@@ -105,10 +110,15 @@ class Sources:
         return json.loads(p.read_text())
 
     def log(self, text: str, value, ids: list[str], expr: str):
+        if self.degraded(ids):  # a number from a fallback path never reads as a plain measurement
+            text += " (degraded)"
         runs = sorted({i.split("/", 1)[0] for i in ids})
         self.figures.append({"text": text, "value": value, "expr": expr.strip(), "ids": ids,
                              "provenance_sha256": {r: self.shas[r] for r in runs}})
         return text
+
+
+VALUED = ("measured", "degraded")
 
 
 def _tracked(root: Path, path: Path) -> bool:
