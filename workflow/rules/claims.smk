@@ -13,11 +13,6 @@ _CLAIMS_CMD = ("python -m moebench.claims --ledger {input.ledger} --run-dir resu
                " --log {log}")
 
 
-def _claims_page():
-    return report("results/{run}/report/claims.html", category="Claims", subcategory="{run}",
-                  caption="../report/claims.rst", labels={"run": "{run}", "item": "claims ledger"})
-
-
 localrules:
     claims,
     claims_committed,

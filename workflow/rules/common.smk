@@ -59,3 +59,27 @@ def _plot(run_cat, name, caption, label):
                   caption=f"../report/{caption}.rst", labels={"run": "{run}", "figure": label})
 
 
+# Input and report() helpers for quant.smk, recipe.smk and claims.smk, kept here so those hold rules only (--lint).
+# Unsloth's 4-bit GPT-OSS class reads a per-expert bnb-4bit layout: made once per model build, and checked
+# against the bf16 model (routers, biases, expert and MoE outputs; a scrambled-expert control must fail) before
+# unsloth_4bit is timed on it.
+def bnb4_check(wildcards):
+    cfg = RUNS[wildcards.run]
+    if wildcards.arm != "unsloth_4bit" or cfg["model"]["name"] != "gpt-oss-20b" or wl.gpu_jobs(cfg) == 0:
+        return []
+    return [f"results/{wildcards.run}/model-unsloth-bnb4.check.json"]
+
+
+# unsloth_fp8 loads a prebuilt FP8 (torchao) checkpoint, made once per model build with Unsloth's own config
+# (Unsloth's on-the-fly cache is named by the directory's basename, so every run's model/ would share one).
+# Where FP8 cannot run (no GPU, torchao missing or old, not Hopper) the folder holds only the record saying why,
+# and the arm's rows are `skipped` with that reason.
+def fp8_checkpoint(wildcards):
+    if wildcards.arm != "unsloth_fp8" or wl.gpu_jobs(RUNS[wildcards.run]) == 0:
+        return []
+    return [f"results/{wildcards.run}/model-fp8"]
+
+
+def _claims_page():
+    return report("results/{run}/report/claims.html", category="Claims", subcategory="{run}",
+                  caption="../report/claims.rst", labels={"run": "{run}", "item": "claims ledger"})

@@ -1,13 +1,5 @@
-# Unsloth's 4-bit GPT-OSS class reads a per-expert bnb-4bit layout: made once per model build, and checked
-# against the bf16 model (routers, biases, expert and MoE outputs; a scrambled-expert control must fail) before
-# unsloth_4bit is timed on it.
-def bnb4_check(wildcards):
-    cfg = RUNS[wildcards.run]
-    if wildcards.arm != "unsloth_4bit" or cfg["model"]["name"] != "gpt-oss-20b" or wl.gpu_jobs(cfg) == 0:
-        return []
-    return [f"results/{wildcards.run}/model-unsloth-bnb4.check.json"]
-
-
+# Unsloth's pre-quantized GPT-OSS checkpoint, made once per model build and checked before it is timed
+# (moebench.quantcheck; bench's input function bnb4_check in common.smk makes unsloth_4bit wait for it).
 rule model_bnb4:
     input:
         model=f"{R}/model",

@@ -28,16 +28,6 @@ rule recipe:
         " --out {output.json} --markdown {output.md} --log {log}"
 
 
-# unsloth_fp8 loads a prebuilt FP8 (torchao) checkpoint, made once per model build with Unsloth's own config
-# (Unsloth's on-the-fly cache is named by the directory's basename, so every run's model/ would share one).
-# Where FP8 cannot run (no GPU, torchao missing or old, not Hopper) the folder holds only the record saying why,
-# and the arm's rows are `skipped` with that reason.
-def fp8_checkpoint(wildcards):
-    if wildcards.arm != "unsloth_fp8" or wl.gpu_jobs(RUNS[wildcards.run]) == 0:
-        return []
-    return [f"results/{wildcards.run}/model-fp8"]
-
-
 rule model_fp8:
     input:
         model=f"{R}/model",
