@@ -231,7 +231,8 @@ def _peak_at(rows: list[Row], kind: str, v: int | None, plan: dict) -> float | N
 def bench_probe(args, plan_change: dict, workdir: Path, log) -> tuple[str, list[Row]]:
     """One fresh bench process with the plan changed: (outcome, its rows)."""
     tier = read_json(args.tier)
-    tier["plan"].update({"warmup_steps": 1, "timed_steps": 2, **plan_change})
+    tier["plan"].update({"warmup_steps": 1, "warmup_max": 1, "timed_steps": 2, "min_timed_s": 0, "min_power_samples": 0,
+                       **plan_change})  # a memory probe: fits or not, not a timing window
     tag = "_".join(f"{k}{v}" for k, v in plan_change.items())
     tfile = workdir / f"tier_{tag}.json"
     write_json(tfile, tier)

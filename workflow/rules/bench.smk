@@ -5,6 +5,7 @@ rule bench:
         model=f"{R}/model",
         train=f"{R}/data/train.jsonl",
         bnb4=bnb4_check,  # unsloth_4bit on GPT-OSS (GPU): the checked pre-quantized checkpoint
+        fp8=fp8_checkpoint,  # unsloth_fp8 (GPU): the prebuilt FP8 checkpoint
     output:
         metrics=f"{R}/arms/{{arm}}/draw{{draw}}/metrics.csv",
         env=f"{R}/arms/{{arm}}/draw{{draw}}/env.json",
