@@ -59,9 +59,9 @@ def test_gflop_table_names_every_model():
     table = measure.flops_table(seq=4096, lora_r=64)
     rows = [line for line in table.splitlines() if line.startswith("| ") and "GFLOP" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["gpt-oss-20b", "qwen3-30b-a3b", "olmoe-1b-7b"]
-    from moebench import config as cfgmod, models
+    from moebench import config as cfgmod, shapes
 
-    g = measure.gflop_per_token(models.model_config(cfgmod.load_yaml("models.yaml")["gpt-oss-20b"], "full"),
+    g = measure.gflop_per_token(shapes.model_config(cfgmod.load_yaml("models.yaml")["gpt-oss-20b"], "full"),
                                 4096, 64)
     assert 3.0 < g["active_params_b"] < 4.5  # gpt-oss-20b: 3.6B active (+ LoRA); 4P frozen
     assert 4 * 3.0 < g["model_gflop_per_token"] < g["hardware_gflop_per_token"]

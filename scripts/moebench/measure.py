@@ -319,13 +319,13 @@ def gflop_per_token(cfg, seq: int, lora_r: int, lora_experts: bool = True) -> di
 def flops_table(seq: int, lora_r: int, scale: str = "full", names: list[str] | None = None) -> str:
     """Markdown table of gflop_per_token for every model of config/models.yaml at `scale`."""
     from . import config as cfgmod
-    from . import models
+    from .shapes import model_config
 
     specs = cfgmod.load_yaml("models.yaml")
     lines = [f"| model ({scale}) | active matmul params (B) | GFLOP/token, model (MFU) | "
              f"GFLOP/token, with recompute (HFU) |", "|---|---:|---:|---:|"]
     for name in names or list(specs):
-        g = gflop_per_token(models.model_config(specs[name], scale), seq, lora_r)
+        g = gflop_per_token(model_config(specs[name], scale), seq, lora_r)
         lines.append(f"| {name} | {g['active_params_b']:.2f} | {g['model_gflop_per_token']:.2f} | "
                      f"{g['hardware_gflop_per_token']:.2f} |")
     lines.append(f"\nseq_len {seq}, LoRA r {lora_r} on attention and every expert; forward 2P, backward 4P "

@@ -13,24 +13,11 @@ from pathlib import Path
 
 from . import router_calibration, routing
 from .io import logger, sha256_file, write_json
+from .shapes import model_config
 
 SPECIAL = ["<|endoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>",
            "<|constrain|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 TEMPLATE = Path(__file__).resolve().parents[2] / "config" / "templates" / "harmony.jinja"
-
-
-def model_config(spec: dict, scale: str, num_hidden_layers: int | None = None):
-    """The transformers config for `scale` (tiny/small/full) of a models.yaml entry."""
-    import transformers
-
-    shape = dict(spec[scale])
-    if num_hidden_layers:
-        shape["num_hidden_layers"] = num_hidden_layers
-    n = shape["num_hidden_layers"]
-    if spec.get("family") == "gpt_oss":  # alternates sliding-window and full attention, starting with sliding
-        shape["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
-    cls = getattr(transformers, spec["config_class"])
-    return cls(**shape)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
