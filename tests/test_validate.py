@@ -73,6 +73,9 @@ def test_expert_grad_gate_fails_on_frozen_or_missing_experts():
 def test_reload_gate():
     assert V.gate_reload(0.0, 5.0, 0.01, fresh_diff=0.5).passed
     assert not V.gate_reload(0.2, 5.0, 0.01, fresh_diff=0.5).passed
+    # the bound is relative to the logits' scale: 0.04 of 5.0 passes, 0.009 of 0.5 does not
+    assert V.gate_reload(0.04, 5.0, 0.01, fresh_diff=0.5).passed
+    assert not V.gate_reload(0.009, 0.5, 0.01, fresh_diff=0.5).passed
     assert not V.gate_reload(0.0, 5.0, 0.01, fresh_diff=0.0).passed  # the adapter changed nothing: proves nothing
     assert not V.gate_reload(math.nan, 5.0, 0.01).passed
     # equal logits but an adapter that did not round-trip (a tensor lost or changed): fails
