@@ -98,7 +98,10 @@ def numbers_from_comparison(path: Path, run: str, source: str, sha: str) -> list
                             "tier": rec.get("tier", ""), "model": rec.get("model", ""), "arm": rec["arm"],
                             "precision": rec.get("precision", ""), "stage": "comparison", "metric": col,
                             "value": value, "unit": unit, "n": int(float(rec["draws"] or 0)), "spread": None,
-                            "status": "measured", "reason": "", "source": source, "draw": None,
+                            # a line with a degraded draw is degraded in every cell, with the line's reason
+                            **({"status": "degraded", "reason": rec.get("reason", "")} if rec.get("status") == "degraded"
+                               else {"status": "measured", "reason": ""}),
+                            "source": source, "draw": None,
                             "source_sha256": sha, "derived": "median over draws of the bench rows (aggregate.py)"})
     return out
 
