@@ -91,11 +91,11 @@ def step_times(draw_dir: Path) -> list[float]:
 def console_degraded(rows: list[Row], draw_dirs: list[Path], cfg: dict) -> list[Row]:
     """Re-read each draw's console for the fallback lines its arm declares: a draw measured before the process
     looked for them (committed runs) is degraded all the same. Rows are returned, not changed."""
-    from .harness import arm_patterns, console_reason, degraded_matches
+    from .harness import arm_patterns, console_reason, degraded_matches, draw_console
 
     hits = {}
     for d in draw_dirs:
-        text = console_text(d)
+        text = draw_console(d)
         if text:
             arm, k = d.parent.name, int(d.name.removeprefix("draw"))
             why = console_reason(degraded_matches(text, arm_patterns(cfg, arm), cfg.get("recompile_limit")))
@@ -103,28 +103,6 @@ def console_degraded(rows: list[Row], draw_dirs: list[Path], cfg: dict) -> list[
                 hits[(arm, k)] = why
     return [replace(r, status="degraded", reason=hits[(r.arm, r.draw)])
             if r.status == "measured" and r.stage == "bench" and (r.arm, r.draw) in hits else r for r in rows]
-
-
-JOB_START = re.compile(r"^(local)?(rule|checkpoint) \w+:", re.M)
-
-
-def console_text(draw_dir: Path) -> str:
-    """What a draw's process printed: its console.log, or, for draws committed before bench kept one, its job's
-    part of the run's lent-GPU queue log (logs/queue*.log: from the job's `output: …/drawK/metrics.csv` line to
-    the next job; draws ran one at a time there)."""
-    own = draw_dir / "console.log"
-    if own.exists():
-        return own.read_text(errors="replace")
-    run_dir = draw_dir.parents[2]
-    marker = f"output: results/{run_dir.name}/arms/{draw_dir.parent.name}/{draw_dir.name}/metrics.csv"
-    parts = []
-    for log in sorted((run_dir / "logs").glob("queue*.log")):
-        text = log.read_text(errors="replace")
-        start = text.find(marker)
-        if start >= 0:
-            nxt = JOB_START.search(text, start)
-            parts.append(text[start:nxt.start() if nxt else len(text)])
-    return "\n".join(parts)
 
 
 def read_draws(rows: list[Row], draw_dirs: list[Path]) -> dict[str, list[Draw]]:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .chain import (SUPERSEDED, StampError, history_dir, proof_state, read_head, read_proof, resolve_source,
                     run_ots, settings, sha256_bytes, stamp_record, superseded_ok)
+from .harness import draw_console
 from .ids import number_id, row_id
 from .io import atomic_write, logger, read_json, sha256_file
 from .metrics import LOG_TAG, Row
@@ -120,28 +121,9 @@ def console_degraded(number: dict, row: dict, log: Path) -> bool:
     if number.get("status") != "degraded" or row.get("status") != "measured" or not reason.startswith("console: "):
         return False
     line = CONSOLE_MORE.sub("", reason.removeprefix("console: ")).removesuffix(" …")
-    return bool(line) and line in draw_console(log)
+    return bool(line) and line in draw_console(log.parent)
 
 
-def draw_console(log: Path) -> str:
-    """The draw's console.log, or (draws committed before bench kept one) its job's part of the run's lent-GPU
-    queue log: from `output: results/<run>/arms/<arm>/<drawK>/metrics.csv` to the next job's first line."""
-    console = log.with_name("console.log")
-    if console.is_file():
-        return console.read_text(errors="replace")
-    draw, arm, run = log.parent, log.parent.parent, log.parents[3]
-    marker = f"output: results/{run.name}/arms/{arm.name}/{draw.name}/metrics.csv"
-    parts = []
-    for q in sorted((run / "logs").glob("queue*.log")):
-        text = q.read_text(errors="replace")
-        at = text.find(marker)
-        if at >= 0:
-            end = JOB_LINE.search(text, at)
-            parts.append(text[at:end.start() if end else len(text)])
-    return "\n".join(parts)
-
-
-JOB_LINE = re.compile(r"^(local)?(rule|checkpoint) \w+:", re.M)
 
 
 # ---- chain and stamps --------------------------------------------------------------------------------------

@@ -159,3 +159,28 @@ def console_watch(cfg: dict, arm: str):
     matcher = ConsoleMatcher(arm_patterns(cfg, arm), cfg.get("recompile_limit"), keep=20)
     with ConsoleTap(matcher):
         yield matcher
+
+
+JOB_LINE = re.compile(r"^(local)?(rule|checkpoint) \w+:", re.M)
+
+
+def draw_console(draw_dir) -> str:
+    """What a bench draw's process printed: its console.log, or, for draws committed before bench kept one, its
+    job's part of the run's lent-GPU queue log (logs/queue*.log: from the job's `output: …/drawK/metrics.csv` line
+    to the next job; draws ran one at a time there). Empty when neither exists."""
+    from pathlib import Path
+
+    draw_dir = Path(draw_dir)
+    own = draw_dir / "console.log"
+    if own.is_file():
+        return own.read_text(errors="replace")
+    run_dir = draw_dir.parents[2]
+    marker = f"output: results/{run_dir.name}/arms/{draw_dir.parent.name}/{draw_dir.name}/metrics.csv"
+    parts = []
+    for log in sorted((run_dir / "logs").glob("queue*.log")):
+        text = log.read_text(errors="replace")
+        start = text.find(marker)
+        if start >= 0:
+            nxt = JOB_LINE.search(text, start)
+            parts.append(text[start:nxt.start() if nxt else len(text)])
+    return "\n".join(parts)
