@@ -14,15 +14,12 @@ from pathlib import Path
 
 from . import config as cfgmod
 from .io import atomic_write, read_json, shorten, write_json
-from .metrics import Row, read_many, write_rows
+from .metrics import VALUED, Row, read_many, write_rows
 from .verdict import Draw, beside, mark_superseded, overall_verdict, speed_verdict
 
 COLUMNS = ["run_id", "tier", "model", "arm", "precision", "status", "reason", "draws", "step_s", "step_s_iqr",
            "draw_range_s", "tokens_per_s", "peak_alloc_gb", "mem_after_load_gb", "load_s", "expert_lora_params",
            "expert_4bit_fraction"]
-
-
-VALUED = ("measured", "degraded")
 
 
 def _valued(rows, metric):

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import read_json, sha256_file
+from ..metrics import VALUED
 
 ROOT = Path(__file__).resolve().parents[3]
 PAGES = {"docs/templates/README.md": "README.md", "docs/templates/results.md": "docs/results.md"}
@@ -116,9 +117,6 @@ class Sources:
         self.figures.append({"text": text, "value": value, "expr": expr.strip(), "ids": ids,
                              "provenance_sha256": {r: self.shas[r] for r in runs}})
         return text
-
-
-VALUED = ("measured", "degraded")
 
 
 def _tracked(root: Path, path: Path) -> bool:
