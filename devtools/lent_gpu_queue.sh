@@ -5,7 +5,10 @@
 # weights, no adapters) into $OUT, so what finished comes back even if the machine goes away.
 #   devtools/lent_gpu_queue.sh WAIT_SECONDS "RUN [snakemake args...]" ["RUN ..." ...]
 # A step whose RUN starts with "rm:" deletes results/<run>/model instead (the disk holds one full model); one
-# that starts with "il:" runs that run through moebench.interleave (the verdict pair's draws A B A B, then the rest).
+# that starts with "il:" runs that run through moebench.interleave (the verdict pair's draws A B A B, then the rest);
+# its words before a "--" are interleave's own options ("il:RUN --force --draws 3 --").
+# GPU_TESTS="pytest args" runs the GPU-only tests beside the queue's first step (nothing is timed then); their
+# output comes back as gpu-tests.log.
 # The queue runs in its own copy of the tree (/tmp/mb): the tool re-copies tracked files into the repo at each
 # call, which would overwrite results the queue is still rewriting.
 set -uo pipefail
@@ -30,8 +33,9 @@ if [ ! -e /tmp/moebench-queue.started ]; then
       echo "== $(date -u +%T) start $run $*"
       common=(--cores 8 --resources gpu=1 --rerun-triggers params input code software-env)
       if [[ $run == il:* ]]; then
-        run=${run#il:}
-        python -m moebench.interleave --configfile "config/runs/$run.yaml" --rest run -- "$@" "${common[@]}" --keep-going \
+        run=${run#il:}; il=()
+        if [[ " $* " == *" -- "* ]]; then while [ "$1" != "--" ]; do il+=("$1"); shift; done; shift; fi
+        python -m moebench.interleave --configfile "config/runs/$run.yaml" --rest run "${il[@]}" -- "$@" "${common[@]}" --keep-going \
           2>&1 | tee /tmp/moebench-step.log
       else
         snakemake "$@" "${common[@]}" --configfile "config/runs/$run.yaml" 2>&1 | tee /tmp/moebench-step.log
@@ -42,6 +46,11 @@ if [ ! -e /tmp/moebench-queue.started ]; then
       echo "== $(date -u +%T) end $run rc=$rc"
     done
     echo "== QUEUE DONE"' queue "$@" >>"$log" 2>&1 < /dev/null &)
+  if [ -n "${GPU_TESTS:-}" ]; then
+    # shellcheck disable=SC2086
+    (cd /tmp/mb && setsid nohup bash -c "nvidia-smi -L; python -m pytest -p no:cacheprovider -rs $GPU_TESTS" \
+      >/tmp/moebench-gpu-tests.log 2>&1 < /dev/null &)
+  fi
   echo "started the queue on machine $(cat /proc/sys/kernel/random/boot_id)"
 else
   echo "continuing the queue on machine $(cat /proc/sys/kernel/random/boot_id)"
@@ -57,5 +66,6 @@ runs=$(for s in "$@"; do r=${s%% *}; r=${r#il:}; [[ $r == rm:* ]] || echo "resul
 tar czf "$out/results.tgz" --exclude='*/model' --exclude='*/model.partial' --exclude='*/adapter' \
   --exclude='*-unsloth-bnb4' $(for r in $runs; do [ -d "$r" ] && echo "$r"; done) .snakemake/log 2>/dev/null
 cp "$log" "$out/queue.log"
+[ -e /tmp/moebench-gpu-tests.log ] && cp /tmp/moebench-gpu-tests.log "$out/gpu-tests.log" && tail -3 /tmp/moebench-gpu-tests.log
 grep -E "^== |^\[interleave|steps \(|Error|rror:|quantcheck:|Finished job" "$log" | tail -40
 df -h . | tail -1; nvidia-smi --query-gpu=memory.used,power.draw --format=csv,noheader

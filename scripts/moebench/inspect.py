@@ -9,6 +9,7 @@ from collections import defaultdict
 
 GB = 1e9
 FOUR_BIT = ("nf4", "fp4", "uint8")  # storages of packed 4-bit codes (bnb Params4bit by quant_type, e4b uint8)
+FLOAT = ("bfloat16", "float16", "float32")
 
 
 def category(name: str) -> str:
@@ -53,10 +54,11 @@ def census(model) -> dict:
     4-bit weight is stored as uint8 with a quant_state), whatever a flag said.
 
     Returns {"by_category": {cat: {storage: {"tensors", "numel", "bytes"}}}, "by_role": {lora|norm|bias:
-    {dtype: numel}}, "experts_4bit": bool, "expert_float_bytes", "expert_4bit_bytes", "notes": [...]}."""
+    {dtype: numel}}, "experts_4bit": bool, "expert_float_bytes" (expert weights, biases excluded),
+    "expert_4bit_bytes", "notes": [...]}."""
     by = defaultdict(lambda: defaultdict(lambda: {"tensors": 0, "numel": 0, "bytes": 0}))
     roles = defaultdict(lambda: defaultdict(int))
-    notes, seen = [], set()
+    notes, seen, expert_weight_float = [], set(), defaultdict(int)
     named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     for name, t in named:
         if t is None or id(t) in seen:
@@ -71,15 +73,17 @@ def census(model) -> dict:
         cell["bytes"] += t.numel() * t.element_size()
         if role(name):
             roles[role(name)][st] += t.numel()
-    exp = by.get("expert", {})
-    big_float = {k: v for k, v in exp.items() if k in ("bfloat16", "float16", "float32") and v["numel"] > 1_000_000}
-    four = {k: v for k, v in exp.items() if k in FOUR_BIT}
+        elif category(name) == "expert" and st in FLOAT:  # expert weights, not their (always float) biases
+            expert_weight_float[st] += t.numel() * t.element_size()
+    four = {k: v for k, v in by.get("expert", {}).items() if k in FOUR_BIT}
+    float_bytes, four_bytes = sum(expert_weight_float.values()), sum(v["bytes"] for v in four.values())
     return {
         "by_category": {c: dict(v) for c, v in by.items()},
         "by_role": {r: dict(v) for r, v in roles.items()},
-        "experts_4bit": bool(four) and not big_float,
-        "expert_float_bytes": sum(v["bytes"] for v in big_float.values()),
-        "expert_4bit_bytes": sum(v["bytes"] for v in four.values()),
+        # "4-bit experts" means >= 99% of expert weight bytes are packed 4-bit codes (biases stay float by design)
+        "experts_4bit": four_bytes > 0 and float_bytes <= 0.01 * (float_bytes + four_bytes),
+        "expert_float_bytes": float_bytes,
+        "expert_4bit_bytes": four_bytes,
         "notes": notes[:20] + ([f"... {len(notes) - 20} more"] if len(notes) > 20 else []),
     }
 

@@ -14,6 +14,7 @@ it, or it proves nothing. Writes a JSON record; exits 1 when the check fails or 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import re
 import sys
@@ -57,31 +58,36 @@ def moe_out(x, router_w, router_b, top_k: int, experts: list):
 
 # ---- the two checkpoint layouts ---------------------------------------------------------------------------------
 class Tensors:
-    """Every tensor of a safetensors checkpoint by name, read lazily (multi-GB checkpoints: one tensor at a time)."""
+    """Every tensor of a safetensors checkpoint by name, read lazily (multi-GB checkpoints: one tensor at a time).
+    Each file is opened once: reopening parses its whole header, and the 4-bit layout reads ~10k small tensors."""
 
     def __init__(self, model_dir: str, device: str = "cpu"):
         from safetensors import safe_open
 
-        self.device, self.where = device, {}
+        self.device, self.where, self.handles = device, {}, {}
         for f in sorted(Path(model_dir).glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    self.where[k] = f
+            h = self.handles[f] = safe_open(str(f), framework="pt", device=device)
+            for k in h.keys():
+                self.where[k] = f
         if not self.where:
             raise FileNotFoundError(f"{model_dir}: no *.safetensors files")
+        self.keys = sorted(self.where)
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
     def __getitem__(self, key: str):
-        from safetensors import safe_open
-
-        with safe_open(str(self.where[key]), framework="pt", device=self.device) as h:
-            return h.get_tensor(key)
+        return self.handles[self.where[key]].get_tensor(key)
 
     def find(self, pattern: str) -> list[str]:
         rx = re.compile(pattern)
-        return sorted(k for k in self.where if rx.search(k))
+        return [k for k in self.keys if rx.search(k)]
+
+    def under(self, prefix: str) -> list[str]:
+        """Keys that start with prefix (a bisect on the sorted keys, not a scan)."""
+        i = bisect.bisect_left(self.keys, prefix)
+        j = bisect.bisect_left(self.keys, prefix + "\U0010ffff")
+        return self.keys[i:j]
 
 
 class FusedBF16:
@@ -117,7 +123,7 @@ class PerExpert4bit:
 
     def experts(self, layer: int) -> list:
         p = f"model.layers.{layer}.mlp.experts."
-        n = len(self.t.find(rf"^{re.escape(p)}gate_up_projs\.\d+\.weight$"))
+        n = sum(1 for k in self.t.under(p + "gate_up_projs.") if re.fullmatch(r"\d+\.weight", k[len(p) + 14:]))
         if not n:
             raise KeyError(f"layer {layer}: no per-expert gate_up_projs in the 4-bit checkpoint")
         out = []
@@ -131,7 +137,7 @@ def bnb_dequant(t: Tensors, key: str):
     """bitsandbytes' own dequantization of a saved Params4bit (its quant-state tensors sit beside the weight)."""
     import bitsandbytes.functional as F
 
-    stats = {k[len(key) + 1:]: t[k] for k in t.find(rf"^{re.escape(key)}\.")}
+    stats = {k[len(key) + 1:]: t[k] for k in t.under(key + ".")}
     qs = F.QuantState.from_dict(stats, device=t.device)
     return F.dequantize_4bit(t[key], qs)
 
