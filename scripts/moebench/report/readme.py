@@ -5,7 +5,8 @@ the provenance id it comes from, so no figure is typed by hand:
 
     {{ <id> | <format> }}                 one number: results/<run>/provenance.json's entry <id>
     {{ <id> / <id> | <format> }}          the ratio of two numbers (e.g. the same arm on two tiers)
-    {{ verdict <run> <key> | <format> }}  a field of results/<run>/verdict.json, whose sha256 must equal
+    {{ verdict <run> <key> | <format> }}  a field of results/<run>/verdict.json (interval.0: a list's item),
+                                          whose sha256 must equal
                                           the one provenance.json records for it
     {{ table <kind> <run>:<arm> ... }}    a Markdown table, one row per run:arm (kinds: TABLES below)
 
@@ -240,7 +241,10 @@ def expand(src: Sources, body: str) -> str:
         return table(src, words[1], words[2:])
     if words[0] == "verdict":
         run, key = words[1], words[2]
-        v = src.verdict(run).get(key)
+        v = src.verdict(run)
+        for part in key.split("."):  # interval.0: an item of a list field
+            v = v[int(part)] if isinstance(v, list) and part.isdigit() and int(part) < len(v) else (
+                v.get(part) if isinstance(v, dict) else None)
         if v is None:
             raise RenderError(f"results/{run}/verdict.json has no {key!r}")
         return src.log(fmt(v, spec), v, [f"{run}/verdict/{key}"], body)
