@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from . import router_calibration, routing
+from .corpus import conversations, corpus_text, split
 from .io import logger, sha256_file, write_json
 from .shapes import model_config
 
@@ -174,7 +175,6 @@ def build(spec: dict, scale: str, source: str, out_dir: str, seed: int, corpus: 
 
 def main(argv=None):
     from . import config as cfgmod
-    from . import data
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", required=True)
@@ -190,8 +190,8 @@ def main(argv=None):
     plan, m, d = tier["plan"], cfg["model"], cfg["data"]
     spec = cfgmod.load_yaml("models.yaml")[m["name"]]
     device = "cuda" if tier["gpu"] else "cpu"
-    corpus = data.corpus_text(d["conversations"], d["seed"])
-    convs = data.split(data.conversations(d["conversations"], d["seed"]), d.get("heldout_fraction", 0.1), d["seed"])
+    corpus = corpus_text(d["conversations"], d["seed"])
+    convs = split(conversations(d["conversations"], d["seed"]), d.get("heldout_fraction", 0.1), d["seed"])
     load = router_calibration.parse(m.get("router_load", "auto"), on_gpu=bool(tier["gpu"]))
     info = build(spec, plan["model_scale"], m["source"], a.out, cfg["seed"], corpus, log, device,
                  plan.get("num_hidden_layers"), m.get("routing_skew", 0.0), load, convs, plan["seq_len"],
