@@ -26,6 +26,7 @@ SHARED = {
     "workflowlib",         # helpers the Snakefile calls at parse time
     "chain",               # provenance hash chain and OpenTimestamps proofs (provenance, stamp, audit, report)
     "corpus",              # the synthetic conversations: data renders them, models trains its tokenizer on them
+    "expert_offload",      # ExpertOffloader: the offload stage measures it, a recipe snippet hands it to users
 }
 # Stages: each one rule's `python -m moebench.<stage>` (or a command-line tool such as unlock).
 STAGES = {
