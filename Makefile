@@ -37,9 +37,12 @@ config-doc: setup
 	$(PY) -m moebench.report.configdoc --out config/README.md
 
 # README.md and docs/results.md: results figures rendered from the committed runs' provenance (templates in
-# docs/templates/); docs/figures.json lists each figure's provenance ids.
+# docs/templates/); docs/figures.json lists each figure's provenance ids, a revision of its own hash chain
+# (audits/.ots-history/cross-run-figures/), stamped here (offline: recorded as unstamped; `snakemake ots_upgrade`).
 docs: setup
 	$(PY) -m moebench.report.readme
+	-$(PY) -m moebench.stamp stamp --provenance docs/figures.json --out docs/figures.stamp.json \
+		--log audits/figures-stamp.log
 
 lint: setup
 	$(VENV)/bin/snakemake --lint

@@ -17,29 +17,38 @@ RESULTS = ROOT / "docs" / "results.md"
 
 
 @pytest.fixture(scope="module")
-def pages():
+def rendered():
     return readme.render(ROOT)
 
 
-def test_pages_are_their_rendering_from_provenance(pages):
-    assert readme.stale_pages(ROOT, pages) == [], "run `make docs` (python -m moebench.report.readme)"
+@pytest.fixture(scope="module")
+def pages(rendered):
+    return rendered[0]
+
+
+@pytest.fixture(scope="module")
+def figures(rendered):
+    return rendered[1]
+
+
+def test_pages_are_their_rendering_from_provenance(pages, figures):
+    assert readme.stale_pages(ROOT, pages, figures) == [], "run `make docs` (python -m moebench.report.readme)"
 
 
 @pytest.mark.parametrize("page,old,new", [("README.md", "8.2x", "8.3x"), ("docs/results.md", "4.9", "5.9"),
                                           ("docs/results.md", "1.33x", "1.35x")])
-def test_an_edited_figure_fails(pages, tmp_path, page, old, new):
+def test_an_edited_figure_fails(pages, figures, tmp_path, page, old, new):
     """The hand-edits that once passed every test: the headline ratio, a router load, an H200-over-H100 ratio."""
-    for p, text in pages.items():
+    for p, text in {**pages, readme.FIGURES: readme.figures_json(figures)}.items():
         (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / p).write_text(text)
     text = pages[page]
     assert old in text, f"{old!r} is no longer in {page}: pick another figure for this test"
     (tmp_path / page).write_text(text.replace(old, new, 1))
-    assert readme.stale_pages(tmp_path, pages) == [page]
+    assert readme.stale_pages(tmp_path, pages, figures) == [page]
 
 
-def test_figures_file_names_each_figures_ids_and_provenance(pages):
-    figures = json.loads(pages[readme.FIGURES])["figures"]
+def test_figures_file_names_each_figures_ids_and_provenance(figures):
     assert len(figures) > 100
     numbers = {}
     for f in figures:
@@ -52,9 +61,8 @@ def test_figures_file_names_each_figures_ids_and_provenance(pages):
             assert nid.split("#")[0] in numbers[run] or "/verdict/" in nid, nid
 
 
-def test_cross_run_ratios_have_their_provenance(pages):
+def test_cross_run_ratios_have_their_provenance(figures):
     """An H200-over-H100 ratio rests on two runs' ids: figures.json records both ids and both provenance hashes."""
-    figures = json.loads(pages[readme.FIGURES])["figures"]
     cross = [f for f in figures if len(f["provenance_sha256"]) == 2 and " / " in f["expr"]]
     assert any(f["text"] == "1.33x" and f["ids"] == ["h200-gptoss20b/comparison/unsloth_bf16/all/tokens_per_s",
                                                      "h100-gptoss20b/comparison/unsloth_bf16/all/tokens_per_s"]
@@ -251,3 +259,20 @@ def test_olmoe_moe_outside_figures_are_the_runs():
     assert json.loads((run / "verdict.json").read_text())["verdict"] == "NOT TESTABLE"
     env = json.loads((run / "arms" / "unsloth_bf16" / "draw1" / "env.json").read_text())
     assert env["env"]["UNSLOTH_BLOCK_MOE"] == "outside"
+
+
+# ---- the figures file's own hash chain
+def test_figures_chain_adds_a_revision_only_when_a_figure_changes(tmp_path, figures):
+    one = readme.commit_figures(tmp_path, figures)
+    again = readme.commit_figures(tmp_path, figures)
+    assert again == one and json.loads(one)["revision"] == 1 and json.loads(one)["previous_sha256"] is None
+    changed = [dict(figures[0], value=figures[0]["value"] * 2)] + figures[1:]
+    two = json.loads(readme.commit_figures(tmp_path, changed))
+    hist = tmp_path / "audits/.ots-history" / readme.FIGURES_CHAIN
+    assert two["revision"] == 2 and two["previous_sha256"] == sha256_file(hist / f"{two['previous_sha256']}.json")
+    assert (hist / "HEAD").read_text().strip() == sha256_file(hist / f"{(hist / 'HEAD').read_text().strip()}.json")
+
+
+def test_committed_figures_file_is_its_chains_head():
+    hist = ROOT / "audits/.ots-history" / readme.FIGURES_CHAIN
+    assert (hist / "HEAD").read_text().strip() == sha256_file(ROOT / readme.FIGURES), "run `make docs`"

@@ -83,7 +83,9 @@ rule ots_upgrade:
     shell:
         "for r in {params.runs}; do python -m moebench.stamp upgrade --provenance results/$r/provenance.json"
         " --settings {params.settings:q} --out results/$r/provenance_stamp.json --log results/$r/logs/ots_upgrade.log"
-        " || exit 1; done; echo 'ots_upgrade: {params.runs}' > {log}"
+        " || exit 1; done; if [ -f docs/figures.json ]; then python -m moebench.stamp upgrade --provenance"
+        " docs/figures.json --settings {params.settings:q} --out docs/figures.stamp.json --log audits/figures-stamp.log"
+        " || exit 1; fi; echo 'ots_upgrade: {params.runs} docs/figures.json' > {log}"
 
 
 # Run by name: re-derives every number of every run under results/ from its logs, checks the hash chains and the

@@ -14,7 +14,9 @@ the provenance id it comes from, so no figure is typed by hand:
 (`.2f x` -> `2.14x`); `-` before the spec prints a typographic minus for negatives. Only committed runs are
 read (their provenance.json tracked by git), so `make run`'s local CPU results never reach the README. Every
 rendered figure is listed in docs/figures.json with its ids, value and the sha256 of the provenance it came
-from: the provenance of cross-run ratios, which no single run holds.
+from: the provenance of cross-run ratios, which no single run holds. That file is a hash chain of its own
+(audits/.ots-history/cross-run-figures/, a new revision only when a figure changed), stamped like a run's
+provenance (`make docs`) and checked by `python -m moebench.audit`, which recomputes every figure.
 
     python -m moebench.report.readme            # render README.md, docs/results.md, docs/figures.json
     python -m moebench.report.readme --check    # exit 1, naming the page, when a rendered file differs
@@ -29,14 +31,17 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
+from ..chain import DEFAULT_HISTORY, history_dir, read_head, sha256_bytes
 from ..io import read_json, sha256_file
 from ..metrics import VALUED
 
 ROOT = Path(__file__).resolve().parents[3]
 PAGES = {"docs/templates/README.md": "README.md", "docs/templates/results.md": "docs/results.md"}
 FIGURES = "docs/figures.json"
+FIGURES_CHAIN = "cross-run-figures"  # its history: audits/.ots-history/cross-run-figures/
 PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}", re.S)
 BANNER = ("<!-- GENERATED from {src} by `python -m moebench.report.readme` (make docs): edit the template; every "
           "results figure comes from results/<run>/provenance.json. -->\n")
@@ -197,10 +202,10 @@ def row_validation(src, run, arm):
     def c(m, s):
         return _c(src, run, arm, "validate", m, s)
 
-    n = int(src.value(f"{run}/validate/{arm}/all/expert_lora_tensors"))
+    nid = f"{run}/validate/{arm}/all/expert_lora_tensors"
     gid = f"{run}/validate/{arm}/all/gate_expert_grads_value"
-    got = round(src.value(gid) * n)
-    grads = src.log(f"{got} / {n}", got, [gid, f"{run}/validate/{arm}/all/expert_lora_tensors"], gid)
+    n, got = int(src.value(nid)), src.value(gid) * src.value(nid)  # the fraction with a gradient, as a count
+    grads = src.log(f"{round(got)} / {n}", got, [gid, nid], f"{gid} * {nid}")
     reload = f"{c('reload_logits_max_abs_diff', '.3g')} ({c('reload_trained_autocast_max_abs_diff', '.3g')})"
     return [arm, c("optimizer_steps", ".0f"), c("packed_train_sequences", ".0f"),
             f"{c('heldout_loss_before', '.2f')} → {c('heldout_loss_after', '.3g')}",
@@ -306,25 +311,57 @@ def render_text(src: Sources, template: str, name: str) -> str:
     return BANNER.format(src=name) + reflow(PLACEHOLDER.sub(sub, template))
 
 
-def figures_json(figures: list[dict]) -> str:
-    """One figure per line: its text as printed, value, the ids it rests on and their provenance.json sha256."""
+def figures_json(figures: list[dict], chain: dict | None = None) -> str:
+    """One figure per line: its text as printed, value, the ids it rests on and their provenance.json sha256. The
+    header names its place in the figures' own hash chain (`chain`: revision, previous_sha256, created)."""
     lines = [json.dumps(f, sort_keys=True, ensure_ascii=False) for f in figures]
-    return ('{"about": "every results figure of README.md and docs/results.md, rendered from these provenance ids '
-            '(moebench.report.readme)",\n "figures": [\n' + ",\n".join(lines) + "\n]}\n")
+    head = {"about": "every results figure of README.md and docs/results.md, rendered from these provenance ids "
+                     "(moebench.report.readme); cross-run ratios rest on several runs' provenance, so this file "
+                     "has its own hash chain and timestamp", "run": FIGURES_CHAIN, **(chain or {})}
+    return ("{" + ",\n ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in head.items())
+            + ',\n "figures": [\n' + ",\n".join(lines) + "\n]}\n")
 
 
-def render(root: Path = ROOT, committed_only: bool = True) -> dict[str, str]:
-    """{output path: text} for every page and the figures file."""
+def commit_figures(root: Path, figures: list[dict], history: str = DEFAULT_HISTORY) -> str:
+    """The figures file as a revision of its chain (<history>/cross-run-figures/<sha256>.json, HEAD): a new
+    revision naming the previous one when the figures changed, else the newest revision's text unchanged."""
+    hist = history_dir(root / history, FIGURES_CHAIN)
+    head, rev = read_head(hist), 1
+    if head:
+        prev_text = (hist / f"{head}.json").read_text()
+        if sha256_bytes(prev_text.encode()) != head:
+            raise RenderError(f"{hist / (head + '.json')} does not hash to its name: the figures' chain is broken")
+        prev = json.loads(prev_text)
+        if prev["figures"] == json.loads(json.dumps(figures)):
+            return prev_text
+        rev = int(prev.get("revision", 0)) + 1
+    text = figures_json(figures, {"revision": rev, "previous_sha256": head,
+                                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    sha = sha256_bytes(text.encode())
+    hist.mkdir(parents=True, exist_ok=True)
+    (hist / f"{sha}.json").write_text(text)  # the revision before HEAD names it: a crash never dangles HEAD
+    (hist / "HEAD").write_text(sha + "\n")
+    return text
+
+
+def render(root: Path = ROOT, committed_only: bool = True) -> tuple[dict[str, str], list[dict]]:
+    """({output path: text} for every page, the figures they quote)."""
     src, out = Sources(root, committed_only), {}
     for tpl, dest in PAGES.items():
         out[dest] = render_text(src, (root / tpl).read_text(), tpl)
-    out[FIGURES] = figures_json(src.figures)
-    return out
+    return out, src.figures
 
 
-def stale_pages(root: Path, pages: dict[str, str]) -> list[str]:
-    """The pages under root that differ from their rendering (a hand-edited figure, or a changed run)."""
-    return [p for p, text in pages.items() if not (root / p).is_file() or (root / p).read_text() != text]
+def stale_pages(root: Path, pages: dict[str, str], figures: list[dict]) -> list[str]:
+    """The pages under root that differ from their rendering (a hand-edited figure, or a changed run); the
+    figures file by its figures (its chain header aside)."""
+    stale = [p for p, text in pages.items() if not (root / p).is_file() or (root / p).read_text() != text]
+    f = root / FIGURES
+    try:
+        same = json.loads(f.read_text())["figures"] == json.loads(json.dumps(figures))
+    except (OSError, ValueError, KeyError):
+        same = False
+    return stale + ([] if same else [FIGURES])
 
 
 def main(argv=None) -> int:
@@ -334,16 +371,17 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     root = Path(a.root)
     try:
-        pages = render(root)
+        pages, figures = render(root)
     except RenderError as exc:
         print(f"moebench.report.readme: {exc}", file=sys.stderr)
         return 1
-    stale = stale_pages(root, pages)
+    stale = stale_pages(root, pages, figures)
     if a.check:
         for p in stale:
             print(f"{p} differs from its rendering from provenance: a figure was edited by hand or a template or "
                   "run changed; run `python -m moebench.report.readme` (make docs)", file=sys.stderr)
         return 1 if stale else 0
+    pages[FIGURES] = commit_figures(root, figures)
     for p, text in pages.items():
         (root / p).parent.mkdir(parents=True, exist_ok=True)
         (root / p).write_text(text)
