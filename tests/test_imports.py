@@ -27,6 +27,7 @@ SHARED = {
     "chain",               # provenance hash chain and OpenTimestamps proofs (provenance, stamp, audit, report)
     "corpus",              # the synthetic conversations: data renders them, models trains its tokenizer on them
     "expert_offload",      # ExpertOffloader: the offload stage measures it, a recipe snippet hands it to users
+    "sft", "adapters",     # the fine-tune's plumbing and the adapter round trip (validate's run builds on them)
 }
 # Stages: each one rule's `python -m moebench.<stage>` (or a command-line tool such as unlock).
 STAGES = {

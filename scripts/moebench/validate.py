@@ -3,7 +3,8 @@ by quality gates, each recorded pass/fail with the value it rests on.
 
 One arm per process, loaded through the arm's own path (`arm.load`), trained on the synthetic Harmony data with
 packing, gradient accumulation, a cosine schedule with warm-up and 8-bit AdamW on a GPU (torch AdamW on CPU,
-where bitsandbytes' optimizer cannot run). Gates (pure functions below, so a test can build a run that fails each):
+where bitsandbytes' optimizer cannot run). Gates (pure functions in gates.py, so a test can build a run that
+fails each):
   finite        no NaN/Inf training loss, gradient norm or held-out loss
   loss_drop     mean loss of the last `window` steps below that of the first `window` by `min_loss_drop` (relative)
   heldout_drop  held-out loss after training below the one before by `min_heldout_drop` (relative)
@@ -23,8 +24,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import math
-import re
 import tempfile
 import time
 from dataclasses import asdict
@@ -34,11 +33,17 @@ from pathlib import Path
 from . import arms as arm_registry
 from . import config as cfgmod
 from . import harness, routing
+# The fine-tune's plumbing (sft) and the adapter round trip (adapters) are shared modules. Their names stay
+# importable as validate.X, and run() calls them through this module, so a test can patch one here.
+from .adapters import (adapter_max_diff, adapter_state, logits_of, next_token_loss, probe,  # noqa: F401
+                       reload_model, save_adapter, saved_adapter)
 from .io import atomic_write, logger, read_json, write_json
-from .harness import Ctx, read_texts, token_stream
+from .harness import Ctx, read_texts
 from .gates import (Gate, _finite, gate_expert_grads, gate_finite, gate_heldout,  # noqa: F401
                     gate_loss_drop, gate_reload, judge, window_means)
 from .metrics import log_row, write_rows
+from .sft import (Recorder, expert_lora_tensors, packed, same_data, sft_config, trainer_callback,  # noqa: F401
+                  trainer_class)
 
 DEFAULTS = {"steps": 100, "cpu_steps": 12, "grad_accum": 4, "lr": 2e-4, "warmup_ratio": 0.1,
             "scheduler": "cosine", "optim": "adamw_8bit", "max_grad_norm": 1.0, "packing_strategy": "wrapped",
@@ -60,293 +65,13 @@ def run_settings(vcfg: dict | None, plan: dict, cuda: bool, arm: str = "") -> di
             "optim": s["optim"] if cuda else "adamw_torch", "bf16": cuda, "use_cpu": not cuda}
 
 
-# ---- recording during training -----------------------------------------------------------------------------
-def expert_lora_tensors(model) -> list[dict]:
-    """Every expert LoRA tensor (trainable or not: a frozen one must count as getting no gradient) with its
-    layer and, where the layout says so, which slice belongs to which expert:
-    PEFT target_parameters on fused [E, in, out] tensors: lora_A is [r*E, in] (expert e = rows e*r..), lora_B
-    is [out, r*E] (expert e = columns e, e+E, ...); Unsloth's per-expert Linears: `..._projs.<e>.`."""
-    layout = {}
-    for _, mod in model.named_modules():
-        ne = getattr(mod, "num_experts", None)
-        if isinstance(ne, int) and ne > 1 and hasattr(mod, "lora_A") and hasattr(mod, "parameter_name"):
-            for ad in mod.lora_A:
-                layout[id(mod.lora_A[ad].weight)] = ("A", ne)
-                layout[id(mod.lora_B[ad].weight)] = ("B", ne)
-    out = []
-    for n, p in model.named_parameters():
-        if "lora" not in n.lower() or "expert" not in n:
-            continue
-        m = re.search(r"layers\.(\d+)\.", n)
-        e = re.search(r"_projs\.(\d+)\.", n)
-        kind, ne = layout.get(id(p), (None, None))
-        out.append({"name": n, "param": p, "layer": int(m.group(1)) if m else -1, "kind": kind, "experts": ne,
-                    "expert": int(e.group(1)) if e else None})
-    return out
-
-
-class Recorder:
-    """Gradient facts at every optimizer step (after accumulation and clipping, before the update): non-finite
-    trainable gradients, and which expert LoRA tensors / expert slices ever got a non-zero finite gradient.
-    Router load: tokens per expert from each router's top-k indices while `counting` is on."""
-
-    def __init__(self, model, num_experts: int, top_k: int):
-        import torch
-
-        self.torch = torch
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.experts = expert_lora_tensors(model)
-        self.ever = [False] * len(self.experts)
-        self.expert_hits: dict[int, "torch.Tensor"] = {}  # per tensor with a per-expert layout
-        self.nonfinite_steps = 0
-        self.steps = 0
-        self.router = routing.RouterLoad(model, num_experts, top_k)
-
-    @property
-    def counting(self) -> bool:
-        return self.router.counting
-
-    @counting.setter
-    def counting(self, on: bool) -> None:
-        self.router.counting = on
-
-    def router_counts(self) -> dict[int, list[int]]:
-        return self.router.counts()
-
-    def remove(self):
-        self.router.remove()
-
-    # -- gradients
-    def on_step(self):
-        torch = self.torch
-        self.steps += 1
-        grads = [p.grad for p in self.trainable if p.grad is not None]
-        if grads:
-            norms = torch.stack([g.detach().float().norm() for g in grads])
-            if not bool(torch.isfinite(norms).all()):
-                self.nonfinite_steps += 1
-        for i, t in enumerate(self.experts):
-            g = t["param"].grad
-            if g is None:
-                continue
-            g = g.detach().float()
-            ok = torch.isfinite(g).all()
-            if bool(ok & (g.abs().sum() > 0)):
-                self.ever[i] = True
-            if t["kind"] is not None:
-                ne = t["experts"]
-                per = g.reshape(ne, -1).abs().sum(1) if t["kind"] == "A" else \
-                    g.reshape(g.shape[0], -1, ne).abs().sum((0, 1))
-                hit = (per > 0) & ok
-                self.expert_hits[i] = self.expert_hits[i] | hit if i in self.expert_hits else hit
-
-    def layer_table(self) -> dict[int, dict]:
-        """Per layer: expert LoRA tensors, those with a gradient, and (where known) experts whose every slice
-        got one."""
-        out: dict[int, dict] = {}
-        for i, t in enumerate(self.experts):
-            d = out.setdefault(t["layer"], {"tensors": 0, "tensors_with_grad": 0, "_experts": {}})
-            d["tensors"] += 1
-            d["tensors_with_grad"] += int(self.ever[i])
-            if t["kind"] is not None:
-                hits = self.expert_hits.get(i)
-                for e in range(t["experts"]):
-                    ok = bool(hits[e]) if hits is not None else False
-                    d["_experts"][e] = d["_experts"].get(e, True) and ok
-            elif t["expert"] is not None:
-                d["_experts"][t["expert"]] = d["_experts"].get(t["expert"], True) and self.ever[i]
-        for d in out.values():
-            ex = d.pop("_experts")
-            if ex:
-                d["experts"], d["experts_with_grad"] = len(ex), sum(ex.values())
-        return out
-
-
-def trainer_callback(rec: Recorder):
-    from transformers import TrainerCallback
-
-    class _CB(TrainerCallback):
-        def on_pre_optimizer_step(self, args, state, control, **kw):
-            rec.on_step()
-
-    return _CB()
-
-
 # ---- the run ------------------------------------------------------------------------------------------------
-def packed(tokenizer, texts: list[str], seq_len: int) -> list[dict]:
-    """TRL's "wrapped" packing (`validate.packing_strategy`, the one strategy), done here so that every stack
-    trains on the same blocks: the token stream cut into seq_len blocks (the last one may be shorter). Left to
-    the trainer, Unsloth's SFTTrainer ignored packing=True for gpt_oss on the H100 and trained on 180 single
-    conversations where TRL made 99 blocks."""
-    stream = token_stream(tokenizer, texts)
-    return [{"input_ids": stream[i:i + seq_len]} for i in range(0, len(stream), seq_len)]
-
-
-def sft_config(s: dict, out_dir: str, seed: int):
-    from trl import SFTConfig
-
-    return SFTConfig(
-        output_dir=out_dir, max_steps=s["steps"], per_device_train_batch_size=s["batch"],
-        per_device_eval_batch_size=s["batch"], gradient_accumulation_steps=s["grad_accum"],
-        learning_rate=s["lr"], lr_scheduler_type=s["scheduler"], warmup_steps=s["warmup_ratio"],
-        optim=s["optim"], max_grad_norm=s["max_grad_norm"], bf16=s["bf16"],
-        # the datasets arrive packed (`packed`): no packing or padding-free by the stack
-        packing=False, padding_free=False, max_length=s["seq_len"],
-        logging_steps=1, logging_nan_inf_filter=False,  # the filter would hide a NaN loss from the gate
-        gradient_checkpointing=False,  # the arm has set up its own stack's checkpointing (tier plan)
-        eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True, seed=seed, data_seed=seed,
-        dataloader_num_workers=0, use_cpu=s["use_cpu"])
-
-
-def trainer_class(trl_loss: bool):
-    """TRL 1.15's SFTTrainer computes its loss with a Triton kernel (fused LM head, GPU only). Without Triton
-    (the CPU torch wheel) the same packed batches go through the model's own causal-LM loss instead."""
-    from trl import SFTTrainer
-
-    if trl_loss:
-        return SFTTrainer
-    from transformers import Trainer
-
-    class PlainLossSFTTrainer(SFTTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-
-    return PlainLossSFTTrainer
-
-
-def logits_of(model, x):
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=x).logits.float().cpu()
-
-
-def probe(model, x) -> tuple:
-    """(logits, each router's sorted top-k expert set per token) of one forward in eval mode."""
-    load = routing.RouterLoad.of(model)
-    load.keeping = True
-    try:
-        return logits_of(model, x), load.picks
-    finally:
-        load.remove()
-
-
-def next_token_loss(logits, x) -> float:
-    import torch
-
-    return float(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:].cpu()))
-
-
-def save_adapter(model, out: Path) -> str:
-    """PEFT models save their adapter (save_pretrained); a model with its own LoRA modules (e4b) saves its
-    trainable tensors."""
-    out.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "peft_config") and hasattr(model, "save_pretrained"):
-        model.save_pretrained(str(out))
-        return "peft"
-    from safetensors.torch import save_file
-
-    save_file({n: p.detach().contiguous().cpu() for n, p in adapter_state(model).items()},
-              str(out / "trainable.safetensors"))
-    return "trainable-state"
-
-
-def adapter_state(model) -> dict:
-    """The adapter tensors under the names they are saved with (PEFT's own mapping for PEFT models)."""
-    if hasattr(model, "peft_config"):
-        from peft.utils import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(model)
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def saved_adapter(adapter: Path) -> dict:
-    if (adapter / "adapter_config.json").exists():
-        from peft.utils import load_peft_weights
-
-        return load_peft_weights(str(adapter), device="cpu")
-    from safetensors.torch import load_file
-
-    return load_file(str(adapter / "trainable.safetensors"))
-
-
-def adapter_max_diff(live: dict, saved: dict) -> float:
-    """Max |live - saved| over every saved tensor (values compared in float32, dtypes must match too); inf when a
-    tensor is missing on either side or differs in shape or dtype."""
-    if set(live) != set(saved):
-        return math.inf
-    worst = 0.0
-    for k, t in saved.items():
-        v = live[k].detach()
-        if v.shape != t.shape or v.dtype != t.dtype:
-            return math.inf
-        worst = max(worst, float((v.float() - t.to(v.device).float()).abs().max()) if t.numel() else 0.0)
-    return worst
-
-
-def reload_model(arm, model_dir: str, adapter: Path, saved: dict, lora, plan: dict, x, log) -> dict:
-    """Load the saved adapter as a user would and probe it: {"fresh": logits before the adapter is loaded,
-    "logits", "picks", "adapter_diff": reloaded adapter vs the saved file, "how"}. hf arms:
-    PeftModel.from_pretrained on the saved base model; other PEFT arms: the arm loads the base its own way, then
-    PEFT loads the saved weights into it; others: the arm loads, then its trainable tensors are loaded."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if (adapter / "adapter_config.json").exists() and arm.stack == "hf":
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        from .arms.hf import use_grouped_mm
-
-        kw = {"dtype": torch.bfloat16, "device_map": "cuda" if cuda else "cpu"}
-        q = arm.quantization() if hasattr(arm, "quantization") else None
-        if q is not None:
-            kw["quantization_config"] = q
-        base = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
-        use_grouped_mm(base, plan)  # as the arm trained it
-        fresh = logits_of(base, x)
-        model = PeftModel.from_pretrained(base, str(adapter))
-        how = "PeftModel.from_pretrained"
-    else:
-        model = arm.load(model_dir, lora, plan).model
-        fresh = logits_of(model, x)
-        if (adapter / "adapter_config.json").exists():
-            from peft.utils import set_peft_model_state_dict
-
-            res = set_peft_model_state_dict(model, saved)
-            if res.unexpected_keys:
-                raise RuntimeError(f"adapter keys the reloaded model does not have: {res.unexpected_keys[:5]}")
-            how = f"{arm.name} load + set_peft_model_state_dict ({len(saved)} tensors)"
-        else:
-            res = model.load_state_dict(saved, strict=False)
-            if res.unexpected_keys:
-                raise RuntimeError(f"saved tensors the reloaded model does not have: {res.unexpected_keys[:5]}")
-            how = f"{arm.name} load + load_state_dict ({len(saved)} trainable tensors)"
-    log.info("reloaded the adapter: %s", how)
-    logits, picks = probe(model, x)
-    out = {"fresh": fresh, "logits": logits, "picks": picks, "how": how,
-           "adapter_diff": adapter_max_diff(adapter_state(model), saved)}
-    del model
-    return out
-
-
 def free_memory():
     import torch
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def same_data(trainer, train: list[dict], heldout: list[dict]) -> None:
-    """Fail when the stack's trainer re-processed the packed blocks (then arms would not train on the same
-    tokens)."""
-    for name, mine, theirs in (("train", train, trainer.train_dataset), ("held-out", heldout, trainer.eval_dataset)):
-        if len(theirs) != len(mine) or list(theirs[0]["input_ids"]) != mine[0]["input_ids"]:
-            raise RuntimeError(f"{type(trainer).__name__} changed the packed {name} data ({len(mine)} blocks of "
-                               f"{len(mine[0]['input_ids'])} tokens in, {len(theirs)} rows out): the arms would not "
-                               f"train on the same tokens")
 
 
 def fine_tune(ctx: Ctx, trainer, rec: Recorder, out_dir: Path, log) -> dict:
