@@ -28,12 +28,13 @@ SHARED = {
     "corpus",              # the synthetic conversations: data renders them, models trains its tokenizer on them
     "expert_offload",      # ExpertOffloader: the offload stage measures it, a recipe snippet hands it to users
     "sft", "adapters",     # the fine-tune's plumbing and the adapter round trip (validate's run builds on them)
+    "probe",               # one fresh bench process at another shape (the sweeps and the shape curve use it)
 }
 # Stages: each one rule's `python -m moebench.<stage>` (or a command-line tool such as unlock).
 STAGES = {
     "detect", "data", "models", "bench", "sweep", "offload", "validate", "finetune", "aggregate", "recipe",
     "claims", "provenance", "stamp", "audit", "plots", "unlock", "inputs", "quantcheck", "interleave",
-    "routing_ab",
+    "routing_ab", "shape_curve",
 }
 ARM_COMMON = {"arms", "arms.base"}  # what every arm may import; arms.<x> never imports arms.<y>
 

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import config as cfgmod
+from .grid import parse_shape_metric
 from .io import atomic_write, read_json, shorten, write_json
 from .metrics import VALUED, Row, read_many, write_rows
 from .verdict import Draw, beside, mark_superseded, overall_verdict, speed_verdict
@@ -226,6 +227,42 @@ def shape_note(sh: dict) -> str:
     return line
 
 
+def shape_curve(rows: list[Row]) -> list[dict]:
+    """The shape curve's points (stage `shape`, single draws): per shape, each arm's step time or why it has
+    none, and the verdict pair's point ratio where both ran; the tier-shape verdict's own ratio is not among them."""
+    pts: dict[tuple[int, int], dict] = {}
+    for r in rows:
+        p = parse_shape_metric(r.metric) if r.stage == "shape" else None
+        if not p or p[0] != "step_s":
+            continue
+        cell = pts.setdefault((p[1], p[2]), {"batch": p[1], "seq_len": p[2], "tokens_per_step": p[1] * p[2],
+                                             "arms": {}})
+        cell["arms"][r.arm] = ({"step_s": r.value, "status": r.status} if r.status in VALUED
+                               else {"status": r.status, "reason": r.reason})
+    for cell in pts.values():
+        a, b = (cell["arms"].get(x, {}) for x in ("unsloth_4bit", "unsloth_bf16"))
+        if a.get("step_s") and b.get("step_s"):
+            cell["ratio_4bit_over_bf16"] = a["step_s"] / b["step_s"]
+            cell["degraded"] = "degraded" in (a["status"], b["status"])
+    return [pts[k] for k in sorted(pts, key=lambda k: (k[0] * k[1], k))]
+
+
+def curve_note(points: list[dict]) -> str:
+    if not points:
+        return ""
+    arms = sorted({a for p in points for a in p["arms"]})
+    out = ["**Shape curve** (one fresh-process draw per point, not a verdict; an OOM is a result):", "",
+           "| shape | tokens/step | " + " | ".join(f"{a} s/step" for a in arms) + " | unsloth_4bit / unsloth_bf16 |",
+           "|" + "---|" * (len(arms) + 3)]
+    for p in points:
+        cells = [f"{p['arms'][a]['step_s']:.4g}" if "step_s" in p["arms"].get(a, {}) else
+                 (f"{p['arms'][a]['status']}: {p['arms'][a]['reason']}"[:60] if a in p["arms"] else "—") for a in arms]
+        ratio = (f"{p['ratio_4bit_over_bf16']:.2f}x" + (" (degraded)" if p.get("degraded") else "")
+                 if "ratio_4bit_over_bf16" in p else "—")
+        out.append(f"| {p['batch']}×{p['seq_len']} | {p['tokens_per_step']} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(out)
+
+
 def conditions_note(envs: list[dict]) -> str:
     """Where the arms ran under different conditions (attention, checkpointing, dtypes, optimizer, compile):
     a ratio between them is then a stack ratio, and the table says so."""
@@ -282,9 +319,12 @@ def main(argv=None):
     sess = sessions(envs)
     v = split_by_session(v, sess)
     v["shape"] = shape(envs, cfg)
+    curve = shape_curve(rows)
+    if curve:  # only runs that measured one carry the key (committed verdicts stay as they were)
+        v["shape_curve"] = curve
     write_rows(a.metrics, rows + derived)
     atomic_write(a.comparison, buf.getvalue())
-    notes = [shape_note(v["shape"]), conditions_note(envs), session_note(sess)]
+    notes = [shape_note(v["shape"]), curve_note(curve), conditions_note(envs), session_note(sess)]
     atomic_write(a.markdown, markdown(lines, cols, v, notes))
     write_json(a.verdict, v)
     print(Path(a.markdown).read_text())

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -29,9 +28,9 @@ from typing import Callable
 
 from . import arms as arm_registry
 from . import config as cfgmod
-from . import harness
+from . import harness, probe
 from .grid import parse_shape_metric, shape_metric
-from .io import logger, read_json, run_bounded, write_json
+from .io import logger, read_json, run_bounded
 from .metrics import Row, log_row, read_rows, write_rows
 
 GIB = 2**30
@@ -229,36 +228,15 @@ def _peak_at(rows: list[Row], kind: str, v: int | None, plan: dict) -> float | N
 
 # ---------------------------------------------------------------- fresh-process confirmation
 def bench_probe(args, plan_change: dict, workdir: Path, log) -> tuple[str, list[Row]]:
-    """One fresh bench process with the plan changed: (outcome, its rows)."""
-    tier = read_json(args.tier)
-    tier["plan"].update({"warmup_steps": 1, "warmup_max": 1, "timed_steps": 2, "min_timed_s": 0, "min_power_samples": 0,
-                       **plan_change})  # a memory probe: fits or not, not a timing window
+    """One fresh bench process with the plan changed, as a memory probe: (outcome, its rows)."""
     tag = "_".join(f"{k}{v}" for k, v in plan_change.items())
-    tfile = workdir / f"tier_{tag}.json"
-    write_json(tfile, tier)
-    cfg = cfgmod.load(args.config)
-    cfg.update({"idle_baseline_s": 0, "bare_loop_arms": []})
-    cfile = workdir / "config.yaml"
-    cfile.write_text(json.dumps(cfg))
-    out = workdir / tag / "metrics.csv"
     plog = Path(args.log).with_name(f"probe_{args.kind}_{tag}") / "run.log"  # its steps.csv/power.csv beside it
-    cmd = [sys.executable, "-m", "moebench.bench", "--config", str(cfile), "--tier", str(tfile), "--model",
-           args.model, "--data", args.data, "--arm", args.arm, "--draw", "1", "--out", str(out), "--log", str(plog)]
-    code, text = run_bounded(cmd, cfg["arm_timeout_s"] + 60)
-    rows = read_rows(out) if out.exists() else []
-    step = next((r for r in rows if r.metric == "step_s"), None)
-    result = (f"failed: no result (exit {code}): {text.strip().splitlines()[-1][:200] if text.strip() else ''}"
-              if step is None else "measured" if step.status in ("measured", "degraded") else
-              "oom" if step.reason.startswith("OOM") else f"{step.status}: {step.reason}")
-    log.info("fresh probe %s -> %s", plan_change, result)
-    return result, rows
+    return probe.bench_probe(args, plan_change, workdir, plog, log)
 
 
 def relabel(rows: list[Row], batch: int, seq: int, source: str) -> list[Row]:
-    """A fresh probe's rows as sweep rows of its shape (draw 1: the second process at that setting), logged in
-    the sweep's own log (`source`); the probe's log keeps its bench rows."""
-    return [Row(r.run_id, r.tier, r.model, r.arm, r.precision, "sweep", shape_metric(r.metric, batch, seq), r.value,
-                r.unit, r.n, r.spread, r.status, r.reason, source, 1) for r in rows if r.metric in KEEP]
+    """A fresh probe's rows as sweep rows of its shape (draw 1: the second process at that setting)."""
+    return probe.relabel(rows, batch, seq, source, "sweep", KEEP)
 
 
 def ladder_outcomes(rows: list[Row], kind: str) -> tuple[int | None, int | None, list]:

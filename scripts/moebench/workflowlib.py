@@ -170,6 +170,7 @@ STAGE_KEYS = {
     "data": ["data"],
     "bench": ["model", "lora", "seed", "arm_timeout_s", "idle_baseline_s", "bare_loop_arms"],
     "offload": ["model", "lora", "seed", "offload", "arm_timeout_s"],
+    "shape_curve": ["model", "lora", "seed", "arm_timeout_s", "shape_curve"],
     "validate": ["model", "lora", "seed", "validate"],
     "aggregate": ["arms", "baselines", "verdict"],
     "stamp": ["provenance"],

@@ -7,6 +7,7 @@ def draws(wildcards):
     if cfg["sweeps"]:  # capacity sweeps (GPU time): longest sequence and largest batch per arm
         targets += [f"results/{run}/sweep/{arm}/{kind}.csv" for arm in cfg["arms"] for kind in ("seq", "batch")]
     targets += [f"results/{run}/validate/{arm}/metrics.csv" for arm in wl.validate_arms(cfg)]  # training validation
+    targets += [f"results/{run}/shapes/{arm}.csv" for arm in (cfg.get("shape_curve") or {}).get("arms") or []]
     for spec in cfg["offload"]["runs"]:  # arm:mode
         arm, mode = spec.split(":")
         targets.append(f"results/{run}/offload/{arm}/{mode}/metrics.csv")

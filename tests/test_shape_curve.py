@@ -1,0 +1,67 @@
+"""The shape curve: one fresh process per shape, an OOM recorded as a result, the point ratio of the verdict pair
+tabled beside (never under) the verdict."""
+from dataclasses import replace
+
+import pytest
+
+from moebench import aggregate, harness, probe, shape_curve
+from moebench.metrics import Row, read_rows
+
+RUN = "results/h200-gptoss20b-tier"
+
+
+def _row(arm, metric, value, status="measured", reason=""):
+    return Row("r", "h200_141gb", "gpt-oss-20b", arm, "bf16", "bench", metric, value, "s", None, None, status, reason,
+               "probe.log", 1)
+
+
+def fake_probe(max_batch, seen):
+    """A bench process that trains up to max_batch (0.1 ms per token) and runs out of memory above it."""
+    def run(args, change, workdir, plog, log, timing=None, draw=1):
+        seen.append((args.arm, change, timing))
+        tokens = change["batch"] * change["seq_len"]
+        if change["batch"] > max_batch:
+            return "oom", [_row(args.arm, "step_s", None, "failed", "OOM at batch x seq: CUDA out of memory")]
+        return "measured", [_row(args.arm, "step_s", tokens * 1e-4), _row(args.arm, "tokens_per_s", 1e4),
+                            _row(args.arm, "alloc_after_load_gb", 40.0)]
+    return run
+
+
+def _main(tmp_path, monkeypatch, arm, limit=2):
+    seen = []
+    monkeypatch.setattr(probe, "bench_probe", fake_probe(limit, seen))
+    monkeypatch.setattr(harness, "unavailable", lambda *a, **k: None)
+    out = tmp_path / f"{arm}.csv"
+    shape_curve.main(["--config", f"{RUN}/config.yaml", "--tier", f"{RUN}/tier.json", "--model", "m", "--data", "d",
+                      "--arm", arm, "--out", str(out), "--log", str(tmp_path / f"{arm}.log")])
+    return read_rows(out), seen
+
+
+def test_each_shape_is_its_own_process_and_an_oom_is_a_row(tmp_path, monkeypatch):
+    rows, seen = _main(tmp_path, monkeypatch, "unsloth_bf16")
+    assert [c for _, c, _ in seen] == [{"batch": 1, "seq_len": 2048}, {"batch": 4, "seq_len": 4096},
+                                       {"batch": 1, "seq_len": 16384}]
+    assert all(t == {"timed_steps": 5, "min_timed_s": 10} for _, _, t in seen)  # the schema's defaults
+    by = {r.metric: r for r in rows}
+    assert all(r.stage == "shape" for r in rows) and "alloc_after_load_gb@1x2048" not in by
+    assert by["step_s@1x2048"].value == pytest.approx(0.2048) and by["step_s@1x16384"].status == "measured"
+    assert by["step_s@4x4096"].status == "failed" and by["step_s@4x4096"].reason.startswith("OOM")
+
+
+def test_a_malformed_shape_names_itself():
+    with pytest.raises(ValueError, match="'4k' is not BATCHxSEQ"):
+        shape_curve.shapes(["1x2048", "4k"])
+
+
+def test_the_curve_table_pairs_the_verdict_arms_per_shape(tmp_path, monkeypatch):
+    bf, _ = _main(tmp_path, monkeypatch, "unsloth_bf16")
+    q4 = [replace(r, arm="unsloth_4bit", value=r.value * 5 if r.value and r.metric.startswith("step_s") else r.value)
+          for r in bf]
+    pts = aggregate.shape_curve(bf + q4)
+    assert [p["tokens_per_step"] for p in pts] == [2048, 16384, 16384]
+    assert pts[0]["ratio_4bit_over_bf16"] == pytest.approx(5.0)
+    oom = next(p for p in pts if p["batch"] == 4)
+    assert "ratio_4bit_over_bf16" not in oom and oom["arms"]["unsloth_bf16"]["reason"].startswith("OOM")
+    table = aggregate.curve_note(pts)
+    assert "| 1×2048 | 2048 | 1.024 | 0.2048 | 5.00x |" in table and "failed: OOM" in table
+    assert aggregate.curve_note([]) == ""
