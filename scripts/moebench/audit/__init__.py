@@ -14,16 +14,20 @@ its <sha256>.stamp.json (stamp.mark_superseded); the proof of a later revision d
 not required.
 
 A number is re-derived from the `MOEBENCH_ROW {json}` line its source log holds (metrics.log_row). Every stage's
-logs are scanned (bench, validate, offload, sweep): a logged row the provenance lacks is a failure, and so is an
+logs are scanned (bench, validate, offload, sweep, shape curve): a logged row the provenance lacks is a failure, and so is an
 expected log (from the run's config and tier plan) that is missing. Each draw's step_s median and interquartile
 range are recomputed from its per-step lines ("timed step i/n: x s", within their printed precision) and from
 steps.csv where the draw wrote one; comparison medians and speedups are recomputed from the checked rows.
+
+docs/figures.json (every results figure of README.md and docs/results.md, cross-run ratios included) is audited
+like a run, as `cross-run-figures`: its own hash chain and proofs, then each figure recomputed from the provenance
+ids it names; a figure on an older provenance is stale (run `make docs`).
 """
 from __future__ import annotations
 
 # One module per kind of check: levels (levels, exit codes, findings), logs (numbers against their logs), proofs
 # (hash chain and OpenTimestamps proofs), recompute (medians, derived numbers, input hashes), cli (one run, all
-# runs, the report, main). Every name stays importable as moebench.audit.X.
+# runs, the report, main), figures (docs/figures.json). Every name stays importable as moebench.audit.X.
 from .cli import audit_run, main, render, summary_line, write_report  # noqa: F401
 from .levels import EXIT, LEVELS, Findings, worst  # noqa: F401
 from .logs import (CONSOLE_MORE, FIELDS, STAGE_LOGS, _rel, check_metrics_csv, check_numbers,  # noqa: F401

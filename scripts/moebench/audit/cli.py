@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..chain import history_dir, settings, sha256_bytes
 from ..io import atomic_write, logger
+from .figures import audit_figures
 from .levels import EXIT, Findings, worst
 from .logs import check_metrics_csv, check_numbers
 from .proofs import _redact, check_chain, check_stamps
@@ -126,6 +127,9 @@ def main(argv=None) -> int:
         log.error("audit: no run with a provenance.json under %s: run `snakemake provenance` first", base)
         return 2
     results = [audit_run(r, s, Path("."), not a.no_calendars) for r in runs]
+    figures = base.parent / "docs" / "figures.json"  # README's figures, cross-run ratios included: own chain
+    if figures.is_file() and not a.run:
+        results.append(audit_figures(figures, base, s, not a.no_calendars))
     level = worst(info["level"] for _, info in results)
     date = a.date or datetime.now(timezone.utc).date().isoformat()
     path = write_report(Path(a.out_dir), date, render(date, level, results, s, argv))

@@ -71,7 +71,8 @@ def console_degraded(number: dict, row: dict, log: Path) -> bool:
 
 
 # Every stage's own logs (rule logs under logs/ echo them and are not sources).
-STAGE_LOGS = ("arms/*/draw*/run.log", "validate/*/run.log", "offload/*/*/run.log", "sweep/*/*.log")
+STAGE_LOGS = ("arms/*/draw*/run.log", "validate/*/run.log", "offload/*/*/run.log", "sweep/*/*.log",
+              "shapes/*.log")
 
 
 def expected_logs(doc: dict, run_dir: Path) -> list[Path]:
@@ -89,6 +90,7 @@ def expected_logs(doc: dict, run_dir: Path) -> list[Path]:
         out.append(run_dir / "offload" / arm / mode / "run.log")
     if cfg.get("sweeps"):
         out += [run_dir / "sweep" / a / f"{k}.log" for a in arms for k in ("seq", "batch")]
+    out += [run_dir / "shapes" / f"{a}.log" for a in (cfg.get("shape_curve") or {}).get("arms") or []]
     return out
 
 
