@@ -65,3 +65,22 @@ def test_the_curve_table_pairs_the_verdict_arms_per_shape(tmp_path, monkeypatch)
     table = aggregate.curve_note(pts)
     assert "| 1×2048 | 2048 | 1.024 | 0.2048 | 5.00x |" in table and "failed: OOM" in table
     assert aggregate.curve_note([]) == ""
+
+
+def test_the_shape_figure_draws_single_draws_beside_the_verdict_point(tmp_path, monkeypatch):
+    from moebench.report import figures
+    from moebench.report.runs import Run
+
+    bf, _ = _main(tmp_path, monkeypatch, "unsloth_bf16")
+    q4 = [replace(r, arm="unsloth_4bit", value=r.value * 3 if r.value and r.metric.startswith("step_s") else r.value)
+          for r in bf]
+    verdict = {"reference": "unsloth_4bit", "speedup": 4.87, "interval": [4.86, 4.88], "n_draws": 3,
+               "shape": {"batch": 2, "seq_len": 4096, "tokens_per_step": 8192},
+               "shape_curve": aggregate.shape_curve(bf + q4)}
+    figures.fig_shapes(Run("fx", [], None, verdict, tmp_path), tmp_path / "plots")
+    side = __import__("json").loads((tmp_path / "plots" / "shapes.json").read_text())
+    assert [p["tokens_per_step"] for p in side["points"]] == [2048, 16384]  # the OOM shape is no point
+    assert side["tier"]["ratio"] == 4.87 and side["why_empty"] is None
+    r = side["render"]
+    assert 1 / 3 <= r["width_px"] / r["height_px"] <= 3 and r["min_font_pt"] >= 9
+    assert "single draw" in (tmp_path / "plots" / "shapes.caption.rst").read_text()

@@ -217,6 +217,56 @@ def fig_loss(run: Run, out: Path, **_):
                                        for a, c in curves.items()}, "gaps": gaps}, cap)
 
 
+def curve_points(run: Run) -> tuple[list[dict], dict | None]:
+    """(the shape curve's point ratios, the tier-shape verdict point) from verdict.json: unsloth_4bit step time
+    over unsloth_bf16's against tokens per step."""
+    v = run.verdict or {}
+    pts = [p for p in v.get("shape_curve") or [] if "ratio_4bit_over_bf16" in p]
+    sh = v.get("shape") or {}
+    tier = None
+    if v.get("reference") == "unsloth_4bit" and v.get("speedup") and sh.get("tokens_per_step"):
+        tier = {"tokens_per_step": sh["tokens_per_step"], "ratio": v["speedup"], "interval": v.get("interval"),
+                "n": v.get("n_draws"), "shape": f"{sh.get('batch')}x{sh.get('seq_len')}"}
+    return pts, tier
+
+
+def fig_shapes(run: Run, out: Path, **_):
+    pts, tier = curve_points(run)
+    fig, (ax,) = figure()
+    why = "" if pts else ("no shape curve in this run (config shape_curve.arms is empty, or neither shape had both "
+                          "unsloth_bf16 and unsloth_4bit measured)")
+    if why and tier is None:
+        empty(ax, why)
+    else:
+        if pts:
+            ax.plot([p["tokens_per_step"] for p in pts], [p["ratio_4bit_over_bf16"] for p in pts], "o",
+                    color="#7fa7d6", label="one fresh-process draw per shape")
+        for p in pts:
+            ax.annotate(f"{p['batch']}×{p['seq_len']}" + (" (degraded)" if p.get("degraded") else ""),
+                        (p["tokens_per_step"], p["ratio_4bit_over_bf16"]), textcoords="offset points",
+                        xytext=(5, 5), fontsize=MIN_FONT_PT)
+        if tier:
+            lo, hi = (tier["interval"] or [tier["ratio"]] * 2)
+            ax.errorbar([tier["tokens_per_step"]], [tier["ratio"]], yerr=[[tier["ratio"] - lo], [hi - tier["ratio"]]],
+                        fmt="s", color="firebrick", capsize=4,
+                        label=f"tier shape {tier['shape']}: median of {tier['n']} paired draws, 95% interval")
+        ax.set_xscale("log", base=2)
+        ax.axhline(1.0, color="0.5", ls="--", lw=1)
+        ax.set_xlabel("tokens per step (batch × sequence)"), ax.set_ylabel("unsloth_4bit step time / unsloth_bf16 (x)")
+        ax.legend()
+    ax.set_title(f"{run.name}: how the verdict pair's ratio moves with tokens per step")
+    write_notes(fig, [why] if why and tier else [])
+    rows = [[f"{p['batch']}×{p['seq_len']}", str(p["tokens_per_step"]), num(p["ratio_4bit_over_bf16"]),
+             "single draw" + (", degraded" if p.get("degraded") else "")] for p in pts]
+    if tier:
+        rows.append([tier["shape"], str(tier["tokens_per_step"]), num(tier["ratio"]),
+                     f"verdict: {tier['n']} paired draws, interval {tier['interval']}"])
+    cap = (f"Numbers drawn — run ``{run.name}``, from verdict.json (``shape_curve``, ``speedup``)."
+           + (f" {lit(why)}." if why else "") + "\n\n"
+           + rst_table(["shape", "tokens/step", "4-bit / bf16 step time", "what"], rows))
+    save(fig, out, "shapes", {"run": run.name, "points": pts, "tier": tier, "why_empty": why or None}, cap)
+
+
 FIGURES = {"throughput": fig_throughput, "speedup": fig_speedup, "memory": fig_memory, "frontier": fig_frontier,
-           "energy": fig_energy, "loss": fig_loss}
+           "energy": fig_energy, "loss": fig_loss, "shapes": fig_shapes}
 __all__ = ["FIGURES", "GAP_COLOR", "frontier_points", "loss_curves"]
