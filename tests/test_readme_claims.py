@@ -274,5 +274,11 @@ def test_figures_chain_adds_a_revision_only_when_a_figure_changes(tmp_path, figu
 
 
 def test_committed_figures_file_is_its_chains_head():
+    """HEAD names docs/figures.json, and every revision back to the first is committed (a fresh clone audits it)."""
     hist = ROOT / "audits/.ots-history" / readme.FIGURES_CHAIN
-    assert (hist / "HEAD").read_text().strip() == sha256_file(ROOT / readme.FIGURES), "run `make docs`"
+    sha = (hist / "HEAD").read_text().strip()
+    assert sha == sha256_file(ROOT / readme.FIGURES), "run `make docs`"
+    while sha:
+        rev = hist / f"{sha}.json"
+        assert readme._tracked(ROOT, rev), f"{rev} is not committed: `git add {hist.relative_to(ROOT)}`"
+        sha = json.loads(rev.read_text())["previous_sha256"]
