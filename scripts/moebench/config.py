@@ -97,6 +97,14 @@ def validate(config: dict, schema_path: Path = SCHEMA) -> dict:
     return config
 
 
+def defaults(key: str, schema_path: Path = SCHEMA) -> dict:
+    """The schema's defaults of one top-level object (e.g. `validate`): for code that takes a partial block."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    out: dict = {}
+    _with_defaults(schema["properties"][key], out)
+    return out
+
+
 def load(path: str | Path) -> dict:
     return validate(yaml.safe_load(Path(path).read_text()) or {})
 

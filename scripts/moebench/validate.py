@@ -45,10 +45,7 @@ from .metrics import log_row, write_rows
 from .sft import (Recorder, expert_lora_tensors, packed, same_data, sft_config, trainer_callback,  # noqa: F401
                   trainer_class)
 
-DEFAULTS = {"steps": 100, "cpu_steps": 12, "grad_accum": 4, "lr": 2e-4, "warmup_ratio": 0.1,
-            "scheduler": "cosine", "optim": "adamw_8bit", "max_grad_norm": 1.0, "packing_strategy": "wrapped",
-            "arms": None, "arm_steps": {}, "seq_len": None, "cpu_seq_len": 128, "window": 10, "min_loss_drop": 0.005, "min_heldout_drop": 0.0,
-            "min_expert_fraction": 1.0, "reload_rtol": 0.01, "reload_tokens": 64, "timeout_s": 3600}
+DEFAULTS = cfgmod.defaults("validate")  # the schema is the one home of defaults
 
 
 # ---- settings --------------------------------------------------------------------------------------------

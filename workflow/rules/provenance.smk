@@ -90,7 +90,7 @@ rule ots_upgrade:
 
 # Run by name: re-derives every number of every run under results/ from its logs, checks the hash chains and the
 # proofs; writes audits/AUDIT-<date>.md, prints the level reached and writes it to audits/level.txt (levels and
-# their exit codes: moebench/audit.py). Fails only on FAILED: PROVEN, ATTESTED, PENDING and UNSTAMPED each say
+# their exit codes: moebench/audit/). Fails only on FAILED: PROVEN, ATTESTED, PENDING and UNSTAMPED each say
 # how far the proofs go, with every number checked.
 rule audit:
     params:
