@@ -156,3 +156,30 @@ def test_routing_ab_with_identical_sets_is_skipped(tmp_path):
     rows = _ab(tmp_path, lambda m: None)
     assert rows["calibrated_over_raw_step_s"].status == "skipped"
     assert "identical" in rows["calibrated_over_raw_step_s"].reason
+
+
+def test_first_step_snapshot_holds_that_steps_load_only(blocks):
+    """bench snapshots the tallies after the first warm-up step: the routing the saved model gives the token
+    stream before any LoRA update. Later steps must not leak into it, and router_rows reports it beside the
+    window's load."""
+    from moebench import bench
+    from moebench.harness import Ctx
+
+    _, cal, _ = _calibrated("qwen3-30b-a3b", blocks)
+    load = routing.RouterLoad.of(cal)
+    load.counting = True
+    with torch.no_grad():
+        cal(input_ids=blocks[1][:2])
+        first = load.snapshot()
+        load.mark()
+        cal(input_ids=blocks[1][2:6])
+        load.mark()
+    load.remove()
+    assert load.read(first) == router_calibration.measure(cal, blocks[1][:2], 16)
+    ctx = Ctx("r", "cpu", "qwen3-30b-a3b", "hf_bf16", "bf16", 1, "x.log")
+    bench.router_rows(ctx, load, first)
+    by = {r.metric: r for r in ctx.rows}
+    want = routing.overall(router_calibration.measure(cal, blocks[1][:2], 16))["max_over_mean"]
+    assert by["router_max_over_mean_first_step"].value == pytest.approx(want)
+    assert by["router_max_over_mean"].value == pytest.approx(
+        routing.overall(router_calibration.measure(cal, blocks[1][2:6], 16))["max_over_mean"])

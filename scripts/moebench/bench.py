@@ -40,7 +40,9 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, lo
     # counting stays on from the first step to the last: switching a hook's flag would retrace a compiled layer
     load = routing.RouterLoad.of(model)
     load.counting = True
-    warm_s = warmup(model, opt, xs[:warm.max_steps], losses, log, warm, cuda, progress)
+    first_load: dict = {}  # the first step's router tallies: the routing the saved model gives this token stream
+    warm_s = warmup(model, opt, xs[:warm.max_steps], losses, log, warm, cuda, progress,
+                    after_first=lambda: first_load.update(load.snapshot()))
     if warm_s:  # compile/autotune cost a user pays once per process: a first step can take minutes
         ctx.add("first_step_s", warm_s[0], "s")
     ctx.add("warmup_steps_used", len(warm_s), "steps", reason=warm.outcome(warm_s)[1])
@@ -64,7 +66,7 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, lo
     q = max(1, n // 4)  # a step time that drifts (routing moving as the LoRA trains) shows here
     first, last = measure.summary(times[:q])["median"], measure.summary(times[-q:])["median"]
     ctx.add("step_s_last_over_first_quarter", last / first, "ratio", n=q)
-    router_rows(ctx, load)
+    router_rows(ctx, load, first_load)
     for k, v in measure.memory_peak(cuda).items():
         ctx.add(k, v, "GB")
     loss_vals = [float(v) for v in losses]
@@ -160,9 +162,11 @@ def flop_rows(ctx: Ctx, model, lora, plan: dict, arm, step_s: float, cuda: bool)
             ctx.add(f"hfu_vs_{name}", u["hfu"], "fraction of bf16 peak", reason=note)
 
 
-def warmup(model, opt, xs, losses: list, log, policy, cuda: bool, progress: Progress | None = None) -> list[float]:
+def warmup(model, opt, xs, losses: list, log, policy, cuda: bool, progress: Progress | None = None,
+           after_first=None) -> list[float]:
     """Untimed warm-up steps until the step time is steady (`policy`: at least its minimum, at most its cap).
-    Returns each step's time, on the timed steps' clock (the first holds any compile/autotune)."""
+    Returns each step's time, on the timed steps' clock (the first holds any compile/autotune). `after_first`
+    is called once after the first step (the router load before any LoRA update moved the routing)."""
     timer = measure.StepTimer(cuda)
     while policy.more(timer.times):
         i = len(timer.times)
@@ -170,18 +174,27 @@ def warmup(model, opt, xs, losses: list, log, policy, cuda: bool, progress: Prog
             progress.enter(f"warm-up step {i + 1} (of {policy.min_steps} to {policy.max_steps})")
         with timer:
             losses.append(harness.train_step(model, opt, xs[i]))
+        if i == 0 and after_first:
+            after_first()
         log.info("warm-up step %d: %.3f s", i + 1, timer.times[-1])
     return timer.times
 
 
-def router_rows(ctx: Ctx, load: "routing.RouterLoad") -> None:
-    """Expert load the arm really routed over its timed window (the skew the comparison ran under), and how
-    far it moved between the window's first and last quarter (routing drifts as the LoRA trains)."""
+def router_rows(ctx: Ctx, load: "routing.RouterLoad", first: dict | None = None) -> None:
+    """Expert load the arm really routed over its timed window (the skew the comparison ran under), how far it
+    moved between the window's first and last quarter (routing drifts as the LoRA trains), and the load of the
+    first warm-up step, before any update: set beside the model's calibrated held-out load, it tells drift from
+    a token stream the calibration did not see."""
     overall = load.overall(load.window())
     if not overall:
         ctx.add("router_max_over_mean", status="unavailable",
                 reason="no router module (mlp.router / mlp.gate) reported its top-k choice in this arm's forward")
         return
+    at_first = load.overall(load.read(first)) if first else {}
+    if at_first:
+        ctx.add("router_max_over_mean_first_step", at_first["max_over_mean"], "ratio", n=at_first["layers"],
+                reason="first warm-up step, before any LoRA update (its checkpoint recompute counted twice alike)")
+        ctx.add("router_unused_experts_first_step", at_first["unused"], "count", n=at_first["layers"])
     ctx.add("router_max_over_mean", overall["max_over_mean"], "ratio", n=overall["layers"])
     ctx.add("router_max_over_mean_worst_layer", overall["max_over_mean_worst"], "ratio", n=overall["layers"])
     ctx.add("router_entropy_norm", overall["entropy_norm"], "fraction of log E", n=overall["layers"])

@@ -156,6 +156,17 @@ class RouterLoad:
             dev = next(iter(self.tallies.values())).device
             self.marks.append(self.torch.stack([t.to(dev) for t in self.tallies.values()]))
 
+    def snapshot(self) -> dict:
+        """The running tallies copied on the device (no sync): `since(snapshot)` reads what came after, and a
+        snapshot taken after the first step holds that step's load."""
+        return {layer: t.clone() for layer, t in self.tallies.items()}
+
+    @staticmethod
+    def read(snap: dict) -> dict[int, list[int]]:
+        """A snapshot's tokens per expert per layer, on the host (layers that saw no token left out)."""
+        out = {layer: [int(x) for x in t.cpu()] for layer, t in snap.items()}
+        return {layer: c for layer, c in out.items() if sum(c)}
+
     def window(self, start: int = 0, end: int | None = None) -> dict[int, list[int]]:
         """Tokens per expert per layer between marks `start` and `end` (default: the last); read to the host
         here, once. Marks 0..n bracket n steps, so steps i..j (from 0) are window(i, j + 1)."""
