@@ -7,8 +7,9 @@
 # A step whose RUN starts with "rm:" deletes results/<run>/model instead (the disk holds one full model); one
 # that starts with "il:" runs that run through moebench.interleave (the verdict pair's draws A B A B, then the rest);
 # its words before a "--" are interleave's own options ("il:RUN --force --draws 3 --").
-# GPU_TESTS="pytest args" runs the GPU-only tests beside the queue's first step (nothing is timed then); their
-# output comes back as gpu-tests.log.
+# The GPU-only tests run beside the queue's first step (nothing is timed then), every sitting: GPU_TESTS="pytest
+# args" changes which, GPU_TESTS=none skips them. Their log comes back as gpu-tests.log and inside each run's
+# logs/ (gpu-tests-<UTC date>.log), so it is committed beside that sitting's results.
 # The queue runs in its own copy of the tree (/tmp/mb): the tool re-copies tracked files into the repo at each
 # call, which would overwrite results the queue is still rewriting.
 set -uo pipefail
@@ -46,7 +47,8 @@ if [ ! -e /tmp/moebench-queue.started ]; then
       echo "== $(date -u +%T) end $run rc=$rc"
     done
     echo "== QUEUE DONE"' queue "$@" >>"$log" 2>&1 < /dev/null &)
-  if [ -n "${GPU_TESTS:-}" ]; then
+  GPU_TESTS=${GPU_TESTS:-"tests/test_energy.py tests/test_offload.py -k 'cuda or nvml'"}
+  if [ "$GPU_TESTS" != none ]; then
     # shellcheck disable=SC2086
     (cd /tmp/mb && setsid nohup bash -c "nvidia-smi -L; python -m pytest -p no:cacheprovider -rs $GPU_TESTS" \
       >/tmp/moebench-gpu-tests.log 2>&1 < /dev/null &)
@@ -62,6 +64,9 @@ while [ $SECONDS -lt $end ] && ! grep -q "== QUEUE DONE" "$log"; do sleep 5; don
 grep -q "== QUEUE DONE" "$log" && echo "QUEUE DONE" || echo "STILL RUNNING"
 cd /tmp/mb
 runs=$(for s in "$@"; do r=${s%% *}; r=${r#il:}; [[ $r == rm:* ]] || echo "results/$r"; done | sort -u)
+if [ -e /tmp/moebench-gpu-tests.log ]; then
+  for r in $runs; do mkdir -p "$r/logs" && cp /tmp/moebench-gpu-tests.log "$r/logs/gpu-tests-$(date -u -r /tmp/moebench-queue.started +%F).log"; done
+fi
 # shellcheck disable=SC2086
 tar czf "$out/results.tgz" --exclude='*/model' --exclude='*/model.partial' --exclude='*/adapter' \
   --exclude='*-unsloth-bnb4' $(for r in $runs; do [ -d "$r" ] && echo "$r"; done) .snakemake/log 2>/dev/null
