@@ -1,9 +1,10 @@
 """Shared fixtures and the one way tests run Snakemake.
 
 `cpu_run`: the CPU-tier workflow run once per session from a copy of the repo; every test that needs a whole CPU
-chain reads that run instead of building its own. It starts in the background as soon as collection shows a
-selected test needs it, so it overlaps the unit tests instead of adding to them.
-`snakemake(...)`: the venv's Snakemake in its own process group, killed whole on overrun.
+chain reads that run (or a `clone` of it) instead of building its own.
+`in_background(fixture)`: work started as soon as collection shows a selected test uses `fixture` (the CPU chain,
+the Slurm module's workflows), so it overlaps the unit tests instead of adding to them.
+`snakemake(...)`: the venv's Snakemake in its own process group, killed whole on overrun or at the session's end.
 `tiny_workdir(...)`: a tiny model, its data and a CPU tier.json for tests that call a stage directly; the model is
 built once per session and family and copied.
 moebench itself is importable because `make setup` installs it (`pip install -e .`, pyproject.toml).
@@ -23,9 +24,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# Small but real, so the suite stays fast on 2 cores: the default CPU plan with fewer timed steps, 40
-# conversations, and the short fine-tune tests/test_validate.py shows passing every gate (8 steps of 64 tokens).
-QUICK = ["--config", "plan_overrides={timed_steps: 3, warmup_steps: 1, draws: 2}", "data={conversations: 40, seed: 42}",
+# One compute thread per torch process (this one, the workflows', the Slurm jobs'): the suite runs several at once
+# on 2 cores, where a second thread per tiny-model step costs ~20% more CPU for no speed (a user's setting wins).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Small but real, so the suite stays fast on 2 cores: the default CPU plan with fewer timed steps of 64 tokens (a
+# step of 256 costs ~3.5 s on the tiny model, of 64 ~0.3 s), 40 conversations, and the short fine-tune
+# tests/test_validate.py shows passing every gate (8 steps of 64 tokens).
+QUICK = ["--config", "plan_overrides={timed_steps: 3, warmup_steps: 1, draws: 2, seq_len: 64}",
+         "data={conversations: 40, seed: 42}",
          "validate={cpu_steps: 8, grad_accum: 1, cpu_seq_len: 64, lr: 3.0e-3, window: 3, warmup_ratio: 0.0, "
          "reload_tokens: 32}"]
 # The committed run the CPU chain renders beside its own (report, claims, tier comparison): one real GPU run keeps
@@ -69,6 +75,10 @@ def venv_env(**extra: str) -> dict:
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
 
 
+# Snakemakes still running: the session's end kills them (a background one may outlive an early stop, e.g. -x).
+_LIVE: set[subprocess.Popen] = set()
+
+
 def snakemake(cwd: Path, *args: str, timeout: float = 600, env: dict | None = None, wait: bool = True):
     """Run the venv's `snakemake *args` in `cwd`, in a process group of its own (env: venv_env() by default).
     Returns a Ran; past `timeout` the whole group gets SIGKILL (a hung Snakemake ignores SIGTERM) and returncode
@@ -77,53 +87,84 @@ def snakemake(cwd: Path, *args: str, timeout: float = 600, env: dict | None = No
     env = venv_env() if env is None else env
     if not wait:
         with open(Path(cwd) / "snakemake.out", "w") as log:
-            return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        _LIVE.add(p)
+        return p
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
+    _LIVE.add(p)
     try:
         out, err = p.communicate(timeout=timeout)
         return Ran(cmd, p.returncode, out, err)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
+        kill_group(p)
         out, err = p.communicate()
         return Ran(cmd, None, out, err)
+    finally:
+        _LIVE.discard(p)
 
 
 def kill_group(p: subprocess.Popen) -> None:
-    """SIGKILL a process started by snakemake(wait=False) and everything it started."""
+    """SIGKILL a process started by snakemake() and everything it started."""
     try:
         os.killpg(p.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     p.wait(timeout=30)
+    _LIVE.discard(p)
+
+
+# ---- work that runs beside the unit tests ------------------------------------------------------------------------
+_STARTERS: dict[str, object] = {}  # fixture name -> what starts its work
+_AT_END: list = []  # callables the session's end runs (after killing live Snakemakes), e.g. stopping a cluster
+
+
+def in_background(fixture: str):
+    """Decorator: call the function (with the session's tmp_path_factory) at the end of collection when a selected
+    test uses `fixture`, so the work it starts (a workflow, a cluster) runs beside the unit tests; the fixture then
+    waits for it. The function must start the work without waiting for it, and be safe to call twice."""
+    def register(start):
+        _STARTERS[fixture] = start
+        return start
+    return register
+
+
+def at_session_end(fn) -> None:
+    """Run `fn()` when the session ends, however it ends (background work a stopped session never waited for)."""
+    _AT_END.append(fn)
 
 
 # ---- the one CPU chain ---------------------------------------------------------------------------------------
 _CPU_RUN: dict = {}
 
 
-def _start_cpu_run(base: Path) -> None:
-    root = copy_repo(base / "cpu-run", committed=CPU_RUN_COMMITTED)
+@in_background("cpu_run")
+def _start_cpu_run(tmp_path_factory=None) -> None:  # its own temp dir: removed once the run has passed
+    if _CPU_RUN:
+        return
+    root = copy_repo(Path(tempfile.mkdtemp(prefix="moebench-cpu-run-")) / "cpu-run", committed=CPU_RUN_COMMITTED)
     _CPU_RUN.update(root=root, t0=time.time(),
                     proc=snakemake(root, "--cores", "2", *QUICK, wait=False))
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Start the CPU chain now when a selected test needs it: it then runs beside the unit tests."""
-    if config.option.collectonly or _CPU_RUN:
+    """Start the background work of every fixture a selected test uses (in_background)."""
+    if config.option.collectonly:
         return
-    if any("cpu_run" in getattr(item, "fixturenames", ()) for item in items):
-        _start_cpu_run(Path(tempfile.mkdtemp(prefix="moebench-cpu-run-")))
+    for fixture, start in _STARTERS.items():
+        if any(fixture in getattr(item, "fixturenames", ()) for item in items):
+            start(config._tmp_path_factory)  # what the tmp_path_factory fixture returns
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if not _CPU_RUN:
-        return
-    stopped = _CPU_RUN["proc"].poll() is None  # e.g. -x ended the session before a test waited on the run
-    if stopped:
-        kill_group(_CPU_RUN["proc"])
-    if stopped or _CPU_RUN["proc"].returncode == 0:  # a failed run stays for inspection (its path is in the error)
+    stopped = bool(_CPU_RUN) and _CPU_RUN["proc"].poll() is None  # e.g. -x ended the session before a test waited
+    for p in list(_LIVE):
+        if p.poll() is None:  # not yet reaped, so its pid (and group) is still ours
+            kill_group(p)
+    for fn in _AT_END:
+        fn()
+    if _CPU_RUN and (stopped or _CPU_RUN["proc"].returncode == 0):  # a failed run stays for inspection
         shutil.rmtree(_CPU_RUN["root"].parent, ignore_errors=True)
 
 
@@ -131,8 +172,7 @@ def pytest_sessionfinish(session, exitstatus):
 def cpu_run() -> Path:
     """The CPU-tier workflow (QUICK plan) run once from a copy of the repo; returns that copy's root.
     Read it, never write to it: other tests share it (conftest.clone copies it to build more)."""
-    if not _CPU_RUN:  # collected without the hook (e.g. requested dynamically)
-        _start_cpu_run(Path(tempfile.mkdtemp(prefix="moebench-cpu-run-")))
+    _start_cpu_run()  # a no-op when collection started it
     p, root = _CPU_RUN["proc"], _CPU_RUN["root"]
     try:
         p.wait(timeout=max(1.0, CPU_RUN_LIMIT_S - (time.time() - _CPU_RUN["t0"])))
