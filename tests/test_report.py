@@ -1,5 +1,6 @@
-"""The report builds from the CPU run plus a committed-style run, and every category and figure renders in a
-real browser (headless Chromium). The committed-style run `fx-gpu` is made-up fixture data (test_plots)."""
+"""The report builds from the session's CPU run (conftest.cpu_run, in a clone) plus a committed-style run, and every
+category and figure renders in a real browser (headless Chromium). The committed-style run `fx-gpu` is made-up
+fixture data (test_plots)."""
 from __future__ import annotations
 
 import base64
@@ -10,25 +11,20 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from conftest import QUICK, clone, snakemake
 from moebench.ids import row_id
 from moebench.metrics import read_rows
 from test_plots import SKIP_REASON, write_fixture
 
-REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = {"Throughput", "Memory", "Offload", "Energy", "Training", "Provenance"}
 FIGURES = ["throughput", "speedup", "memory", "frontier", "energy", "loss"]
 RUN = "local"
-
-
-def _snakemake() -> str:
-    return shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
 
 
 def _chromium() -> str:
@@ -38,15 +34,11 @@ def _chromium() -> str:
     return exe
 
 
-def _workspace(tmp: Path) -> tuple[Path, list[str]]:
-    """A copy of the workflow (not of results/): the CPU run is built from scratch, beside a committed-style run."""
-    ign = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for d in ("workflow", "scripts", "config"):
-        shutil.copytree(REPO / d, tmp / d, ignore=ign)
-    for f in REPO.iterdir():  # environment.yml, requirements*.txt: rules may point at them
-        if f.is_file() and not f.name.startswith("."):
-            shutil.copy(f, tmp / f.name)
-    fx = write_fixture(tmp / "results", run="fx-gpu")
+def _workspace(cpu_run: Path, tmp: Path) -> tuple[Path, list[str]]:
+    """A clone of the CPU run with a committed-style run beside it: Snakemake adds only that run's pages and the
+    cross-run view."""
+    ws = clone(cpu_run, tmp)
+    fx = write_fixture(ws / "results", run="fx-gpu")
     (fx / "PROVENANCE.md").write_text("# fx-gpu provenance (fixture)\n")
     # the fixture's provenance holds its rows under the ids provenance.py gives them (ids.row_id)
     numbers = [{"id": row_id(r), "value": r.value} for r in read_rows(fx / "metrics.csv")]
@@ -54,16 +46,14 @@ def _workspace(tmp: Path) -> tuple[Path, list[str]]:
     (fx / "provenance_stamp.json").write_text(json.dumps({"status": "pending"}))
     targets = [f"results/{r}/{f}" for r in (RUN, "fx-gpu") for f in ("plots/throughput.png",
                                                                      "report/provenance.html")]
-    return tmp, targets + ["results/_report/tiers.png"]
+    return ws, targets + ["results/_report/tiers.png"]
 
 
-def _sm(ws: Path, *args, timeout=900):
-    cmd = [_snakemake(), "--snakefile", "workflow/Snakefile", "--cores", "2", *args]
-    # rules call `python -m moebench...`: the venv's python first on PATH, as `make` arranges
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    p = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, timeout=timeout, env=env)
-    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-    return p
+def _sm(ws: Path, *args, timeout=600):
+    # the CPU run's own config (QUICK): with another, its stages would rerun
+    r = snakemake(ws, "--cores", "2", *args, *QUICK, timeout=timeout)
+    assert r.returncode == 0, f"snakemake {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return r
 
 
 def _inject(page: str, script: str) -> str:
@@ -86,8 +76,8 @@ def _embedded(html_text: str, var: str, script_id: str | None = None):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    ws, targets = _workspace(tmp_path_factory.mktemp("ws"))
+def built(cpu_run, tmp_path_factory):
+    ws, targets = _workspace(cpu_run, tmp_path_factory.mktemp("ws"))
     _sm(ws, *targets)
     _sm(ws, "--report", "report.html", *targets)
     text = (ws / "report.html").read_text()
@@ -168,7 +158,7 @@ window.addEventListener('load', () => setTimeout(() => app.setView({{navbarMode:
                    timeout=180)
     img = Image.open(shot)
     assert img.size == (1400, 1000)
-    assert len(set(img.convert("L").resize((140, 100)).getdata())) > 20, "screenshot is blank"
+    assert len(set(img.convert("L").resize((140, 100)).get_flattened_data())) > 20, "screenshot is blank"
 
 
 # Runs in Chromium after the page's own scripts: where the front page's title sits at scroll 0, then each figure
