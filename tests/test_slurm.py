@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, QUICK, ROOT, copy_repo, snakemake, venv_env
+from conftest import BIN, QUICK, ROOT, at_session_end, copy_repo, in_background, snakemake, venv_env
 from moebench.metrics import read_rows
 
 SLURM = ROOT / "tests" / "slurm"
@@ -38,9 +39,11 @@ CLUSTER_RULES = {"detect", "model", "bench", "offload", "validate", "sweep"}  # 
 # plain run is compared with the same arm and draw of the session's local CPU run (conftest.cpu_run).
 ARMS = ["hf_bf16"]
 DRAWS = 1
-SLIM = [*QUICK, f"plan_overrides={{timed_steps: 3, warmup_steps: 1, draws: {DRAWS}}}", "offload={runs: []}"]
-# Every Snakemake of this module is started at once by `cluster_runs` and bounded by these limits (a hang, not
-# a slow machine, is what they catch); they share the cluster's queueing and polling waits instead of adding them.
+SLIM = [*QUICK, f"plan_overrides={{timed_steps: 3, warmup_steps: 1, draws: {DRAWS}, seq_len: 64}}",
+        "offload={runs: []}"]
+# Every Snakemake of this module is started at once, at the end of collection (conftest.in_background), so they
+# run beside the other modules' tests; each is bounded by these limits (a hang, not a slow machine, is what they
+# catch); they share the cluster's queueing and polling waits instead of adding them.
 LIMIT_S = {"plain": 540, "fanout": 540, "wrong": 240, "toy": 240, "sacct": 60}
 
 
@@ -71,26 +74,77 @@ def submissions(out: str) -> dict[str, list[tuple[int, Path]]]:
     return by_rule
 
 
-@pytest.fixture(scope="module")
-def slurm_env():
+_UP: dict = {}  # the test cluster, brought up once: "outcome" ("ok", env) | ("skip" | "fail", why), "stopped"
+_UP_LOCK = threading.Lock()
+
+
+def _start_cluster() -> tuple[str, object]:
     if os.geteuid() != 0:
-        pytest.skip("needs root: installs Slurm with apt and starts munged/slurmctld/slurmd")
+        return "skip", "needs root: installs Slurm with apt and starts munged/slurmctld/slurmd"
     try:
         r = subprocess.run([str(SLURM / "start.sh")], capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired:
-        pytest.fail("tests/slurm/start.sh took over 240 s")
+        return "fail", "tests/slurm/start.sh took over 240 s"
     if r.returncode == 77:
-        pytest.skip(f"no Slurm here: {r.stderr.strip()[-500:]}")
-    assert r.returncode == 0, f"start.sh failed:\n{r.stderr[-3000:]}"
+        return "skip", f"no Slurm here: {r.stderr.strip()[-500:]}"
+    if r.returncode != 0:
+        return "fail", f"start.sh failed:\n{r.stderr[-3000:]}"
     conf = re.search(r"export SLURM_CONF=(\S+)", r.stdout).group(1)
     env = venv_env(SLURM_CONF=conf)
     env.pop("SLURM_JOB_ID", None)  # pytest itself inside a Slurm job must not confuse the plugin
-    yield env
-    subprocess.run([str(SLURM / "stop.sh")], timeout=60)
+    return "ok", env
+
+
+def bring_up() -> tuple[str, object]:
+    """tests/slurm/start.sh, once: the background start and the fixture share its outcome."""
+    with _UP_LOCK:
+        if "outcome" not in _UP:
+            _UP["outcome"] = _start_cluster()
+            if _UP["outcome"][0] == "ok":
+                at_session_end(stop_cluster)  # also when the session stops before this module
+    return _UP["outcome"]
+
+
+def stop_cluster() -> None:
+    with _UP_LOCK:
+        if _UP.get("outcome", ("",))[0] == "ok" and not _UP.get("stopped"):
+            subprocess.run([str(SLURM / "stop.sh")], timeout=60)
+            _UP["stopped"] = True
 
 
 @pytest.fixture(scope="module")
-def cluster_runs(slurm_env, tmp_path_factory):
+def slurm_env():
+    how, what = bring_up()
+    if how == "skip":
+        pytest.skip(what)
+    if how == "fail":
+        pytest.fail(what)
+    yield what
+    stop_cluster()
+
+
+_BG: dict = {}  # the background thread that brings the cluster up and runs every workflow; its "runs" or "error"
+
+
+@in_background("cluster_runs")
+def start_cluster_runs(tmp_path_factory) -> None:
+    """Bring the cluster up and start every workflow `cluster_runs` returns, in a thread of its own."""
+    if "thread" in _BG:
+        return
+
+    def work():
+        try:
+            how, env = bring_up()
+            if how == "ok":
+                _BG["runs"] = run_all(env, tmp_path_factory)
+        except BaseException as e:  # handed to the fixture
+            _BG["error"] = e
+
+    _BG["thread"] = threading.Thread(target=work, name="slurm-workflows", daemon=True)
+    _BG["thread"].start()
+
+
+def run_all(env: dict, tmp_path_factory):
     """Every Snakemake the cluster tests inspect, started at once, each in its own directory (the workflows from
     fresh copies of the repo, as cluster users run them): `plain` the CPU-tier workflow through the profile;
     `fanout` the tier fan-out (FAN below); `wrong` a GPU tier mapped to a CPU partition, up to its detect; `toy`
@@ -111,16 +165,26 @@ def cluster_runs(slurm_env, tmp_path_factory):
 
     def one(name, args, root):
         t0 = time.time()
-        rc, out = bounded(args, root, slurm_env, LIMIT_S[name])
+        rc, out = bounded(args, root, env, LIMIT_S[name])
         if name == "sacct" and (m := SUBMITTED.search(out)):  # asked at once: Slurm forgets it after MinJobAge
             state["sacct"] = subprocess.run(["scontrol", "show", "job", m.group(1)], capture_output=True,
-                                            text=True, env=slurm_env, timeout=30).stdout
+                                            text=True, env=env, timeout=30).stdout
         return root, rc, out, time.time() - t0
 
     with ThreadPoolExecutor(len(cmds)) as pool:
         futures = {k: pool.submit(one, k, *v) for k, v in cmds.items()}
         runs = {k: f.result() for k, f in futures.items()}
     return runs, ctld_log()[mark:], state
+
+
+@pytest.fixture(scope="module")
+def cluster_runs(slurm_env, tmp_path_factory):
+    """run_all's answer: started at collection when this module's tests were selected, else now."""
+    start_cluster_runs(tmp_path_factory)
+    _BG["thread"].join()
+    if "error" in _BG:
+        raise _BG["error"]
+    return _BG["runs"]
 
 
 @pytest.fixture(scope="module")
