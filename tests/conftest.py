@@ -79,11 +79,18 @@ def venv_env(**extra: str) -> dict:
 _LIVE: set[subprocess.Popen] = set()
 
 
-def snakemake(cwd: Path, *args: str, timeout: float = 600, env: dict | None = None, wait: bool = True):
-    """Run the venv's `snakemake *args` in `cwd`, in a process group of its own (env: venv_env() by default).
-    Returns a Ran; past `timeout` the whole group gets SIGKILL (a hung Snakemake ignores SIGTERM) and returncode
-    is None. wait=False starts it and returns the Popen (output to cwd/snakemake.out), for tests that kill it."""
-    cmd = [str(BIN / "snakemake"), *args]
+# Niceness of background work (in_background): the test being run keeps a core to itself instead of sharing it
+# with every job of the background workflows, which take what it leaves.
+BACKGROUND_NICE = 10
+
+
+def snakemake(cwd: Path, *args: str, timeout: float = 600, env: dict | None = None, wait: bool = True,
+              nice: int = 0):
+    """Run the venv's `snakemake *args` in `cwd`, in a process group of its own (env: venv_env() by default),
+    at niceness `nice` (BACKGROUND_NICE for background work). Returns a Ran; past `timeout` the whole group gets
+    SIGKILL (a hung Snakemake ignores SIGTERM) and returncode is None. wait=False starts it and returns the Popen
+    (output to cwd/snakemake.out), for tests that kill it."""
+    cmd = [*(["nice", "-n", str(nice)] if nice else []), str(BIN / "snakemake"), *args]  # nice execs: same pid
     env = venv_env() if env is None else env
     if not wait:
         with open(Path(cwd) / "snakemake.out", "w") as log:
@@ -145,11 +152,16 @@ def _start_cpu_run(tmp_path_factory=None) -> None:  # its own temp dir: removed 
         return
     root = copy_repo(Path(tempfile.mkdtemp(prefix="moebench-cpu-run-")) / "cpu-run", committed=CPU_RUN_COMMITTED)
     _CPU_RUN.update(root=root, t0=time.time(),
-                    proc=snakemake(root, "--cores", "2", *QUICK, wait=False))
+                    proc=snakemake(root, "--cores", "2", *QUICK, wait=False, nice=BACKGROUND_NICE))
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture scope
 def pytest_collection_modifyitems(session, config, items):
-    """Start the background work of every fixture a selected test uses (in_background)."""
+    """Start the background work of every fixture a selected test uses (in_background), and move the tests that
+    wait on it to the end, in the order the work was registered (the CPU chain first): the other tests run
+    meanwhile instead of a test waiting with a core idle."""
+    rank = {fixture: i for i, fixture in enumerate(_STARTERS, 1)}
+    items.sort(key=lambda item: max((rank[f] for f in getattr(item, "fixturenames", ()) if f in rank), default=0))
     if config.option.collectonly:
         return
     for fixture, start in _STARTERS.items():

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, QUICK, ROOT, at_session_end, copy_repo, in_background, snakemake, venv_env
+from conftest import (BACKGROUND_NICE, BIN, QUICK, ROOT, at_session_end, copy_repo, in_background, snakemake,
+                      venv_env)
 from moebench.metrics import read_rows
 
 SLURM = ROOT / "tests" / "slurm"
@@ -47,9 +48,9 @@ SLIM = [*QUICK, f"plan_overrides={{timed_steps: 3, warmup_steps: 1, draws: {DRAW
 LIMIT_S = {"plain": 540, "fanout": 540, "wrong": 240, "toy": 240, "sacct": 60}
 
 
-def bounded(args: list[str], cwd: Path, env: dict, limit: float) -> tuple[int | None, str]:
+def bounded(args: list[str], cwd: Path, env: dict, limit: float, nice: int = 0) -> tuple[int | None, str]:
     """conftest.snakemake with these args: (exit code, or None when killed at `limit`; all its output)."""
-    r = snakemake(cwd, *args, timeout=limit, env=env)
+    r = snakemake(cwd, *args, timeout=limit, env=env, nice=nice)
     return r.returncode, r.out
 
 
@@ -82,7 +83,9 @@ def _start_cluster() -> tuple[str, object]:
     if os.geteuid() != 0:
         return "skip", "needs root: installs Slurm with apt and starts munged/slurmctld/slurmd"
     try:
-        r = subprocess.run([str(SLURM / "start.sh")], capture_output=True, text=True, timeout=240)
+        # niced: the daemons, hence every job they start, are background work (conftest.BACKGROUND_NICE)
+        r = subprocess.run(["nice", "-n", str(BACKGROUND_NICE), str(SLURM / "start.sh")], capture_output=True,
+                           text=True, timeout=240)
     except subprocess.TimeoutExpired:
         return "fail", "tests/slurm/start.sh took over 240 s"
     if r.returncode == 77:
@@ -105,11 +108,14 @@ def bring_up() -> tuple[str, object]:
     return _UP["outcome"]
 
 
-def stop_cluster() -> None:
+def stop_cluster(wait: bool = True) -> None:
+    """tests/slurm/stop.sh, once. wait=False (the module's end) lets the daemons wind down (~6 s) beside the next
+    tests; the session's end waits for it."""
     with _UP_LOCK:
-        if _UP.get("outcome", ("",))[0] == "ok" and not _UP.get("stopped"):
-            subprocess.run([str(SLURM / "stop.sh")], timeout=60)
-            _UP["stopped"] = True
+        if _UP.get("outcome", ("",))[0] == "ok" and "stop" not in _UP:
+            _UP["stop"] = subprocess.Popen([str(SLURM / "stop.sh")], stdout=subprocess.DEVNULL)
+        if wait and "stop" in _UP:
+            _UP["stop"].wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +126,7 @@ def slurm_env():
     if how == "fail":
         pytest.fail(what)
     yield what
-    stop_cluster()
+    stop_cluster(wait=False)
 
 
 _BG: dict = {}  # the background thread that brings the cluster up and runs every workflow; its "runs" or "error"
@@ -165,7 +171,7 @@ def run_all(env: dict, tmp_path_factory):
 
     def one(name, args, root):
         t0 = time.time()
-        rc, out = bounded(args, root, env, LIMIT_S[name])
+        rc, out = bounded(args, root, env, LIMIT_S[name], nice=BACKGROUND_NICE)
         if name == "sacct" and (m := SUBMITTED.search(out)):  # asked at once: Slurm forgets it after MinJobAge
             state["sacct"] = subprocess.run(["scontrol", "show", "job", m.group(1)], capture_output=True,
                                             text=True, env=env, timeout=30).stdout
