@@ -118,51 +118,21 @@ def test_captions_cite_numbers_and_ids(built):
     assert verdict in desc and "VIABLE" in desc  # fx-gpu's made-up verdict, from its verdict.json
 
 
-def test_report_renders_in_chromium(built, tmp_path):
-    ws, text = built
-    exe = _chromium()
-    probe = _inject(text, """<script>
+# Runs in Chromium after the page's own scripts: every image of the report decodes (its natural width).
+LOADED = """<script>
 window.addEventListener('load', async () => {
   const out = {};
   await Promise.all(Object.entries(results).filter(([p, r]) => r.mime_type.startsWith('image/')).map(
     ([p, r]) => new Promise(done => { const i = new Image();
       i.onload = () => { out[p] = i.naturalWidth; done(); }; i.onerror = () => { out[p] = 0; done(); };
       i.src = r.data_uri; })));
-  const d = document.createElement('pre'); d.id = 'probe'; d.textContent = JSON.stringify(out);
+  const d = document.createElement('pre'); d.id = 'loaded'; d.textContent = JSON.stringify(out);
   document.body.appendChild(d);
 });
-</script>""")
-    (tmp_path / "probe.html").write_text(probe)
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tempfile.mkdtemp()}", "--virtual-time-budget=15000", "--window-size=1400,1000"]
-    dom = subprocess.run([exe, *flags, "--dump-dom", f"file://{tmp_path / 'probe.html'}"], capture_output=True,
-                         text=True, timeout=180).stdout
-    m = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
-    assert m, "the report's scripts did not run in Chromium"
-    loaded = json.loads(m.group(1).replace("&quot;", '"'))
-    images = [p for p, r in _embedded(text, "results").items() if r["mime_type"].startswith("image/")]
-    assert set(loaded) == set(images) and all(w > 0 for w in loaded.values()), loaded
-    for cat in CATEGORIES:  # the navigation menu React rendered lists every category
-        assert cat in re.sub(r"<script.*?</script>", "", dom, flags=re.S), f"{cat} not rendered"
-    # screenshot with the CPU run's throughput figure open, for a person to look at
-    shot_page = _inject(text, f"""<script>
-window.addEventListener('load', () => setTimeout(() => app.setView({{navbarMode: "subcategory",
-  category: "Throughput", subcategory: "{RUN}", content: "img",
-  contentPath: results["results/{RUN}/plots/throughput.png"].data_uri}}), 300));
-</script>""")
-    (tmp_path / "shot.html").write_text(shot_page)
-    shot = Path(os.environ.get("MOEBENCH_REPORT_SCREENSHOT", tmp_path / "report-screenshot.png"))
-    shot.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([exe, *flags, f"--screenshot={shot}", f"file://{tmp_path / 'shot.html'}"], capture_output=True,
-                   timeout=180)
-    img = Image.open(shot)
-    assert img.size == (1400, 1000)
-    assert len(set(img.convert("L").resize((140, 100)).get_flattened_data())) > 20, "screenshot is blank"
-
+</script>"""
 
 # Runs in Chromium after the page's own scripts: where the front page's title sits at scroll 0, then each figure
-# opened in the report's image view, its shown and natural size.
+# opened in the report's image view, its shown and natural size. (It changes the view only, not the menu.)
 PROBE = """<script>
 window.addEventListener('load', async () => {
   const sleep = ms => new Promise(r => setTimeout(r, ms));
@@ -187,20 +157,59 @@ window.addEventListener('load', async () => {
 </script>"""
 
 
-def test_front_page_and_figures_are_readable_at_1400x900(built, tmp_path):
+def _chromium_run(page: Path, *args: str, size: str, budget_ms: int) -> str:
+    """Headless Chromium on `page` at window `size` ("1400,900") with `args` (--dump-dom, --screenshot=...);
+    returns its stdout."""
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tempfile.mkdtemp()}", f"--virtual-time-budget={budget_ms}", f"--window-size={size}"]
+    return subprocess.run([_chromium(), *flags, *args, f"file://{page}"], capture_output=True, text=True,
+                          timeout=300).stdout
+
+
+@pytest.fixture(scope="module")
+def probed(built, tmp_path_factory):
+    """The DOM of one headless Chromium at 1400x900 that ran both probes (LOADED, PROBE) on the report: one browser
+    start for the two tests that read it."""
+    _chromium()  # skips when there is none
+    page = tmp_path_factory.mktemp("chromium") / "probe.html"
+    page.write_text(_inject(_inject(built[1], LOADED), PROBE))
+    return _chromium_run(page, "--dump-dom", size="1400,900", budget_ms=60000)
+
+
+def _probe_out(dom: str, pre_id: str):
+    m = re.search(rf'<pre id="{pre_id}">(.*?)</pre>', dom, re.S)
+    assert m, f"the report's scripts (probe {pre_id}) did not run in Chromium"
+    return json.loads(html.unescape(m.group(1)))
+
+
+def test_report_renders_in_chromium(built, probed, tmp_path):
+    ws, text = built
+    loaded = _probe_out(probed, "loaded")
+    images = [p for p, r in _embedded(text, "results").items() if r["mime_type"].startswith("image/")]
+    assert set(loaded) == set(images) and all(w > 0 for w in loaded.values()), loaded
+    for cat in CATEGORIES:  # the navigation menu React rendered lists every category
+        assert cat in re.sub(r"<script.*?</script>", "", probed, flags=re.S), f"{cat} not rendered"
+    # screenshot with the CPU run's throughput figure open, for a person to look at
+    shot_page = _inject(text, f"""<script>
+window.addEventListener('load', () => setTimeout(() => app.setView({{navbarMode: "subcategory",
+  category: "Throughput", subcategory: "{RUN}", content: "img",
+  contentPath: results["results/{RUN}/plots/throughput.png"].data_uri}}), 300));
+</script>""")
+    (tmp_path / "shot.html").write_text(shot_page)
+    shot = Path(os.environ.get("MOEBENCH_REPORT_SCREENSHOT", tmp_path / "report-screenshot.png"))
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    _chromium_run(tmp_path / "shot.html", f"--screenshot={shot}", size="1400,1000", budget_ms=15000)
+    img = Image.open(shot)
+    assert img.size == (1400, 1000)
+    assert len(set(img.convert("L").resize((140, 100)).get_flattened_data())) > 20, "screenshot is blank"
+
+
+def test_front_page_and_figures_are_readable_at_1400x900(built, probed):
     """At 1400x900: the title is on screen at scroll 0; every figure is between 1:3 and 3:1, shown at >= 60% of its
     size, fully on screen, and its smallest text (from its sidecar) is >= 9 px as shown."""
     ws, text = built
-    exe = _chromium()
-    (tmp_path / "probe.html").write_text(_inject(text, PROBE))
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tempfile.mkdtemp()}",
-             "--virtual-time-budget=60000", "--window-size=1400,900"]
-    dom = subprocess.run([exe, *flags, "--dump-dom", f"file://{tmp_path / 'probe.html'}"], capture_output=True,
-                         text=True, timeout=300).stdout
-    m = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
-    assert m, "the probe did not run in Chromium"
-    out = json.loads(html.unescape(m.group(1)))
+    out = _probe_out(probed, "probe")
     front = out["front"]
     assert front and front["scroll"] == 0 and 0 <= front["top"] and front["bottom"] <= front["vh"], front
     assert out["figures"] and all(out["figures"].values()), out["figures"]
