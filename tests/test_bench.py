@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tiny_workdir
+from conftest import BACKGROUND_NICE, ROOT, in_background, tiny_workdir
 from moebench import arms, harness, measure, models
 from moebench import config as cfgmod
 from moebench.io import write_json
@@ -17,23 +17,87 @@ SPEC = cfgmod.load_yaml("models.yaml")["gpt-oss-20b"]
 QUICK_PLAN = {"seq_len": 64, "warmup_steps": 1, "timed_steps": 2}
 
 
+CONFIG = ROOT / "config" / "config.yaml"
+FAMILIES = ["qwen3-30b-a3b", "olmoe-1b-7b"]
+
+
+def start_arm(d, arm, draw=1, config=CONFIG, tier="tier.json", model=None, out=None, nice=0) -> dict:
+    """`python -m moebench.bench` for one draw, started (not waited for): its paths and process."""
+    out = Path(out or d / "arms" / arm / f"draw{draw}")
+    out.mkdir(parents=True, exist_ok=True)
+    err = out.parent / f"draw{draw}.stderr"  # beside the draw: nothing a draw writes itself
+    cmd = [*(["nice", "-n", str(nice)] if nice else []), sys.executable, "-m", "moebench.bench",
+           "--config", str(config), "--tier", str(d / tier), "--model", str(model or d / "model"),
+           "--data", str(d / "data" / "train.jsonl"), "--arm", arm, "--draw", str(draw),
+           "--out", str(out / "metrics.csv"), "--log", str(out / "run.log")]
+    with open(err, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f,
+                                env={"PYTHONPATH": str(ROOT / "scripts"), "PATH": "/usr/bin:/bin"})
+    return {"proc": proc, "out": out, "stderr": err}
+
+
+def finish(job: dict, timeout: float = 300) -> tuple[dict, Path]:
+    """Wait for a start_arm draw: it must exit 0; its metrics.csv rows by metric, and its directory."""
+    try:
+        rc = job["proc"].wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        job["proc"].kill()
+        raise
+    assert rc == 0, job["stderr"].read_text()[-2000:]
+    return {x.metric: x for x in read_rows(job["out"] / "metrics.csv")}, job["out"]
+
+
+def run_arm(d, arm, draw=1, config=CONFIG, tier="tier.json"):
+    return finish(start_arm(d, arm, draw, config, tier))
+
+
+# ---- the module's real training draws, run beside the other tests ---------------------------------------------
+_DRAWS: dict = {}
+
+
+@in_background("draws")
+def start_draws(tmp_path_factory) -> None:
+    """The draws that train (hf_bf16 on each model family, the bare-loop and overrun variants) and a crashing load,
+    started niced at the end of collection: ~70 s of CPU beside the other modules' tests. The tiny models are
+    built here, in the main thread (transformers' lazy imports are not thread-safe)."""
+    if "started" in _DRAWS:
+        return
+    _DRAWS["started"] = True
+    try:
+        d = tmp_path_factory.mktemp("b")
+        tiny_workdir(d, **QUICK_PLAN)
+        bare = variant(d, "bare", {"bare_loop_arms": ["hf_bf16"],
+                                   "degraded_patterns": {"hf_bf16": ["Loading weights"]}})
+        slow = variant(d, "slow", {"arm_timeout_s": 10}, {"timed_steps": 5000})
+        bad = d / "not-a-model"
+        bad.mkdir()
+        (bad / "config.json").write_text("{}")  # not a model: the arm's load raises
+        bg = {"nice": BACKGROUND_NICE}
+        jobs = {"hf_bf16": start_arm(d, "hf_bf16", **bg), "bare": start_arm(d, "hf_bf16", 7, *bare, **bg),
+                "slow": start_arm(d, "hf_bf16", 8, *slow, **bg),
+                "crash": start_arm(d, "hf_bf16", model=bad, out=d / "crash", **bg)}
+        _DRAWS.update(d=d, jobs=jobs)
+        for name in FAMILIES:
+            fd = tmp_path_factory.mktemp(name)
+            tiny_workdir(fd, name, **QUICK_PLAN)
+            jobs[name] = start_arm(fd, "hf_bf16", **bg)
+            _DRAWS[name] = fd
+    except BaseException as e:  # handed to the fixture
+        _DRAWS["error"] = e
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("b")
-    tiny_workdir(d, **QUICK_PLAN)
-    return d, cfgmod.load(ROOT / "config" / "config.yaml")
+def draws(tmp_path_factory):
+    """What start_draws started (started now when collection did not)."""
+    start_draws(tmp_path_factory)
+    if "error" in _DRAWS:
+        raise _DRAWS["error"]
+    return _DRAWS
 
 
-def run_arm(d, arm, draw=1, config=ROOT / "config" / "config.yaml", tier="tier.json"):
-    out = d / "arms" / arm / f"draw{draw}"
-    r = subprocess.run([sys.executable, "-m", "moebench.bench", "--config", str(config),
-                        "--tier", str(d / tier), "--model", str(d / "model"), "--data",
-                        str(d / "data" / "train.jsonl"), "--arm", arm, "--draw", str(draw),
-                        "--out", str(out / "metrics.csv"), "--log", str(out / "run.log")],
-                       capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(ROOT / "scripts"),
-                                                                         "PATH": "/usr/bin:/bin"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    return {x.metric: x for x in read_rows(out / "metrics.csv")}, out
+@pytest.fixture(scope="module")
+def setup(draws):
+    return draws["d"], cfgmod.load(CONFIG)
 
 
 def test_registry_knows_every_configured_arm_and_imports_nothing_heavy():
@@ -46,9 +110,8 @@ def test_registry_knows_every_configured_arm_and_imports_nothing_heavy():
         arms.get("nope")
 
 
-def test_hf_bf16_really_trains_on_cpu_with_expert_lora(setup):
-    d, _ = setup
-    rows, out = run_arm(d, "hf_bf16")
+def test_hf_bf16_really_trains_on_cpu_with_expert_lora(draws):
+    rows, out = finish(draws["jobs"]["hf_bf16"])
     assert rows["step_s"].status == "measured" and rows["step_s"].value > 0 and rows["step_s"].n == 2
     assert rows["tokens_per_s"].value == pytest.approx(64 / rows["step_s"].value)
     assert rows["expert_lora_params"].value > 0
@@ -87,21 +150,11 @@ def test_bf16_not_viable_tier_skips_bf16_arm():
     assert "do not fit" in reason
 
 
-def test_a_crashing_arm_is_a_failed_row_and_exit_0(setup, tmp_path):
-    d, _ = setup
-    bad = tmp_path / "model"
-    bad.mkdir()
-    (bad / "config.json").write_text("{}")  # not a model: the arm's load raises
-    out = tmp_path / "m.csv"
-    r = subprocess.run([sys.executable, "-m", "moebench.bench", "--config", str(ROOT / "config" / "config.yaml"),
-                        "--tier", str(d / "tier.json"), "--model", str(bad), "--data", str(d / "data" / "train.jsonl"),
-                        "--arm", "hf_bf16", "--draw", "1", "--out", str(out), "--log", str(tmp_path / "run.log")],
-                       capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(ROOT / "scripts"),
-                                                                         "PATH": "/usr/bin:/bin"})
-    assert r.returncode == 0
-    step = [x for x in read_rows(out) if x.metric == "step_s"][0]
+def test_a_crashing_arm_is_a_failed_row_and_exit_0(draws):
+    rows, out = finish(draws["jobs"]["crash"])  # exit 0
+    step = rows["step_s"]
     assert step.status == "failed" and step.value is None and step.reason
-    assert "Traceback" in (tmp_path / "run.log").read_text()
+    assert "Traceback" in (out / "run.log").read_text()
 
 
 def test_flop_model_by_hand():
@@ -151,12 +204,10 @@ def variant(d, name, cfg_change=None, plan_change=None):
     return d / f"{name}.yaml", f"{name}.tier.json"
 
 
-def test_bare_loop_check_and_a_console_fallback_in_one_draw(setup):
+def test_bare_loop_check_and_a_console_fallback_in_one_draw(draws):
     """One draw, two checks: the bare-loop comparison, and a declared console line (transformers' own load
     progress bar, printed to fd 2 by a third party) turning the draw's measured rows `degraded`."""
-    d, _ = setup
-    cfg, tier = variant(d, "bare", {"bare_loop_arms": ["hf_bf16"], "degraded_patterns": {"hf_bf16": ["Loading weights"]}})
-    rows, out = run_arm(d, "hf_bf16", draw=7, config=cfg, tier=tier)
+    rows, out = finish(draws["jobs"]["bare"])  # config "bare" of _start_draws
     assert rows["bare_loop_step_s"].value > 0
     assert rows["harness_over_bare"].value == pytest.approx(rows["step_s"].value / rows["bare_loop_step_s"].value)
     assert rows["step_s"].status == "degraded" and rows["step_s"].reason.startswith("console: Loading weights")
@@ -164,10 +215,8 @@ def test_bare_loop_check_and_a_console_fallback_in_one_draw(setup):
     assert "degraded: console: Loading weights" in (out / "run.log").read_text()
 
 
-def test_overrunning_draw_becomes_failed_row(setup):
-    d, _ = setup
-    cfg, tier = variant(d, "slow", {"arm_timeout_s": 10}, {"timed_steps": 5000})
-    rows, out = run_arm(d, "hf_bf16", draw=8, config=cfg, tier=tier)
+def test_overrunning_draw_becomes_failed_row(draws):
+    rows, out = finish(draws["jobs"]["slow"])  # arm_timeout_s 10, 5000 timed steps (_start_draws)
     reason = rows["step_s"].reason
     assert rows["step_s"].status == "failed" and "arm_timeout_s=10" in reason
     # where the draw was when it ran out of time (imports and load take ~8 s; on a loaded 2-core host longer)
@@ -195,13 +244,12 @@ def test_progress_reports_a_long_phase_while_it_lasts(caplog):
     assert len(beats) >= 2 and beats[0].startswith("still working: warm-up step 1/3, ")
 
 
-@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "olmoe-1b-7b"])
-def test_other_families_train_with_expert_lora_and_report_router_load(tmp_path, name):
+@pytest.mark.parametrize("name", FAMILIES)
+def test_other_families_train_with_expert_lora_and_report_router_load(draws, name):
     """Qwen3-MoE and OLMoE go through the same harness: expert LoRA on every layer, the router load measured."""
-    tiny_workdir(tmp_path, name, **QUICK_PLAN)
-    rows, _ = run_arm(tmp_path, "hf_bf16")
+    rows, _ = finish(draws["jobs"][name])
     assert rows["step_s"].status == "measured" and rows["model_tflop_per_step"].value > 0
     assert rows["layers_with_expert_lora"].value == 2
     assert rows["expert_lora_nonzero_grad"].value == rows["expert_lora_tensors"].value == 4 * 2
     assert rows["router_max_over_mean"].value >= 1.0 and 0 < rows["router_entropy_norm"].value <= 1.0
-    assert run_arm(tmp_path, "e4b_4bit", draw=2)[0]["step_s"].status == "skipped"  # needs CUDA
+    assert run_arm(draws[name], "e4b_4bit", draw=2)[0]["step_s"].status == "skipped"  # needs CUDA

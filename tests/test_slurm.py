@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import (BACKGROUND_NICE, BIN, QUICK, ROOT, at_session_end, copy_repo, in_background, snakemake,
-                      venv_env)
+from conftest import (BACKGROUND_NICE, BIN, QUICK, ROOT, at_session_end, copy_repo, descendants, in_background,
+                      renice_session, snakemake, venv_env)
 from moebench.metrics import read_rows
 
 SLURM = ROOT / "tests" / "slurm"
@@ -177,10 +177,26 @@ def run_all(env: dict, tmp_path_factory):
                                             text=True, env=env, timeout=30).stdout
         return root, rc, out, time.time() - t0
 
-    with ThreadPoolExecutor(len(cmds)) as pool:
-        futures = {k: pool.submit(one, k, *v) for k, v in cmds.items()}
-        runs = {k: f.result() for k, f in futures.items()}
+    done = threading.Event()
+    threading.Thread(target=renice_jobs, args=(done,), daemon=True).start()
+    try:
+        with ThreadPoolExecutor(len(cmds)) as pool:
+            futures = {k: pool.submit(one, k, *v) for k, v in cmds.items()}
+            runs = {k: f.result() for k, f in futures.items()}
+    finally:
+        done.set()
     return runs, ctld_log()[mark:], state
+
+
+def renice_jobs(done: threading.Event) -> None:
+    """Every job slurmd starts is a session of its own: renice each (conftest.renice_session) as it appears, so
+    the cluster's jobs stay background work."""
+    pid = int((STATE / "run" / "slurmd.pid").read_text())
+    seen: set[int] = set()
+    while not done.wait(1.0):
+        for child in set(descendants(pid)) - seen:
+            renice_session(child, BACKGROUND_NICE)
+            seen.add(child)
 
 
 @pytest.fixture(scope="module")
