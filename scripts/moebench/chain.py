@@ -1,15 +1,18 @@
-"""The provenance's hash chain and its OpenTimestamps proofs, as every reader needs them: where a run's revisions
-are kept (<history>/<run>/<sha256>.json, HEAD), what a proof holds (the digest it proves, pending calendars,
+"""The provenance's hash chain and its OpenTimestamps proofs, as every writer and reader needs them: writing a
+revision (commit; run provenance and docs/figures.json alike), where a run's revisions are kept
+(<history>/<run>/<sha256>.json, HEAD), what a proof holds (the digest it proves, pending calendars,
 Bitcoin attestations) and the run's stamp state read from the proof itself. Shared by the provenance, stamp and
 audit stages and the report (a stage may not import another, so these live here)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
-from .io import read_json, run_bounded, sha256_file
+from .io import atomic_write, read_json, run_bounded, sha256_file
 
 DEFAULT_HISTORY = "audits/.ots-history"
 
@@ -40,6 +43,71 @@ def sha256_bytes(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
+
+
+CHAIN_KEYS = ("revision", "previous_sha256", "created")
+
+
+class ChainError(Exception):
+    """A broken history: the message says which revision file and what is wrong with it."""
+
+
+def canonical(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+# ---- writing a revision ----------------------------------------------------------------------------------------
+def strip_chain(doc: dict) -> dict:
+    return {k: v for k, v in doc.items() if k not in CHAIN_KEYS}
+
+
+def load_revision(hist: Path, sha: str) -> tuple[bytes, dict]:
+    p = hist / f"{sha}.json"
+    if not p.is_file():
+        raise ChainError(f"history broken: revision {sha} ({p}) is missing")
+    data = p.read_bytes()
+    if sha256_bytes(data) != sha:
+        raise ChainError(f"history broken: {p} does not hash to its name (it was changed)")
+    return data, json.loads(data)
+
+
+def commit(content: dict, out: Path, hist: Path, log=None, dump=None) -> tuple[str, bool]:
+    """Write the revision (new one only when the content changed) to the history, HEAD and `out`; `dump` lays
+    out its text (default `canonical`). Returns (sha256, new?)."""
+    dump = dump or canonical
+    content = json.loads(canonical(content))  # the form it will have when read back
+    head = read_head(hist)
+    rev, prev_bytes = 1, None
+    if head:
+        prev_bytes, prev = load_revision(hist, head)
+        if strip_chain(prev) == content:
+            _keep_unchained(out, hist, head, log)
+            if not out.is_file() or out.read_bytes() != prev_bytes:
+                atomic_write(out, prev_bytes.decode())
+            return head, False
+        rev = int(prev.get("revision", 0)) + 1
+    doc = {**content, "revision": rev, "previous_sha256": head,
+           "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    text = dump(doc)
+    sha = sha256_bytes(text.encode())
+    _keep_unchained(out, hist, sha, log)
+    atomic_write(hist / f"{sha}.json", text)  # history first: a crash never leaves a HEAD without its file
+    atomic_write(hist / "HEAD", sha + "\n")
+    atomic_write(out, text)
+    return sha, True
+
+
+def _keep_unchained(out: Path, hist: Path, sha: str, log) -> None:
+    """A file (provenance.json, docs/figures.json) that is in no revision (edited by hand?) is kept in the history,
+    not overwritten."""
+    if not out.is_file():
+        return
+    cur = sha256_file(out)
+    if cur != sha and not (hist / f"{cur}.json").is_file():
+        dest = hist / f"unchained-{cur}.json"
+        atomic_write(dest, out.read_text(errors="replace"))
+        if log:
+            log.warning("%s was in no revision of the chain; kept as %s", out, dest)
 
 
 # The client's own defaults (otsclient/cmds.py stamp_command, opentimestamps.calendar.DEFAULT_AGGREGATORS).

@@ -19,10 +19,9 @@ import platform
 import subprocess
 import sys
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 
-from .chain import DEFAULT_HISTORY, history_dir, read_head, resolve_source, sha256_bytes  # noqa: F401
+from .chain import DEFAULT_HISTORY, ChainError, commit, history_dir, resolve_source  # noqa: F401 (commit: __all__)
 from .io import atomic_write, logger, package_versions, read_json, sha256_file
 from .metrics import LOG_TAG, Row, log_row, parse_log_rows, read_rows
 
@@ -30,7 +29,6 @@ from .metrics import LOG_TAG, Row, log_row, parse_log_rows, read_rows
 __all__ = ["LOG_TAG", "log_row", "parse_log_rows", "number_id", "row_id", "load_numbers", "build", "commit", "main"]
 
 SCHEMA = "moebench.provenance/1"
-CHAIN_KEYS = ("revision", "previous_sha256", "created")
 # comparison.csv columns that are numbers, with their units (speedups are `compare` rows of metrics.csv already)
 COMPARISON_UNITS = {"draws": "count", "step_s": "s", "step_s_iqr": "s", "draw_range_s": "s",
                     "tokens_per_s": "tokens/s", "peak_alloc_gb": "GB", "mem_after_load_gb": "GB", "load_s": "s",
@@ -38,7 +36,7 @@ COMPARISON_UNITS = {"draws": "count", "step_s": "s", "step_s_iqr": "s", "draw_ra
 TOOLS = ("opentimestamps-client", "opentimestamps", "python-bitcoinlib", "snakemake", "pandas")
 
 
-class ProvenanceError(Exception):
+class ProvenanceError(ChainError):
     """Bad input or a broken history: the message says which file and what to do; nothing was written."""
 
 
@@ -50,10 +48,6 @@ def number_id(run: str, stage: str, arm: str, draw, metric: str) -> str:
 
 def row_id(row: Row) -> str:
     return number_id(row.run_id, row.stage, row.arm, row.draw, row.metric)
-
-
-def canonical(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
 def numbers_from_rows(rows: list[Row], run_dir: Path, root: Path) -> list[dict]:
@@ -248,57 +242,6 @@ def build(a, root: Path = Path(".")) -> dict:
             "summary": {"rows": len(nums), "derived": len(comp), **{f"status_{k}": v for k, v in counts.items()}}}
 
 
-# ---- the hash chain ----------------------------------------------------------------------------------------
-def strip_chain(doc: dict) -> dict:
-    return {k: v for k, v in doc.items() if k not in CHAIN_KEYS}
-
-
-def load_revision(hist: Path, sha: str) -> tuple[bytes, dict]:
-    p = hist / f"{sha}.json"
-    if not p.is_file():
-        raise ProvenanceError(f"history broken: revision {sha} ({p}) is missing")
-    data = p.read_bytes()
-    if sha256_bytes(data) != sha:
-        raise ProvenanceError(f"history broken: {p} does not hash to its name (it was changed)")
-    return data, json.loads(data)
-
-
-def commit(content: dict, out: Path, hist: Path, log=None) -> tuple[str, bool]:
-    """Write the revision (new one only when the content changed). Returns (sha256, new?)."""
-    content = json.loads(canonical(content))  # the form it will have when read back
-    head = read_head(hist)
-    rev, prev_bytes = 1, None
-    if head:
-        prev_bytes, prev = load_revision(hist, head)
-        if strip_chain(prev) == content:
-            _keep_unchained(out, hist, head, log)
-            if not out.is_file() or out.read_bytes() != prev_bytes:
-                atomic_write(out, prev_bytes.decode())
-            return head, False
-        rev = int(prev.get("revision", 0)) + 1
-    doc = {**content, "revision": rev, "previous_sha256": head,
-           "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    text = canonical(doc)
-    sha = sha256_bytes(text.encode())
-    _keep_unchained(out, hist, sha, log)
-    atomic_write(hist / f"{sha}.json", text)  # history first: a crash never leaves a HEAD without its file
-    atomic_write(hist / "HEAD", sha + "\n")
-    atomic_write(out, text)
-    return sha, True
-
-
-def _keep_unchained(out: Path, hist: Path, sha: str, log) -> None:
-    """A provenance.json that is in no revision (edited by hand?) is kept in the history, not overwritten."""
-    if not out.is_file():
-        return
-    cur = sha256_file(out)
-    if cur != sha and not (hist / f"{cur}.json").is_file():
-        dest = hist / f"unchained-{cur}.json"
-        atomic_write(dest, out.read_text(errors="replace"))
-        if log:
-            log.warning("%s was in no revision of the chain; kept as %s", out, dest)
-
-
 # ---- rendering -----------------------------------------------------------------------------------------------
 def _v(v) -> str:
     return "" if v is None else json.dumps(v)
@@ -374,7 +317,7 @@ def main(argv=None) -> int:
         hist = history_dir(a.history, content["run"])
         sha, new = commit(content, Path(a.out_json), hist, log)
         doc = read_json(a.out_json)
-    except (ProvenanceError, OSError, json.JSONDecodeError) as exc:
+    except (ChainError, OSError, json.JSONDecodeError) as exc:
         log.error("provenance not written: %s", exc)
         return 2
     atomic_write(a.out_md, render_md(doc, sha, a.out_json))

@@ -31,10 +31,9 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
-from ..chain import DEFAULT_HISTORY, history_dir, read_head, sha256_bytes
+from ..chain import DEFAULT_HISTORY, ChainError, commit, history_dir
 from ..io import read_json, sha256_file
 from ..metrics import VALUED
 
@@ -311,37 +310,36 @@ def render_text(src: Sources, template: str, name: str) -> str:
     return BANNER.format(src=name) + reflow(PLACEHOLDER.sub(sub, template))
 
 
-def figures_json(figures: list[dict], chain: dict | None = None) -> str:
-    """One figure per line: its text as printed, value, the ids it rests on and their provenance.json sha256. The
-    header names its place in the figures' own hash chain (`chain`: revision, previous_sha256, created)."""
-    lines = [json.dumps(f, sort_keys=True, ensure_ascii=False) for f in figures]
-    head = {"about": "every results figure of README.md and docs/results.md, rendered from these provenance ids "
-                     "(moebench.report.readme); cross-run ratios rest on several runs' provenance, so this file "
-                     "has its own hash chain and timestamp", "run": FIGURES_CHAIN, **(chain or {})}
+ABOUT = ("every results figure of README.md and docs/results.md, rendered from these provenance ids "
+         "(moebench.report.readme); cross-run ratios rest on several runs' provenance, so this file has its own "
+         "hash chain and timestamp")
+
+
+def figures_doc(figures: list[dict]) -> dict:
+    return {"about": ABOUT, "run": FIGURES_CHAIN, "figures": figures}
+
+
+def figures_text(doc: dict) -> str:
+    """The figures file's layout: its header keys (chain keys included) one per line, then one figure per line
+    (its text as printed, value, the ids it rests on and their provenance.json sha256)."""
+    head = {k: v for k, v in doc.items() if k != "figures"}
+    lines = [json.dumps(f, sort_keys=True, ensure_ascii=False) for f in doc["figures"]]
     return ("{" + ",\n ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in head.items())
             + ',\n "figures": [\n' + ",\n".join(lines) + "\n]}\n")
 
 
+def figures_json(figures: list[dict]) -> str:
+    """The figures file as it would read outside any chain (tests)."""
+    return figures_text(figures_doc(figures))
+
+
 def commit_figures(root: Path, figures: list[dict], history: str = DEFAULT_HISTORY) -> str:
-    """The figures file as a revision of its chain (<history>/cross-run-figures/<sha256>.json, HEAD): a new
-    revision naming the previous one when the figures changed, else the newest revision's text unchanged."""
-    hist = history_dir(root / history, FIGURES_CHAIN)
-    head, rev = read_head(hist), 1
-    if head:
-        prev_text = (hist / f"{head}.json").read_text()
-        if sha256_bytes(prev_text.encode()) != head:
-            raise RenderError(f"{hist / (head + '.json')} does not hash to its name: the figures' chain is broken")
-        prev = json.loads(prev_text)
-        if prev["figures"] == json.loads(json.dumps(figures)):
-            return prev_text
-        rev = int(prev.get("revision", 0)) + 1
-    text = figures_json(figures, {"revision": rev, "previous_sha256": head,
-                                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    sha = sha256_bytes(text.encode())
-    hist.mkdir(parents=True, exist_ok=True)
-    (hist / f"{sha}.json").write_text(text)  # the revision before HEAD names it: a crash never dangles HEAD
-    (hist / "HEAD").write_text(sha + "\n")
-    return text
+    """Write docs/figures.json as a revision of its own chain (<history>/cross-run-figures/, HEAD), the run
+    provenance's mechanism: a new revision naming the previous one when a figure changed, else the file as the
+    newest revision has it. Returns its text."""
+    out = root / FIGURES
+    commit(figures_doc(figures), out, history_dir(root / history, FIGURES_CHAIN), dump=figures_text)
+    return out.read_text()
 
 
 def render(root: Path = ROOT, committed_only: bool = True) -> tuple[dict[str, str], list[dict]]:
@@ -381,7 +379,11 @@ def main(argv=None) -> int:
             print(f"{p} differs from its rendering from provenance: a figure was edited by hand or a template or "
                   "run changed; run `python -m moebench.report.readme` (make docs)", file=sys.stderr)
         return 1 if stale else 0
-    pages[FIGURES] = commit_figures(root, figures)
+    try:
+        commit_figures(root, figures)
+    except ChainError as exc:
+        print(f"moebench.report.readme: {exc}", file=sys.stderr)
+        return 1
     for p, text in pages.items():
         (root / p).parent.mkdir(parents=True, exist_ok=True)
         (root / p).write_text(text)
