@@ -20,12 +20,15 @@ DEVELOPER = ("Use the tools to inspect and test the repository before answering.
              "Tools: run_shell(cmd), read_file(path), apply_patch(diff).")
 
 
+def opening() -> list[dict]:
+    """The system and developer turns every conversation starts with (fresh dicts: callers may edit them)."""
+    return [{"role": "system", "content": SYSTEM}, {"role": "developer", "content": DEVELOPER}]
+
+
 def _bugfix(rng: random.Random) -> list[dict]:
     mod, fn, err = rng.choice(MODULES), rng.choice(FUNCS), rng.choice(ERRORS)
     n = rng.randint(2, 40)
     return [
-        {"role": "system", "content": SYSTEM},
-        {"role": "developer", "content": DEVELOPER},
         {"role": "user", "content": f"tests/test_{mod}.py fails with `{err}` in {fn}. Please fix it."},
         {"role": "assistant", "thinking": f"Run the failing test first to see where {fn} breaks.",
          "tool_calls": [{"name": "run_shell", "arguments": {"cmd": f"pytest -x tests/test_{mod}.py -k {fn}"}}]},
@@ -45,8 +48,6 @@ def _feature(rng: random.Random) -> list[dict]:
     lang, mod, fn = rng.choice(LANGS), rng.choice(MODULES), rng.choice(FUNCS)
     k = rng.randint(1, 9)
     return [
-        {"role": "system", "content": SYSTEM},
-        {"role": "developer", "content": DEVELOPER},
         {"role": "user", "content": f"Add a `{fn}` helper to the {mod} module ({lang}) with a test."},
         {"role": "assistant", "thinking": f"Read the {mod} module to follow its conventions.",
          "tool_calls": [{"name": "read_file", "arguments": {"path": f"src/{mod}.{lang[:2]}"}}]},
@@ -60,8 +61,6 @@ def _feature(rng: random.Random) -> list[dict]:
 def _explain(rng: random.Random) -> list[dict]:
     mod, fn = rng.choice(MODULES), rng.choice(FUNCS)
     return [
-        {"role": "system", "content": SYSTEM},
-        {"role": "developer", "content": DEVELOPER},
         {"role": "user", "content": f"What does `{fn}` in the {mod} module cost for n items?"},
         {"role": "assistant", "thinking": f"{fn} makes one pass and keeps a hash set: linear time and space.",
          "content": f"`{fn}` is O(n) time and O(n) extra memory: one pass with a hash set of seen keys."},
@@ -77,7 +76,7 @@ def conversations(n: int, seed: int) -> list[dict]:
     out = []
     for i in range(n):
         name = names[i % len(names)]
-        out.append({"id": f"conv-{i:05d}", "template": name, "messages": TEMPLATES[name](rng)})
+        out.append({"id": f"conv-{i:05d}", "template": name, "messages": opening() + TEMPLATES[name](rng)})
     return out
 
 
