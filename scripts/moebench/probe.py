@@ -37,8 +37,9 @@ def bench_probe(args, plan_change: dict, workdir: Path, plog: Path, log, timing:
            str(plog)]
     code, text = run_bounded(cmd, cfg["arm_timeout_s"] + 60)
     rows = read_rows(out) if out.exists() else []
-    log.info("probe %s -> %s", plan_change, outcome(rows, code, text))
-    return outcome(rows, code, text), rows
+    result = outcome(rows, code, text)
+    log.info("probe %s -> %s", plan_change, result)
+    return result, rows
 
 
 def outcome(rows: list[Row], code: int, text: str) -> str:
