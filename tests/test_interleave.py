@@ -41,3 +41,49 @@ def test_driver_runs_inputs_then_draws_in_order_then_the_rest(tmp_path, monkeypa
                      for a in ("unsloth_bf16", "unsloth_4bit")]
     assert "results/r/model-unsloth-bnb4.check.json" in targets[:targets.index(draws[0])]
     assert calls[-1][1] == [] and all("--cores" in a for a, _ in calls)  # the rest: the default target
+
+
+def _build(tmp_path, weights="w1", seconds=5.5):
+    r = tmp_path / "results/r"
+    (r / "data").mkdir(parents=True, exist_ok=True)
+    (r / "model.sha256").write_text(json.dumps({"files": {"a.safetensors": 1}, "config_sha256": weights,
+                                                "routing": {"calibration": {"seconds": seconds}}}))
+    (r / "model.fingerprint.json").write_text(json.dumps({"files": {"a.safetensors": {"sha256": weights}}}))
+    (r / "data/data.sha256").write_text("abc  train.jsonl\n")
+
+
+def test_draws_on_disk_are_kept_only_when_the_rebuild_is_the_same_build(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _build(tmp_path)
+    seq = IL.order(["unsloth_bf16", "unsloth_4bit"], 2)
+    d = tmp_path / "results/r/arms/unsloth_bf16/draw1"
+    d.mkdir(parents=True)
+    (d / "metrics.csv").write_text("x\n")
+    before = IL.input_hashes("r")
+    _build(tmp_path, seconds=6.1)  # a rebuild: same weights, its own timing
+    assert IL.kept_draws("r", seq, before, IL.input_hashes("r"), print) == ["results/r/arms/unsloth_bf16/draw1/metrics.csv"]
+    _build(tmp_path, weights="w2")  # other weights: the draw no longer describes this build
+    said = []
+    assert IL.kept_draws("r", seq, before, IL.input_hashes("r"), said.append) == []
+    assert "measured again" in said[0] and "model.sha256" in said[0]
+
+
+def test_verdict_arms_validations_run_before_the_rest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run.yaml").write_text("run: r\nvalidate: {arms: [unsloth_bf16, hf_bf16]}\n")
+    calls = []
+
+    def fake(args, targets, log):
+        calls.append((args, targets))
+        if targets == ["results/r/tier.json"]:
+            (tmp_path / "results/r").mkdir(parents=True)
+            (tmp_path / "results/r/tier.json").write_text(json.dumps({"gpu": None, "plan": {"draws": 1}}))
+        return 0
+
+    monkeypatch.setattr(IL, "snakemake", fake)
+    try:
+        IL.main(["--configfile", "run.yaml", "--rest", "run"])
+    except SystemExit as e:
+        assert e.code == 0
+    assert calls[-2][1] == ["results/r/validate/unsloth_bf16/metrics.csv"]
+    assert "results/r/verdict.json" in calls[-1][1]

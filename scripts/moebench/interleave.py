@@ -5,12 +5,16 @@ tenants) hits both arms alike. Snakemake alone would run all draws of one arm, t
     python -m moebench.interleave --configfile config/runs/h200-gptoss20b-tier.yaml -- --cores 8 --resources gpu=1
 
 Runs, in order: the inputs every draw needs (tier, data, model, and the checked 4-bit checkpoint where an arm
-needs one), the interleaved draws, then the rest of the workflow (other arms, aggregate, provenance). Resumable:
-a draw already on disk is kept (Snakemake's own bookkeeping) unless --force re-measures it.
+needs one), the interleaved draws, the verdict arms' validations, then the rest of the workflow (other arms,
+aggregate, provenance). Resumable: a draw already on disk is kept unless --force re-measures it, also on a fresh
+machine that rebuilds the model: when the rebuilt model and data hash as the ones the draws were measured on
+(model.sha256, data.sha256 unchanged), the draws are marked current (`snakemake --touch`); otherwise Snakemake
+re-measures them, since they no longer describe this build.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -34,6 +38,37 @@ def prerequisites(run: str, arms: list[str], model: str, gpu: bool) -> list[str]
     if gpu and model == "gpt-oss-20b" and "unsloth_4bit" in arms:
         out.append(f"results/{run}/model-unsloth-bnb4.check.json")
     return out
+
+
+def validations(cfg: dict, arms: list[str], run: str) -> list[str]:
+    """Validation targets of the interleaved arms that the run validates."""
+    wanted = (cfg.get("validate") or {}).get("arms") or []
+    return [f"results/{run}/validate/{arm}/metrics.csv" for arm in arms if arm in wanted]
+
+
+def input_hashes(run: str) -> dict[str, str]:
+    """What identifies the build the draws read: the model's weight fingerprint (sizes, headers, samples), its
+    config and tokenizer hashes, and the data's hashes; not the build's timings, which differ every time."""
+    r = Path(f"results/{run}")
+    rec = json.loads((r / "model.sha256").read_text()) if (r / "model.sha256").is_file() else {}
+    ident = {k: rec.get(k) for k in ("config_sha256", "tokenizer_sha256", "files", "weights_sha256")}
+    out = {"model.sha256": json.dumps(ident, sort_keys=True)}
+    for name in ("model.fingerprint.json", "data/data.sha256"):
+        p = r / name
+        out[name] = p.read_text() if p.is_file() else ""
+    return {k: hashlib.sha256(v.encode()).hexdigest() for k, v in out.items()}
+
+
+def kept_draws(run: str, seq: list[tuple[str, int]], before: dict, after: dict, log) -> list[str]:
+    """Draws on disk that stay: their inputs were rebuilt identical (a fresh machine rebuilds the model, which
+    makes every draw look outdated to Snakemake's file times). A changed build keeps none."""
+    done = [t for t in (f"results/{run}/arms/{arm}/draw{k}/metrics.csv" for arm, k in seq) if Path(t).is_file()]
+    if done and before != after:
+        changed = [k for k in before if before[k] != after[k]]
+        log(f"the rebuilt {', '.join(changed)} differ from the ones the {len(done)} draw(s) on disk were measured "
+            "on: they are measured again")
+        return []
+    return done
 
 
 def snakemake(args: list[str], targets: list[str], log) -> int:
@@ -65,6 +100,7 @@ def main(argv=None):
     tier = json.loads(tier_json.read_text())
     gpu = tier.get("gpu") is not None
     need = prerequisites(run, a.arms, model, gpu)
+    before = input_hashes(run)
     if snakemake(base, need[:3], log):
         sys.exit(f"interleave: building the inputs of {run} failed (see above)")
     if need[3:] and snakemake(base, need[3:], log):  # the 4-bit checkpoint failed its check (or its build)
@@ -72,6 +108,10 @@ def main(argv=None):
     plan = tier["plan"]
     n = a.draws or plan.get("verdict_draws") or plan["draws"]
     seq = order(a.arms, n)
+    keep = [] if a.force else kept_draws(run, seq, before, input_hashes(run), log)
+    if keep:
+        log(f"{len(keep)} draw(s) on disk were measured on this same build: kept (snakemake --touch)")
+        snakemake(base + ["--touch"], keep, log)
     failed = []
     for i, (arm, k) in enumerate(seq, 1):
         target = f"results/{run}/arms/{arm}/draw{k}/metrics.csv"
@@ -81,6 +121,10 @@ def main(argv=None):
     if failed:
         log(f"{len(failed)} draw(s) ended with an error: {failed}")
     if a.rest != "none":
+        checks = validations(cfg, a.arms, run)
+        if checks:  # the verdict rests on them: before the other arms and the shape curve
+            log(f"the verdict arms' validations: {checks}")
+            snakemake(base, checks, log)
         log(f"the rest of the workflow ({a.rest})")
         sys.exit(snakemake(base, [t.format(run=run) for t in RUN_OUTPUTS] if a.rest == "run" else [], log))
 
