@@ -130,3 +130,14 @@ def test_committed_qwen3_draws_read_their_queue_log_and_turn_degraded():
     step = {r.arm: r for r in rows if r.metric == "step_s"}
     assert step["unsloth_4bit"].status == "degraded" and "auto-tuning failed" in step["unsloth_4bit"].reason
     assert step["hf_bf16"].status == "measured"
+
+
+def test_validation_note_names_shape_length_and_sitting():
+    from moebench.aggregate import validation_note
+    doc = {"passed": True, "settings": {"steps": 100, "grad_accum": 4, "batch": 2, "seq_len": 4096},
+           "environment": {"gpu": {"name": "NVIDIA H200"}, "started": "2026-12-02T02:21:59"},
+           "gates": [{"name": "heldout_drop", "detail": "held-out loss 12.9 -> 0.31: fell 97.6%"}]}
+    note = validation_note({"unsloth_4bit": doc, "unsloth_bf16": {**doc, "passed": False}})
+    assert "unsloth_4bit: PASS, TRL SFT 100 steps x 4 micro-batches of 2 x 4096 tokens; held-out loss 12.9 -> 0.31; " \
+           "NVIDIA H200, 2026-12-02" in note and "unsloth_bf16: FAIL" in note
+    assert validation_note({}) == ""

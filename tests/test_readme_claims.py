@@ -114,8 +114,8 @@ def comparison(run="h100-gptoss20b"):
     return {r["arm"]: r for r in csv.DictReader((ROOT / "results" / run / "comparison.csv").open())}
 
 
-def table_rows(heading: str, width: int, page=RESULTS):
-    section = page.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
+def table_rows(heading: str, width: int, page=RESULTS, stop="\n## "):
+    section = page.read_text().split(heading, 1)[1].split(stop, 1)[0]
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == width:
@@ -225,14 +225,18 @@ def test_zeus_range_is_the_rows():
     assert f"reads {lo} to {hi}" in text
 
 
-def test_validation_table_matches_each_arms_validate_rows():
-    training = json.loads((RUN / "verdict.json").read_text())["training"]
+@pytest.mark.parametrize("heading,run,arms", [
+    ("### Training validation (H100", "h100-gptoss20b", {"unsloth_bf16", "hf_bf16", "e4b_4bit"}),
+    ("### Training validation of the verdict pair", "h200-gptoss20b-tier", {"unsloth_bf16", "unsloth_4bit"})])
+def test_validation_table_matches_each_arms_validate_rows(heading, run, arms):
+    run = ROOT / "results" / run
+    training = json.loads((run / "verdict.json").read_text())["training"]
     seen = set()
-    for cells in table_rows("### Training validation", 8):
+    for cells in table_rows(heading, 8, stop="\n#"):
         if cells[0] not in training:
             continue
         arm, steps, rows, held, drop, grads, reload, peak = cells
-        m = {r["metric"]: r["value"] for r in csv.DictReader((RUN / "validate" / arm / "metrics.csv").open())}
+        m = {r["metric"]: r["value"] for r in csv.DictReader((run / "validate" / arm / "metrics.csv").open())}
         assert steps == m["optimizer_steps"] and rows == m["packed_train_sequences"], arm
         before, after = held.split(" → ")
         assert before == f"{float(m['heldout_loss_before']):.2f}", arm
@@ -245,7 +249,7 @@ def test_validation_table_matches_each_arms_validate_rows():
         assert peak == f"{float(m['peak_alloc_gb']):.1f}", arm
         assert training[arm]["result"] == "PASS", arm
         seen.add(arm)
-    assert seen == {"unsloth_bf16", "hf_bf16", "e4b_4bit"}
+    assert seen == arms
 
 
 def test_olmoe_moe_outside_figures_are_the_runs():

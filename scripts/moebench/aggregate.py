@@ -148,6 +148,21 @@ def sessions(envs: list[dict]) -> list[dict]:
     return [{**{k: v for k, v in s.items() if not k.startswith("_")}, "to": s["_end"].isoformat()} for s in out]
 
 
+def validation_note(gates: dict[str, dict]) -> str:
+    """The Markdown lines on each validated arm's fine-tune: its result, the shape and length it trained at, the
+    held-out loss, and where and when (validation may come from a later sitting than the draws)."""
+    lines = []
+    for arm, d in sorted(gates.items()):
+        s, env = d.get("settings") or {}, d.get("environment") or {}
+        held = next((g.get("detail", "") for g in d.get("gates") or [] if g.get("name") == "heldout_drop"), "")
+        gpu = (env.get("gpu") or {}).get("name") or "CPU"
+        lines.append(f"- {arm}: {'PASS' if d.get('passed') else 'FAIL'}, TRL SFT {s.get('steps')} steps x "
+                     f"{s.get('grad_accum')} micro-batches of {s.get('batch')} x {s.get('seq_len')} tokens"
+                     f"{'; ' + held.split(':')[0] if held else ''}; {gpu}, {str(env.get('started', ''))[:10]}")
+    return "\n**Training validation** (gates: results/<run>/validate/<arm>/gates.json):\n" + "\n".join(lines) + "\n" \
+        if lines else ""
+
+
 def session_note(sess: list[dict]) -> str:
     """The Markdown line under the table when a run's arms were measured in more than one session."""
     if len(sess) < 2:
@@ -314,7 +329,8 @@ def main(argv=None):
                       vc.get("bootstrap_reps", 2000), vc.get("level", 0.95))
     v["beside"] = beside(draws)
     # training health joins the speed verdict; a run whose unsloth_bf16 was not validated is NOT TESTABLE
-    v = overall_verdict(v, mark_superseded({d["arm"]: d for d in map(read_json, a.gates)}, rows))
+    gates = {d["arm"]: d for d in map(read_json, a.gates)}
+    v = overall_verdict(v, mark_superseded(gates, rows))
     envs = [{**read_json(d / "env.json"), "arm": d.parent.name} for d in draw_dirs if (d / "env.json").exists()]
     sess = sessions(envs)
     v = split_by_session(v, sess)
@@ -324,7 +340,8 @@ def main(argv=None):
         v["shape_curve"] = curve
     write_rows(a.metrics, rows + derived)
     atomic_write(a.comparison, buf.getvalue())
-    notes = [shape_note(v["shape"]), curve_note(curve), conditions_note(envs), session_note(sess)]
+    notes = [shape_note(v["shape"]), curve_note(curve), conditions_note(envs), session_note(sess),
+             validation_note(gates)]
     atomic_write(a.markdown, markdown(lines, cols, v, notes))
     write_json(a.verdict, v)
     print(Path(a.markdown).read_text())
