@@ -17,24 +17,31 @@ def test_checked_checkpoint_is_a_prerequisite_only_where_it_is_used():
     assert not any("bnb4" in t for t in IL.prerequisites("r", ["unsloth_4bit"], "qwen3-30b-a3b", gpu=True))
 
 
-def test_driver_runs_inputs_then_draws_in_order_then_the_rest(tmp_path, monkeypatch):
+def drive(tmp_path, monkeypatch, run_yaml: str, tier: dict, argv: list[str]) -> list:
+    """Run the driver with Snakemake replaced by a recorder (the tier call writes `tier`); returns its calls."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "run.yaml").write_text("run: r\nmodel: {name: gpt-oss-20b, source: random-init}\n")
+    (tmp_path / "run.yaml").write_text(run_yaml)
     calls = []
 
     def fake(args, targets, log):
         calls.append((args, targets))
         if targets == ["results/r/tier.json"]:
             (tmp_path / "results/r").mkdir(parents=True)
-            (tmp_path / "results/r/tier.json").write_text(json.dumps(
-                {"tier": "h200_141gb", "gpu": {"name": "H200"}, "plan": {"draws": 2, "verdict_draws": 3}}))
+            (tmp_path / "results/r/tier.json").write_text(json.dumps(tier))
         return 0
 
     monkeypatch.setattr(IL, "snakemake", fake)
     try:
-        IL.main(["--configfile", "run.yaml", "--", "--cores", "8"])
+        IL.main(["--configfile", "run.yaml", *argv])
     except SystemExit as e:
         assert e.code == 0
+    return calls
+
+
+def test_driver_runs_inputs_then_draws_in_order_then_the_rest(tmp_path, monkeypatch):
+    calls = drive(tmp_path, monkeypatch, "run: r\nmodel: {name: gpt-oss-20b, source: random-init}\n",
+                  {"tier": "h200_141gb", "gpu": {"name": "H200"}, "plan": {"draws": 2, "verdict_draws": 3}},
+                  ["--", "--cores", "8"])
     targets = [t for _, ts in calls for t in ts]
     draws = [t for t in targets if "/arms/" in t]
     assert draws == [f"results/r/arms/{a}/draw{k}/metrics.csv" for k in (1, 2, 3)
@@ -69,21 +76,7 @@ def test_draws_on_disk_are_kept_only_when_the_rebuild_is_the_same_build(tmp_path
 
 
 def test_verdict_arms_validations_run_before_the_rest(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "run.yaml").write_text("run: r\nvalidate: {arms: [unsloth_bf16, hf_bf16]}\n")
-    calls = []
-
-    def fake(args, targets, log):
-        calls.append((args, targets))
-        if targets == ["results/r/tier.json"]:
-            (tmp_path / "results/r").mkdir(parents=True)
-            (tmp_path / "results/r/tier.json").write_text(json.dumps({"gpu": None, "plan": {"draws": 1}}))
-        return 0
-
-    monkeypatch.setattr(IL, "snakemake", fake)
-    try:
-        IL.main(["--configfile", "run.yaml", "--rest", "run"])
-    except SystemExit as e:
-        assert e.code == 0
+    calls = drive(tmp_path, monkeypatch, "run: r\nvalidate: {arms: [unsloth_bf16, hf_bf16]}\n",
+                  {"gpu": None, "plan": {"draws": 1}}, ["--rest", "run"])
     assert calls[-2][1] == ["results/r/validate/unsloth_bf16/metrics.csv"]
     assert "results/r/verdict.json" in calls[-1][1]
