@@ -243,3 +243,17 @@ def test_ledger_cites_public_sources():
             assert "url" not in src, c["id"]
         else:
             assert str(src.get("url", "")).startswith("https://") or src.get("paper"), c["id"]
+
+
+def test_a_claim_is_judged_only_at_the_settings_it_names():
+    vram = claim({"kind": "value", "of": {"arm": "unsloth_4bit", "metric": "peak_reserved_gb"}},
+                 {"max": 12.8, "unit": "GiB"}, {"settings": {"lora_r": 8, "batch": 1, "seq_len": 1024}})
+    rows = [row("unsloth_4bit", "peak_reserved_gb", 31.3, unit="GB")]
+    bench = cl.run_settings({"lora": {"r": 64}}, {"batch": 2, "seq_len": 4096})
+    out = cl.judge(vram, rows, info(settings=bench))
+    assert out["verdict"] == cl.UNTESTABLE and out["value"] is None
+    assert "lora_r 8 (this run: 64)" in out["reason"] and "seq_len 1024 (this run: 4096)" in out["reason"]
+    notebook = cl.run_settings({"lora": {"r": 8}}, {"batch": 1, "seq_len": 1024})
+    assert cl.judge(vram, rows, info(settings=notebook))["verdict"] == cl.FAILS  # 29.1 GiB > 12.8
+    with pytest.raises(cl.ClaimsError, match="lora_rank"):
+        cl.check_claim({**vram, "conditions": {"settings": {"lora_rank": 8}}})

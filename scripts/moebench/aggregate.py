@@ -155,10 +155,12 @@ def validation_note(gates: dict[str, dict]) -> str:
     for arm, d in sorted(gates.items()):
         s, env = d.get("settings") or {}, d.get("environment") or {}
         held = next((g.get("detail", "") for g in d.get("gates") or [] if g.get("name") == "heldout_drop"), "")
-        gpu = (env.get("gpu") or {}).get("name") or "CPU"
+        # records before the environment block name only their tier
+        where = ", ".join(filter(None, [(env.get("gpu") or {}).get("name") or d.get("tier"),
+                                        str(env.get("started") or "")[:10]]))
         lines.append(f"- {arm}: {'PASS' if d.get('passed') else 'FAIL'}, TRL SFT {s.get('steps')} steps x "
                      f"{s.get('grad_accum')} micro-batches of {s.get('batch')} x {s.get('seq_len')} tokens"
-                     f"{'; ' + held.split(':')[0] if held else ''}; {gpu}, {str(env.get('started', ''))[:10]}")
+                     f"{'; ' + held.split(':')[0] if held else ''}{'; ' + where if where else ''}")
     return "\n**Training validation** (gates: results/<run>/validate/<arm>/gates.json):\n" + "\n".join(lines) + "\n" \
         if lines else ""
 

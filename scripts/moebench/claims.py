@@ -27,6 +27,10 @@ SCHEMA = "moebench.claims/1"
 HOLDS, FAILS, UNTESTABLE = "holds", "does not hold", "not testable here"
 GIB_PER_GB = 1e9 / 2**30
 RUN_CONDITIONS = ("tier", "model", "model_scale", "gpu")
+# conditions.settings: the training settings a claim names (a notebook's LoRA rank, batch, sequence length), read
+# from the run's own config.yaml and tier.json plan; a run at other settings cannot test it.
+SETTINGS = {"lora_r": ("config", "lora", "r"), "batch": ("plan", "batch"), "seq_len": ("plan", "seq_len"),
+            "gradient_checkpointing": ("plan", "gradient_checkpointing")}
 
 
 class ClaimsError(ValueError):
@@ -63,9 +67,12 @@ def check_claim(c: dict) -> dict:
     if e.get("unit") not in (None, "GiB"):
         raise ClaimsError(f"claim {cid}: expect.unit may only be GiB, got {e['unit']!r}")
     cond = dict(c.get("conditions") or {})
-    unknown = set(cond) - set(RUN_CONDITIONS) - {"rows", "memory_not_binding"}
+    unknown = set(cond) - set(RUN_CONDITIONS) - {"rows", "memory_not_binding", "settings"}
     if unknown:
         raise ClaimsError(f"claim {cid}: unknown condition(s) {sorted(unknown)}")
+    bad = sorted(set(cond.get("settings") or {}) - set(SETTINGS))
+    if bad:
+        raise ClaimsError(f"claim {cid}: conditions.settings knows {sorted(SETTINGS)}, not {bad}")
     cond["rows"] = [{**_operand(cid, "conditions.rows", r),
                      **{k: r[k] for k in ("equals", "min", "max") if k in r}} for r in cond.get("rows", [])]
     return {**c, "metric": m, "expect": e, "conditions": cond}
@@ -88,10 +95,22 @@ def run_info(run_dir, rows: list[Row]) -> dict:
     tier = read_json(d / "tier.json") if (d / "tier.json").is_file() else None
     gpu = (tier or {}).get("gpu") or {}
     models = sorted({r.model for r in rows if r.model})
-    return {"run": d.name, "tier": (tier or {}).get("tier"), "gpu": gpu.get("name") or ("none" if tier else None),
+    cfg = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
+    return {"run": d.name, "settings": run_settings(cfg or {}, (tier or {}).get("plan") or {}), "tier": (tier or {}).get("tier"), "gpu": gpu.get("name") or ("none" if tier else None),
             "gpu_memory_gb": gpu.get("memory_gb"), "model_scale": ((tier or {}).get("plan") or {}).get("model_scale"),
             "model": models[0] if len(models) == 1 else (", ".join(models) or None),
             "tier_json": tier is not None}
+
+
+def run_settings(cfg: dict, plan: dict) -> dict:
+    """The run's values of the SETTINGS keys (None where it does not say)."""
+    out = {}
+    for key, (src, *path) in SETTINGS.items():
+        v = cfg if src == "config" else plan
+        for k in path:
+            v = v.get(k) if isinstance(v, dict) else None
+        out[key] = v
+    return out
 
 
 def _select(rows: list[Row], op: dict) -> list[Row]:
@@ -153,7 +172,13 @@ def _run_mismatch(cond: dict, info: dict) -> str:
         ok = any(w.lower() in have.lower() for w in want) if key == "gpu" else have in want
         if not ok:
             return f"the claim was made on {key} {' / '.join(map(str, want))}; this run's {key} is {have} ({src})"
-    return ""
+    return _settings_mismatch(cond.get("settings") or {}, info.get("settings") or {})
+
+
+def _settings_mismatch(want: dict, have: dict) -> str:
+    """Why the run's settings are not the ones the claim names ('' when they are)."""
+    off = [f"{k} {want[k]} (this run: {have.get(k)})" for k in sorted(want) if have.get(k) != want[k]]
+    return f"the claim is made at {', '.join(off)}; its settings are the run's config and tier plan" if off else ""
 
 
 def _row_conditions(cond: dict, rows: list[Row], run: str) -> tuple[str, list[str]]:
