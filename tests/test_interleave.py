@@ -59,19 +59,20 @@ def _build(tmp_path, weights="w1", seconds=5.5):
     (r / "data/data.sha256").write_text("abc  train.jsonl\n")
 
 
-def test_draws_on_disk_are_kept_only_when_the_rebuild_is_the_same_build(tmp_path, monkeypatch):
+def test_measurements_on_disk_are_kept_only_when_the_rebuild_is_the_same_build(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _build(tmp_path)
-    seq = IL.order(["unsloth_bf16", "unsloth_4bit"], 2)
-    d = tmp_path / "results/r/arms/unsloth_bf16/draw1"
-    d.mkdir(parents=True)
-    (d / "metrics.csv").write_text("x\n")
+    made = ["arms/unsloth_bf16/draw1/metrics.csv", "arms/hf_bf16/draw2/metrics.csv", "validate/unsloth_4bit/metrics.csv",
+            "shapes/unsloth_bf16.csv", "sweep/unsloth_bf16/seq.csv"]
+    for f in made + ["sweep/unsloth_bf16/seq_ladder.csv", "shapes/unsloth_bf16_1x2048/steps.csv"]:  # not outputs
+        (tmp_path / "results/r" / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "results/r" / f).write_text("x\n")
     before = IL.input_hashes("r")
     _build(tmp_path, seconds=6.1)  # a rebuild: same weights, its own timing
-    assert IL.kept_draws("r", seq, before, IL.input_hashes("r"), print) == ["results/r/arms/unsloth_bf16/draw1/metrics.csv"]
-    _build(tmp_path, weights="w2")  # other weights: the draw no longer describes this build
+    assert IL.kept_outputs("r", before, IL.input_hashes("r"), print) == sorted(f"results/r/{f}" for f in made)
+    _build(tmp_path, weights="w2")  # other weights: nothing on disk describes this build
     said = []
-    assert IL.kept_draws("r", seq, before, IL.input_hashes("r"), said.append) == []
+    assert IL.kept_outputs("r", before, IL.input_hashes("r"), said.append) == []
     assert "measured again" in said[0] and "model.sha256" in said[0]
 
 

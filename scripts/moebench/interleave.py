@@ -7,9 +7,10 @@ tenants) hits both arms alike. Snakemake alone would run all draws of one arm, t
 Runs, in order: the inputs every draw needs (tier, data, model, and the checked 4-bit checkpoint where an arm
 needs one), the interleaved draws, the verdict arms' validations, then the rest of the workflow (other arms,
 aggregate, provenance). Resumable: a draw already on disk is kept unless --force re-measures it, also on a fresh
-machine that rebuilds the model: when the rebuilt model and data hash as the ones the draws were measured on
-(model.sha256, data.sha256 unchanged), the draws are marked current (`snakemake --touch`); otherwise Snakemake
-re-measures them, since they no longer describe this build.
+machine that rebuilds the model: when the rebuilt model and data hash as the ones on disk were measured on
+(weights' fingerprint, config, tokenizer, data), every measurement of the run on disk (draws of every arm,
+validations, shape curve, offload, sweeps, routing A/B) is marked current (`snakemake --touch`); otherwise
+Snakemake re-measures them, since they no longer describe this build.
 """
 from __future__ import annotations
 
@@ -59,14 +60,20 @@ def input_hashes(run: str) -> dict[str, str]:
     return {k: hashlib.sha256(v.encode()).hexdigest() for k, v in out.items()}
 
 
-def kept_draws(run: str, seq: list[tuple[str, int]], before: dict, after: dict, log) -> list[str]:
-    """Draws on disk that stay: their inputs were rebuilt identical (a fresh machine rebuilds the model, which
-    makes every draw look outdated to Snakemake's file times). A changed build keeps none."""
-    done = [t for t in (f"results/{run}/arms/{arm}/draw{k}/metrics.csv" for arm, k in seq) if Path(t).is_file()]
+# What a GPU sitting measured, per run (each a rule's output that Snakemake can be asked for by name): all of it
+# depends on the model build, which a fresh machine rebuilds.
+MEASURED = ("arms/*/draw*/metrics.csv", "validate/*/metrics.csv", "shapes/*.csv", "offload/*/*/metrics.csv",
+            "sweep/*/seq.csv", "sweep/*/batch.csv", "routing_ab/*/metrics.csv")  # not the ladders' own csv
+
+
+def kept_outputs(run: str, before: dict, after: dict, log) -> list[str]:
+    """Measurements on disk that stay: their inputs were rebuilt identical (a fresh machine rebuilds the model,
+    which makes every measurement look outdated to Snakemake's file times). A changed build keeps none."""
+    done = sorted(str(p) for pat in MEASURED for p in Path(f"results/{run}").glob(pat))
     if done and before != after:
         changed = [k for k in before if before[k] != after[k]]
-        log(f"the rebuilt {', '.join(changed)} differ from the ones the {len(done)} draw(s) on disk were measured "
-            "on: they are measured again")
+        log(f"the rebuilt {', '.join(changed)} differ from the ones the {len(done)} measurement(s) on disk were "
+            "made on: they are measured again")
         return []
     return done
 
@@ -108,9 +115,11 @@ def main(argv=None):
     plan = tier["plan"]
     n = a.draws or plan.get("verdict_draws") or plan["draws"]
     seq = order(a.arms, n)
-    keep = [] if a.force else kept_draws(run, seq, before, input_hashes(run), log)
+    # --force re-measures the interleaved draws only: what else is on disk stays when the build is the same
+    keep = [t for t in kept_outputs(run, before, input_hashes(run), log)
+            if not (a.force and any(t == f"results/{run}/arms/{arm}/draw{k}/metrics.csv" for arm, k in seq))]
     if keep:
-        log(f"{len(keep)} draw(s) on disk were measured on this same build: kept (snakemake --touch)")
+        log(f"{len(keep)} measurement(s) on disk were made on this same build: kept (snakemake --touch)")
         snakemake(base + ["--touch"], keep, log)
     failed = []
     for i, (arm, k) in enumerate(seq, 1):
