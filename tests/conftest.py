@@ -29,10 +29,11 @@ BIN = Path(sys.executable).parent
 # on 2 cores, where a second thread per tiny-model step costs ~20% more CPU for no speed (a user's setting wins).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Small but real, so the suite stays fast on 2 cores: the default CPU plan with fewer timed steps of 64 tokens (a
-# step of 256 costs ~3.5 s on the tiny model, of 64 ~0.3 s), 40 conversations, and the short fine-tune
-# tests/test_validate.py shows passing every gate (8 steps of 64 tokens).
+# step of 256 costs ~3.5 s on the tiny model, of 64 ~0.3 s), 12 conversations (one held out: validate's two
+# held-out evaluations of 4 conversations cost more than its training) and the short fine-tune
+# tests/test_validate.py shows passing every gate (8 steps of 64 tokens; it passes them on this data too).
 QUICK = ["--config", "plan_overrides={timed_steps: 3, warmup_steps: 1, draws: 2, seq_len: 64}",
-         "data={conversations: 40, seed: 42}",
+         "data={conversations: 12, seed: 42}",
          "validate={cpu_steps: 8, grad_accum: 1, cpu_seq_len: 64, lr: 3.0e-3, window: 3, warmup_ratio: 0.0, "
          "reload_tokens: 32}"]
 # The committed run the CPU chain renders beside its own (report, claims, tier comparison): one real GPU run keeps
@@ -173,6 +174,44 @@ def at_session_end(fn) -> None:
     _AT_END.append(fn)
 
 
+_THREADS: dict[str, dict] = {}  # background(): fixture name -> its thread and, once done, "value" or "error"
+
+
+def background(fixture: str, scope: str = "module"):
+    """Decorator: `work(tmp_path_factory)` becomes the fixture `fixture`, whose work starts in a thread at the end of
+    collection (in_background) and whose value the fixture waits for. For a test's Snakemake runs (started with
+    nice=BACKGROUND_NICE) that need nothing from other tests: they overlap the unit tests, and the test asserts
+    on what they returned. An exception in `work` is raised by the fixture."""
+    def wrap(work):
+        def start(tmp_path_factory) -> None:
+            if fixture in _THREADS:
+                return
+            box: dict = {}
+
+            def run():
+                try:
+                    box["value"] = work(tmp_path_factory)
+                except BaseException as e:  # handed to the fixture
+                    box["error"] = e
+
+            box["thread"] = threading.Thread(target=run, name=fixture, daemon=True)
+            _THREADS[fixture] = box
+            box["thread"].start()
+
+        in_background(fixture)(start)
+
+        @pytest.fixture(scope=scope, name=fixture)
+        def waited(tmp_path_factory):
+            start(tmp_path_factory)  # a no-op when collection started it
+            box = _THREADS[fixture]
+            box["thread"].join()
+            if "error" in box:
+                raise box["error"]
+            return box["value"]
+        return waited
+    return wrap
+
+
 # ---- the one CPU chain ---------------------------------------------------------------------------------------
 _CPU_RUN: dict = {}
 
@@ -215,6 +254,12 @@ def pytest_sessionfinish(session, exitstatus):
 def cpu_run() -> Path:
     """The CPU-tier workflow (QUICK plan) run once from a copy of the repo; returns that copy's root.
     Read it, never write to it: other tests share it (conftest.clone copies it to build more)."""
+    return wait_cpu_run()
+
+
+def wait_cpu_run() -> Path:
+    """What the cpu_run fixture returns, for background work that builds on it (background()): waits for the run,
+    raises AssertionError with its log when it failed."""
     _start_cpu_run()  # a no-op when collection started it
     p, root = _CPU_RUN["proc"], _CPU_RUN["root"]
     try:

@@ -9,18 +9,22 @@ import statistics
 
 import pytest
 
-from conftest import copy_repo, snakemake
+from conftest import BACKGROUND_NICE, background, copy_repo, snakemake
 from moebench import audit
 
 
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory):
-    return copy_repo(tmp_path_factory.mktemp("clone"))
+@background("audited")
+def audited(tmp_path_factory):
+    """A fresh clone, the dry runs of `audit` and `ots_upgrade`, then `snakemake audit` as typed, in that order,
+    run beside the other tests. Returns (clone, {target: dry run's Ran}, the audit's Ran)."""
+    clone = copy_repo(tmp_path_factory.mktemp("clone"))
+    dry = {target: snakemake(clone, "-n", target, nice=BACKGROUND_NICE) for target in ("audit", "ots_upgrade")}
+    # no --cores: the default profile gives them
+    return clone, dry, snakemake(clone, "audit", timeout=300, nice=BACKGROUND_NICE)
 
 
-def test_dry_run_audit_plans_only_the_audit(clone):
-    for target in ("audit", "ots_upgrade"):
-        r = snakemake(clone, "-n", target)
+def test_dry_run_audit_plans_only_the_audit(audited):
+    for target, r in audited[1].items():
         assert r.returncode == 0, r.stderr[-2000:]
         stats = r.stdout.split("Job stats:")[1].split("Reasons")[0] if "Job stats:" in r.stdout else r.stdout
         assert f"{target} " in stats and "total" in stats
@@ -28,8 +32,8 @@ def test_dry_run_audit_plans_only_the_audit(clone):
             assert f"\n{rule} " not in stats, (target, stats)
 
 
-def test_snakemake_audit_as_typed_reads_unstamped_offline(clone):
-    r = snakemake(clone, "audit", timeout=300)  # no --cores: the default profile gives them
+def test_snakemake_audit_as_typed_reads_unstamped_offline(audited):
+    clone, _, r = audited
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     assert "AUDIT UNSTAMPED: numbers, chain and inputs check out" in out

@@ -3,7 +3,7 @@ import copy
 import pytest
 import yaml
 
-from conftest import ROOT, copy_repo, snakemake
+from conftest import BACKGROUND_NICE, ROOT, background, copy_repo, snakemake
 from moebench import config as cfgmod
 
 BASE = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
@@ -55,7 +55,7 @@ def test_unsloth_env_takes_unsloth_switches_only():
 
 
 def test_workflow_stops_before_any_job_on_bad_config(tmp_path):
-    root = copy_repo(tmp_path)
+    root = copy_repo(tmp_path, committed=())  # it stops at parsing: the committed runs play no part
     r = snakemake(root, "-n", "--config", "tier=h900")
     assert r.returncode != 0
     assert "config key 'tier': got 'h900'" in r.stdout + r.stderr
@@ -97,18 +97,30 @@ def _git(root, *args):
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
 
 
-def test_dry_run_with_config_override_writes_nothing(tmp_path):
-    """Parsing the workflow (a dry run, even one naming a committed run and overriding its settings) leaves a fresh
-    clone's tree exactly as it was: each run's config.yaml is written by a job, never at parse time."""
-    root = copy_repo(tmp_path)
+@background("overridden")
+def overridden(tmp_path_factory):
+    """A fresh clone (every committed run) made a git repo, then dry runs that override settings, one naming a
+    committed run, each followed by `git status`: run beside the other tests. Returns (root, the committed
+    runs' config.yaml, [(args, Ran, status)])."""
+    root = copy_repo(tmp_path_factory.mktemp("overridden"))
     _git(root, "init", "-q")
     _git(root, "add", "-A")
     _git(root, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "clone")
     committed = sorted(p.relative_to(root) for p in (root / "results").glob("*/config.yaml"))
-    assert committed, "no committed run to check against"
+    ran = []
     for args in (["--config", "provenance={require_stamp: false, timeout_s: 1}"],
-                 ["--config", f"run={committed[0].parts[1]}", "sweeps=false"]):
-        r = snakemake(root, "-n", *args)
+                 ["--config", f"run={committed[0].parts[1]}", "sweeps=false"] if committed else []):
+        r = snakemake(root, "-n", *args, nice=BACKGROUND_NICE)
+        ran.append((args, r, _git(root, "status", "--porcelain")))
+    return root, committed, ran
+
+
+def test_dry_run_with_config_override_writes_nothing(overridden):
+    """Parsing the workflow (a dry run, even one naming a committed run and overriding its settings) leaves a fresh
+    clone's tree exactly as it was: each run's config.yaml is written by a job, never at parse time."""
+    root, committed, ran = overridden
+    assert committed, "no committed run to check against"
+    for args, r, status in ran:
         assert r.returncode == 0, r.stderr[-2000:]
-        assert _git(root, "status", "--porcelain") == "", args
+        assert status == "", args
     assert not (root / "results" / "local").exists()

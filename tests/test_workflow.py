@@ -7,7 +7,8 @@ import time
 import pytest
 import yaml
 
-from conftest import QUICK, ROOT, clone, copy_repo, kill_group, snakemake
+from conftest import (BACKGROUND_NICE, QUICK, ROOT, background, clone, copy_repo, kill_group, snakemake,
+                      wait_cpu_run)
 from moebench import config as cfgmod
 from moebench import workflowlib as wl
 from moebench.metrics import read_rows
@@ -49,27 +50,40 @@ def test_lint_is_clean(cpu_run):
     assert "Congratulations" in r.stdout + r.stderr or "no issues" in (r.stdout + r.stderr).lower()
 
 
-def test_killed_run_resumes_without_taking_partial_output(cpu_run, tmp_path):
+@background("killed_run")
+def killed_run(tmp_path_factory):
     """A clone of the CPU run without hf_bf16's first draw and the aggregate table: Snakemake rebuilds just those,
-    is killed inside that draw, and resumes after --unlock."""
-    root = clone(cpu_run, tmp_path / "clone")
-    draw = root / "results" / "local" / "arms" / "hf_bf16"
+    is killed inside that draw, and resumes after --unlock. Run in the background once the CPU run is done; returns
+    what the test checks: whether Snakemake was still running when killed (with its log), the files after the
+    kill, the --unlock and the resumed run."""
+    root = clone(wait_cpu_run(), tmp_path_factory.mktemp("killed") / "clone")
+    local = root / "results" / "local"
+    draw = local / "arms" / "hf_bf16"
     shutil.rmtree(draw / "draw1")
-    (root / "results" / "local" / "metrics.csv").unlink()
+    (local / "metrics.csv").unlink()
     # up to the aggregate table: what resuming has to prove (the report stages are covered elsewhere)
     target = "results/local/metrics.csv"
-    p = snakemake(root, "--cores", "1", target, *QUICK, wait=False)
+    p = snakemake(root, "--cores", "1", target, *QUICK, wait=False, nice=BACKGROUND_NICE)
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None and not (draw / "draw1" / "run.log").exists():
-        time.sleep(0.2)
+        time.sleep(0.1)
     time.sleep(1.0)  # inside the draw: its log opens before the ~10 s of imports and loading
-    assert p.poll() is None, (root / "snakemake.out").read_text()[-3000:]
+    seen = {"running": p.poll() is None, "log": (root / "snakemake.out").read_text()[-3000:]}
     kill_group(p)
-    assert not (root / "results" / "local" / "metrics.csv").exists()
-    assert not (draw / "draw1" / "metrics.csv").exists()  # the killed draw left no output that looks done
+    seen.update(metrics=(local / "metrics.csv").exists(), draw_metrics=(draw / "draw1" / "metrics.csv").exists())
     # after a hard kill (power loss) Snakemake's lock stays: --unlock as its message says, then run again
-    assert snakemake(root, "--unlock").returncode == 0
-    r = snakemake(root, "--cores", "2", target, *QUICK)
+    seen["unlock"] = snakemake(root, "--unlock", nice=BACKGROUND_NICE)
+    seen["resumed"] = snakemake(root, "--cores", "2", target, *QUICK, nice=BACKGROUND_NICE)
+    return root, seen
+
+
+def test_killed_run_resumes_without_taking_partial_output(killed_run):
+    root, seen = killed_run
+    assert seen["running"], seen["log"]
+    assert not seen["metrics"]
+    assert not seen["draw_metrics"]  # the killed draw left no output that looks done
+    assert seen["unlock"].returncode == 0, seen["unlock"].out[-2000:]
+    r = seen["resumed"]
     assert r.returncode == 0, r.out[-4000:]
     assert "bench" in r.out and "\ndetect" not in r.out  # only what was taken away was rebuilt
     rows = read_rows(root / "results" / "local" / "metrics.csv")
@@ -150,25 +164,45 @@ def _jobs(out: str, rule: str) -> list[dict]:
     return jobs
 
 
-def test_dry_run_fans_the_matrix_out_over_the_tiers(tmp_path):
+def _plans() -> dict:
+    """Each fanned-out run's tier plan, as detect would write it on the tier's own node."""
+    tiers = cfgmod.load_yaml("tiers.yaml")
+    return {run: tiers["cpu" if run.startswith("local-cpu") else "h100_80gb"]["plan"] for run in FANNED}
+
+
+@background("fanned")
+def fanned(tmp_path_factory):
+    """The dry-run fan-out's Snakemakes, run beside the other tests: a dry run; each run's config.yaml as rule
+    run_config writes it (local and quick); its tier.json as detect would write it; a dry run again. Stops at the
+    first that fails. Returns (root, [their Ran])."""
+    root = copy_repo(tmp_path_factory.mktemp("fanned"), committed=())  # the fan-out's jobs only: see copy_repo
+    bg = {"nice": BACKGROUND_NICE}
+    ran = [snakemake(root, "-n", "--config", CLUSTER, **bg)]
+    if ran[-1].returncode == 0:
+        configs = (f"results/{run}/config.yaml" for run in FANNED)
+        ran.append(snakemake(root, "--cores", str(len(FANNED)), *configs, "--config", CLUSTER, **bg))
+    if ran[-1].returncode == 0:
+        for run, plan in _plans().items():  # what detect writes on the tier's own node (here: written for it)
+            (root / "results" / run).mkdir(parents=True, exist_ok=True)
+            tier = "cpu" if run.startswith("local-cpu") else "h100_80gb"
+            (root / "results" / run / "tier.json").write_text(json.dumps({"tier": tier, "plan": plan}))
+        ran.append(snakemake(root, "-n", "--config", CLUSTER, **bg))
+    return root, ran
+
+
+def test_dry_run_fans_the_matrix_out_over_the_tiers(fanned):
     """One detect per run on its partition; once each run's config.yaml and tier.json exist (as after run_config
     and detect), one bench job per run x arm x draw, each on its run's partition, and one aggregate per run."""
-    root = copy_repo(tmp_path)
-    r = snakemake(root, "-n", "--config", CLUSTER)
+    root, ran = fanned
+    r = ran[0]
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     detects = _jobs(r.stdout, "detect")
     assert {j["wildcards"]["run"]: j["resources"]["slurm_partition"] for j in detects} == FANNED
     assert {j["resources"]["gpu"] for j in detects} == {"0", "1"}  # the CPU runs ask for no GPU, the H100 run for one
-    # each run's config.yaml as rule run_config writes it (local and quick), then its tier.json as detect would
-    r = snakemake(root, "--cores", "1", *(f"results/{run}/config.yaml" for run in FANNED), "--config", CLUSTER)
+    r = ran[1]
     assert r.returncode == 0, r.out[-3000:]
-    tiers = cfgmod.load_yaml("tiers.yaml")
-    plans = {run: tiers["cpu" if run.startswith("local-cpu") else "h100_80gb"]["plan"] for run in FANNED}
-    for run, plan in plans.items():  # what detect writes on the tier's own node (here: written for it)
-        (root / "results" / run).mkdir(parents=True, exist_ok=True)
-        tier = "cpu" if run.startswith("local-cpu") else "h100_80gb"
-        (root / "results" / run / "tier.json").write_text(json.dumps({"tier": tier, "plan": plan}))
-    r = snakemake(root, "-n", "--config", CLUSTER)
+    plans = _plans()
+    r = ran[2]
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     arms = _config()["arms"]
     bench = _jobs(r.stdout, "bench")
