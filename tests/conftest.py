@@ -79,6 +79,7 @@ def venv_env(**extra: str) -> dict:
 
 # Snakemakes still running: the session's end kills them (a background one may outlive an early stop, e.g. -x).
 _LIVE: set[subprocess.Popen] = set()
+_ENDED = threading.Event()  # set at the session's end: a background thread starts no Snakemake after it
 
 
 # Niceness of background work (in_background): the test being run keeps a core to itself instead of sharing it
@@ -93,6 +94,8 @@ def snakemake(cwd: Path, *args: str, timeout: float = 600, env: dict | None = No
     SIGKILL (a hung Snakemake ignores SIGTERM) and returncode is None. wait=False starts it and returns the Popen
     (output to cwd/snakemake.out), for tests that kill it."""
     cmd = [*(["nice", "-n", str(nice)] if nice else []), str(BIN / "snakemake"), *args]  # nice execs: same pid
+    if _ENDED.is_set():  # a background() thread of a stopped session: nothing would kill this one
+        raise RuntimeError(f"the test session has ended; not starting {cmd}")
     env = venv_env() if env is None else env
     if not wait:
         with open(Path(cwd) / "snakemake.out", "w") as log:
@@ -186,6 +189,7 @@ def background(fixture: str, scope: str = "module"):
         def start(tmp_path_factory) -> None:
             if fixture in _THREADS:
                 return
+            tmp_path_factory.getbasetemp()  # made here: its lazy first call is not thread-safe (two basetemps)
             box: dict = {}
 
             def run():
@@ -234,12 +238,14 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: max((rank[f] for f in getattr(item, "fixturenames", ()) if f in rank), default=0))
     if config.option.collectonly:
         return
+    config._tmp_path_factory.getbasetemp()  # made before any thread: its lazy first call is not thread-safe
     for fixture, start in _STARTERS.items():
         if any(fixture in getattr(item, "fixturenames", ()) for item in items):
             start(config._tmp_path_factory)  # what the tmp_path_factory fixture returns
 
 
 def pytest_sessionfinish(session, exitstatus):
+    _ENDED.set()
     stopped = bool(_CPU_RUN) and _CPU_RUN["proc"].poll() is None  # e.g. -x ended the session before a test waited
     for p in list(_LIVE):
         if p.poll() is None:  # not yet reaped, so its pid (and group) is still ours

@@ -147,7 +147,7 @@ def test_cluster_tiers_schema_names_the_key():
 
 
 def test_unknown_cluster_tier_stops_the_workflow_before_any_job(tmp_path):
-    root = copy_repo(tmp_path)
+    root = copy_repo(tmp_path, committed=())  # it stops at parsing: the committed runs play no part
     r = snakemake(root, "-n", "--config", "cluster={tiers: {h900: {partition: gpu}}}")
     assert r.returncode != 0
     assert "config key 'cluster.tiers.h900'" in r.stdout + r.stderr and "h100_80gb" in r.stdout + r.stderr
