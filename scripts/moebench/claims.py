@@ -96,7 +96,8 @@ def run_info(run_dir, rows: list[Row]) -> dict:
     gpu = (tier or {}).get("gpu") or {}
     models = sorted({r.model for r in rows if r.model})
     cfg = yaml.safe_load((d / "config.yaml").read_text()) if (d / "config.yaml").is_file() else {}
-    return {"run": d.name, "settings": run_settings(cfg or {}, (tier or {}).get("plan") or {}), "tier": (tier or {}).get("tier"), "gpu": gpu.get("name") or ("none" if tier else None),
+    return {"run": d.name, "settings": run_settings(cfg or {}, (tier or {}).get("plan") or {}),
+            "tier": (tier or {}).get("tier"), "gpu": gpu.get("name") or ("none" if tier else None),
             "gpu_memory_gb": gpu.get("memory_gb"), "model_scale": ((tier or {}).get("plan") or {}).get("model_scale"),
             "model": models[0] if len(models) == 1 else (", ".join(models) or None),
             "tier_json": tier is not None}

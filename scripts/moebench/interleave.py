@@ -34,6 +34,10 @@ def order(arms: list[str], draws: int) -> list[tuple[str, int]]:
     return [(arm, k) for k in range(1, draws + 1) for arm in arms]
 
 
+def draw_target(run: str, arm: str, k: int) -> str:
+    return f"results/{run}/arms/{arm}/draw{k}/metrics.csv"
+
+
 def prerequisites(run: str, arms: list[str], model: str, gpu: bool) -> list[str]:
     out = [f"results/{run}/tier.json", f"results/{run}/data/data.sha256", f"results/{run}/model.sha256"]
     if gpu and model == "gpt-oss-20b" and "unsloth_4bit" in arms:
@@ -116,14 +120,14 @@ def main(argv=None):
     n = a.draws or plan.get("verdict_draws") or plan["draws"]
     seq = order(a.arms, n)
     # --force re-measures the interleaved draws only: what else is on disk stays when the build is the same
-    keep = [t for t in kept_outputs(run, before, input_hashes(run), log)
-            if not (a.force and any(t == f"results/{run}/arms/{arm}/draw{k}/metrics.csv" for arm, k in seq))]
+    forced = {draw_target(run, arm, k) for arm, k in seq} if a.force else set()
+    keep = [t for t in kept_outputs(run, before, input_hashes(run), log) if t not in forced]
     if keep:
         log(f"{len(keep)} measurement(s) on disk were made on this same build: kept (snakemake --touch)")
         snakemake(base + ["--touch"], keep, log)
     failed = []
     for i, (arm, k) in enumerate(seq, 1):
-        target = f"results/{run}/arms/{arm}/draw{k}/metrics.csv"
+        target = draw_target(run, arm, k)
         log(f"[{i}/{len(seq)}] {arm} draw {k}")
         if snakemake(base + (["--force"] if a.force else []), [target], log):
             failed.append(target)  # a failed draw is a result too: its rows say why; go on with the others

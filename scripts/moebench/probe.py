@@ -11,9 +11,7 @@ from pathlib import Path
 from . import config as cfgmod
 from .grid import shape_metric
 from .io import read_json, run_bounded, write_json
-from .metrics import Row, read_rows
-
-VALUED = ("measured", "degraded")
+from .metrics import VALUED, Row, read_rows
 
 
 def bench_probe(args, plan_change: dict, workdir: Path, plog: Path, log, timing: dict | None = None,

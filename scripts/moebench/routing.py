@@ -157,14 +157,15 @@ class RouterLoad:
             self.marks.append(self.torch.stack([t.to(dev) for t in self.tallies.values()]))
 
     def snapshot(self) -> dict:
-        """The running tallies copied on the device (no sync): `since(snapshot)` reads what came after, and a
-        snapshot taken after the first step holds that step's load."""
+        """The running tallies copied on the device (no sync): a snapshot taken after the first step holds that
+        step's load; `read` brings it to the host."""
         return {layer: t.clone() for layer, t in self.tallies.items()}
 
     @staticmethod
-    def read(snap: dict) -> dict[int, list[int]]:
-        """A snapshot's tokens per expert per layer, on the host (layers that saw no token left out)."""
-        out = {layer: [int(x) for x in t.cpu()] for layer, t in snap.items()}
+    def read(tallies: dict) -> dict[int, list[int]]:
+        """Tokens per expert per layer of `tallies` (the running ones or a snapshot), on the host, by layer; a
+        layer whose router never reported is left out."""
+        out = {layer: [int(x) for x in t.cpu()] for layer, t in sorted(tallies.items())}
         return {layer: c for layer, c in out.items() if sum(c)}
 
     def window(self, start: int = 0, end: int | None = None) -> dict[int, list[int]]:
@@ -178,12 +179,7 @@ class RouterLoad:
 
     def counts(self) -> dict[int, list[int]]:
         """Everything counted, per layer that reported (a layer whose router never reported is left out)."""
-        out = {}
-        for layer, c in sorted(self.tallies.items()):
-            c = [int(x) for x in c.cpu()]
-            if sum(c):
-                out[layer] = c
-        return out
+        return self.read(self.tallies)
 
     def overall(self, counts: dict[int, list[int]] | None = None) -> dict:
         """Mean over layers of each layer's summary of `counts` (default: everything counted); {} when no
