@@ -10,7 +10,8 @@ for run in "$@"; do
   [ -f "$R/config.yaml" ] || { echo "reaggregate: $R/config.yaml missing: is $run a run under results/?" >&2; exit 2; }
   mkdir -p "$R/logs" "$R/report"
   shopt -s nullglob
-  draws=("$R"/arms/*/draw*/metrics.csv "$R"/validate/*/metrics.csv "$R"/offload/*/*/metrics.csv "$R"/sweep/*/*.csv "$R"/shapes/*.csv)
+  draws=("$R"/arms/*/draw*/metrics.csv "$R"/validate/*/metrics.csv "$R"/offload/*/*/metrics.csv "$R"/sweep/*/*.csv
+         "$R"/shapes/*.csv "$R"/routing_ab/*/metrics.csv)
   gates=("$R"/validate/*/gates.json)
   shopt -u nullglob
   python -m moebench.aggregate --config "$R/config.yaml" --inputs "${draws[@]}" --gates "${gates[@]}" \

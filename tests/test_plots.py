@@ -52,6 +52,12 @@ def write_fixture(root, run="fx-gpu", gpu=True, energy=True, loss=True):
                  _r(run, "hf_bf16", "energy", "j_per_token_net", 0.4, "J/token", 0),
                  _r(run, "unsloth_bf16", "energy", "j_per_token", status="unavailable", reason="NVML energy "
                     "counter not supported", draw=0)]
+    for w, label in ((1, "raw"), (2, "calibrated"), (3, "raw"), (4, "calibrated")):  # routing A/B windows
+        rows += [_r(run, "unsloth_bf16", "routing_ab", f"w{w}_{label}_step_s", 0.9 if label == "raw" else 0.8, "s"),
+                 _r(run, "unsloth_bf16", "routing_ab", f"w{w}_{label}_router_max_over_mean",
+                    4.0 if label == "raw" else 1.3, "ratio")]
+    rows.append(_r(run, "hf_bf16", "routing_ab", "calibrated_over_raw_step_s", status="skipped",
+                   reason="raw and calibrated routers are identical"))
     rows += [_r(run, "hf_bf16", "validate", "gate_loss_decreases", 1.0, "bool"),
              _r(run, "unsloth_bf16", "validate", "gate_loss_decreases", status="skipped", reason="no GPU")]
     write_rows(d / "metrics.csv", rows)
@@ -95,6 +101,16 @@ def test_throughput_medians_and_ids(gpu_run):
                                                            for k in range(len(tps))]
     cap = (gpu_run / "plots" / "throughput.caption.rst").read_text()
     assert "fx-gpu/bench/unsloth_bf16/d1/tokens_per_s" in cap and "3050" in cap
+
+
+def test_routing_ab_windows_are_points_and_a_skipped_arm_a_gap(gpu_run):
+    side = _side(gpu_run, "routing")
+    assert [(p["window"], p["routers"], p["load"]) for p in side["points"]] == [
+        (1, "raw", 4.0), (2, "calibrated", 1.3), (3, "raw", 4.0), (4, "calibrated", 1.3)]
+    assert side["points"][0]["ids"] == ["fx-gpu/routing_ab/unsloth_bf16/all/w1_raw_step_s",
+                                        "fx-gpu/routing_ab/unsloth_bf16/all/w1_raw_router_max_over_mean"]
+    assert side["gaps"] == ["hf_bf16: skipped: raw and calibrated routers are identical"]
+    assert "w4_calibrated_step_s" in (gpu_run / "plots" / "routing.caption.rst").read_text()
 
 
 def test_skipped_arm_is_a_gap_with_reason_not_a_zero(tmp_path):

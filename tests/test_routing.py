@@ -150,12 +150,22 @@ def test_routing_ab_swaps_router_sets_in_place_and_measures_each_window(tmp_path
           for w, label in ((1, "raw"), (2, "calibrated"), (3, "raw"), (4, "calibrated"))}
     assert min(mm[2], mm[4]) > max(mm[1], mm[3])  # the skewed set routed more unevenly, each time
     assert rows["calibrated_over_raw_step_s"].status == "measured" and rows["calibrated_over_raw_step_s"].value > 0
+    # aggregate's per-arm summary of those rows: each set's windows, its mean load, the ratio, in comparison.md
+    from moebench import aggregate
+    (ab,) = aggregate.routing_ab(list(rows.values()))
+    assert ab["ratio"] == rows["calibrated_over_raw_step_s"].value
+    assert ab["raw"]["windows"] == ab["calibrated"]["windows"] == 2
+    assert ab["calibrated"]["max_over_mean"] == pytest.approx((mm[2] + mm[4]) / 2)
+    assert ab["raw"]["peak_gb"] > 0 and "| hf_bf16 |" in aggregate.routing_note([ab])
 
 
 def test_routing_ab_with_identical_sets_is_skipped(tmp_path):
     rows = _ab(tmp_path, lambda m: None)
     assert rows["calibrated_over_raw_step_s"].status == "skipped"
     assert "identical" in rows["calibrated_over_raw_step_s"].reason
+    from moebench import aggregate
+    (ab,) = aggregate.routing_ab(list(rows.values()))
+    assert ab["status"] == "skipped" and "ratio" not in ab and "identical" in aggregate.routing_note([ab])
 
 
 def test_first_step_snapshot_holds_that_steps_load_only(blocks):

@@ -280,6 +280,49 @@ def curve_note(points: list[dict]) -> str:
     return "\n".join(out)
 
 
+def routing_ab(rows: list[Row]) -> list[dict]:
+    """Per arm, raw against calibrated routers inside one process (stage `routing_ab`): median step time of each
+    set's windows and their ratio, the largest peak memory and the mean load its windows routed; or why it has none."""
+    out = []
+    for arm in sorted({r.arm for r in rows if r.stage == "routing_ab"}):
+        mine = {r.metric: r for r in rows if r.stage == "routing_ab" and r.arm == arm}
+        ratio = mine.get("calibrated_over_raw_step_s")
+        if not ratio or ratio.status not in VALUED:
+            bad = ratio or next(iter(mine.values()))
+            out.append({"arm": arm, "status": bad.status, "reason": bad.reason})
+            continue
+        cell = {"arm": arm, "status": ratio.status, "reason": ratio.reason, "ratio": ratio.value}
+        for label in ("raw", "calibrated"):
+            def win(m: str, label=label) -> list[float]:  # this set's per-window values of one metric
+                return [r.value for k, r in mine.items() if re.fullmatch(rf"w\d+_{label}_{m}", k) and r.status in VALUED]
+            loads, peaks = win("router_max_over_mean"), win("peak_alloc_gb") or win("peak_rss_gb")
+            cell[label] = {"step_s": mine[f"{label}_step_s"].value, "windows": len(win("step_s")),
+                           "peak_gb": max(peaks) if peaks else None,
+                           "max_over_mean": sum(loads) / len(loads) if loads else None}
+        out.append(cell)
+    return out
+
+
+def routing_note(ab: list[dict]) -> str:
+    if not ab:
+        return ""
+    f = lambda v, spec: "—" if v is None else format(v, spec)
+    out = ["**Router load A/B** (one process per arm, raw and calibrated routers swapped in place, windows A B A B; "
+           "load = max/mean tokens per expert in those windows, mean over layers):", "",
+           "| arm | raw s/step | calibrated s/step | calibrated / raw | raw load | calibrated load | peak GB raw / cal |",
+           "|---|---|---|---|---|---|---|"]
+    for c in ab:
+        if "ratio" not in c:
+            out.append(f"| {c['arm']} | {c['status']}: {c['reason']}"[:200] + " |  |  |  |  |  |")
+            continue
+        r, k = c["raw"], c["calibrated"]
+        out.append(f"| {c['arm']} | {r['step_s']:.4g} | {k['step_s']:.4g} | {c['ratio']:.3f}"
+                   + (" (degraded)" if c["status"] == "degraded" else "")
+                   + f" | {f(r['max_over_mean'], '.2f')} | {f(k['max_over_mean'], '.2f')}"
+                   f" | {f(r['peak_gb'], '.1f')} / {f(k['peak_gb'], '.1f')} |")
+    return "\n".join(out)
+
+
 def conditions_note(envs: list[dict]) -> str:
     """Where the arms ran under different conditions (attention, checkpointing, dtypes, optimizer, compile):
     a ratio between them is then a stack ratio, and the table says so."""
@@ -340,9 +383,12 @@ def main(argv=None):
     curve = shape_curve(rows)
     if curve:  # only runs that measured one carry the key (committed verdicts stay as they were)
         v["shape_curve"] = curve
+    ab = routing_ab(rows)
+    if ab:
+        v["routing_ab"] = ab
     write_rows(a.metrics, rows + derived)
     atomic_write(a.comparison, buf.getvalue())
-    notes = [shape_note(v["shape"]), curve_note(curve), conditions_note(envs), session_note(sess),
+    notes = [shape_note(v["shape"]), curve_note(curve), routing_note(ab), conditions_note(envs), session_note(sess),
              validation_note(gates)]
     atomic_write(a.markdown, markdown(lines, cols, v, notes))
     write_json(a.verdict, v)

@@ -150,20 +150,21 @@ def main(argv=None):
     ap.add_argument("--routers", required=True, help="model.routers.safetensors")
     ap.add_argument("--data", required=True, help="train.jsonl")
     ap.add_argument("--arm", required=True)
-    ap.add_argument("--windows", type=int, default=4, help="timed windows, alternating raw and calibrated")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per window (after one warm-up step)")
+    ap.add_argument("--windows", type=int, help="timed windows, alternating raw and calibrated (config routing_ab)")
+    ap.add_argument("--steps", type=int, help="timed steps per window, after one warm-up step (config routing_ab)")
     ap.add_argument("--out", required=True, help="metrics.csv")
     ap.add_argument("--log", required=True)
     a = ap.parse_args(argv)
     log = logger("routing_ab", a.log)
     cfg, tier = cfgmod.load(a.config), read_json(a.tier)
+    windows, steps = a.windows or cfg["routing_ab"]["windows"], a.steps or cfg["routing_ab"]["steps"]
     arm = arm_registry.get(a.arm)
     ctx = Ctx(cfg["run"], tier["tier"], cfg["model"]["name"], arm.name, arm.precision, None, a.log,
               stage="routing_ab")
     started = datetime.now(timezone.utc).isoformat()
     skip = harness.unavailable(arm, tier["plan"], tier.get("gpu") is not None, a.model)
     harness.guarded(ctx, log, lambda progress: run(ctx, arm, cfg, tier, a.model, a.routers, a.data, log,
-                                                   a.windows, a.steps, progress),
+                                                   windows, steps, progress),
                     cfg["arm_timeout_s"], skip=skip, metric="calibrated_over_raw_step_s", stage="routing_ab")
     for r in ctx.rows:
         log_row(log, r)

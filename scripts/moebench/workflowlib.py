@@ -185,6 +185,7 @@ STAGE_KEYS = {
     "bench": ["model", "lora", "seed", "arm_timeout_s", "idle_baseline_s", "bare_loop_arms"],
     "offload": ["model", "lora", "seed", "offload", "arm_timeout_s"],
     "shape_curve": ["model", "lora", "seed", "arm_timeout_s", "shape_curve"],
+    "routing_ab": ["model", "lora", "seed", "arm_timeout_s", "routing_ab"],
     "validate": ["model", "lora", "seed", "validate"],
     "aggregate": ["arms", "baselines", "verdict"],
     "stamp": ["provenance"],

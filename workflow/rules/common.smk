@@ -8,6 +8,8 @@ def draws(wildcards):
         targets += [f"results/{run}/sweep/{arm}/{kind}.csv" for arm in cfg["arms"] for kind in ("seq", "batch")]
     targets += [f"results/{run}/validate/{arm}/metrics.csv" for arm in wl.validate_arms(cfg)]  # training validation
     targets += [f"results/{run}/shapes/{arm}.csv" for arm in (cfg.get("shape_curve") or {}).get("arms") or []]
+    ab = (cfg.get("routing_ab") or {}).get("arms") or []  # raw vs calibrated routers, in one process per arm
+    targets += [f"results/{run}/routing_ab/{arm}/metrics.csv" for arm in ab]
     for spec in cfg["offload"]["runs"]:  # arm:mode
         arm, mode = spec.split(":")
         targets.append(f"results/{run}/offload/{arm}/{mode}/metrics.csv")

@@ -7,6 +7,7 @@ rule report_plots:
         throughput=_plot("Throughput", "throughput.png", "throughput", "tokens/s per arm"),
         speedup=_plot("Throughput", "speedup.png", "speedup", "speedup vs baselines"),
         shapes=_plot("Throughput", "shapes.png", "shapes", "ratio vs tokens per step"),
+        routing=_plot("Throughput", "routing.png", "routing", "step time vs expert load"),
         memory=_plot("Memory", "memory.png", "memory", "peak memory vs card"),
         frontier=_plot("Offload", "frontier.png", "frontier", "memory/speed frontier"),
         energy=_plot("Energy", "energy.png", "energy", "J/token"),
@@ -14,8 +15,8 @@ rule report_plots:
         gates=_plot("Training", "gates.html", "gates", "gate table and verdict"),
         metrics=_plot("Provenance", "metrics.html", "metrics", "every metrics.csv row"),
         sidecars=expand("results/{{run}}/plots/{name}.{ext}", ext=["json", "caption.rst"],
-                        name=["throughput", "speedup", "shapes", "memory", "frontier", "energy", "loss", "gates",
-                              "metrics"]),
+                        name=["throughput", "speedup", "shapes", "routing", "memory", "frontier", "energy", "loss",
+                              "gates", "metrics"]),
     params:
         baselines=" ".join(config.get("baselines", ["hf_bf16", "unsloth_4bit"])),
     wildcard_constraints:

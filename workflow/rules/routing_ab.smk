@@ -1,6 +1,6 @@
 # Raw against calibrated routers inside one process (issue 20): one arm loaded once, the two router sets of
-# model.routers.safetensors swapped in place, timed windows A B A B. Not part of `all`: ask for
-# results/<run>/routing_ab/<arm>/metrics.csv (a GPU run built with router_load balanced or a number).
+# model.routers.safetensors swapped in place, timed windows A B A B, for the arms of config routing_ab.arms
+# (their rows reach aggregate beside the draws); any arm's results/<run>/routing_ab/<arm>/metrics.csv on request.
 rule routing_ab:
     input:
         run_config=ancient(RUN_CONFIG),  # made by rule run_config; its rewrite alone reruns nothing
@@ -14,7 +14,7 @@ rule routing_ab:
         env=f"{R}/routing_ab/{{arm}}/env.json",
     params:
         config=CONFIG,
-        settings=wl.per_run(config, wl.settings, "bench"),  # rerun when the bench's settings change
+        settings=wl.per_run(config, wl.settings, "routing_ab"),  # rerun when these settings change
     conda:
         "../../environment.yml"
     log:

@@ -72,12 +72,13 @@ def console_degraded(number: dict, row: dict, log: Path) -> bool:
 
 # Every stage's own logs (rule logs under logs/ echo them and are not sources).
 STAGE_LOGS = ("arms/*/draw*/run.log", "validate/*/run.log", "offload/*/*/run.log", "sweep/*/*.log",
-              "shapes/*.log")
+              "shapes/*.log", "routing_ab/*/run.log")
 
 
 def expected_logs(doc: dict, run_dir: Path) -> list[Path]:
     """The stage logs the run's config and tier plan say it made: each arm's draws, each validated arm, each
-    offload run, each sweep. A missing one is a dropped stage, not an absent file by design."""
+    offload run, each sweep, shape curve and routing A/B. A missing one is a dropped stage, not an absent file
+    by design."""
     cfg = (doc.get("inputs", {}).get("config") or {}).get("content") or {}
     tier = run_dir / "tier.json"
     draws = (read_json(tier).get("plan") or {}).get("draws") if tier.is_file() else None
@@ -91,6 +92,7 @@ def expected_logs(doc: dict, run_dir: Path) -> list[Path]:
     if cfg.get("sweeps"):
         out += [run_dir / "sweep" / a / f"{k}.log" for a in arms for k in ("seq", "batch")]
     out += [run_dir / "shapes" / f"{a}.log" for a in (cfg.get("shape_curve") or {}).get("arms") or []]
+    out += [run_dir / "routing_ab" / a / "run.log" for a in (cfg.get("routing_ab") or {}).get("arms") or []]
     return out
 
 

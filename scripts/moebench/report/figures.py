@@ -3,6 +3,7 @@ memory/speed frontier, energy and loss. Each writes its PNG with sidecars (draw.
 rows still renders and says why."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -267,6 +268,53 @@ def fig_shapes(run: Run, out: Path, **_):
     save(fig, out, "shapes", {"run": run.name, "points": pts, "tier": tier, "why_empty": why or None}, cap)
 
 
+def routing_points(run: Run) -> tuple[list[dict], list[str]]:
+    """Each routing A/B window (stage `routing_ab`) as a point: arm, router set, step time and the load it routed;
+    and why each arm without windows has none."""
+    rows = [r for r in run.rows if r.stage == "routing_ab"]
+    by = {(r.arm, r.metric): r for r in rows}
+    pts, gaps = [], []
+    for arm in arm_order({r.arm for r in rows}):
+        wins = sorted((int(m.group(1)), m.group(2)) for a, k in by if a == arm
+                      for m in [re.fullmatch(r"w(\d+)_(raw|calibrated)_step_s", k)] if m)
+        for w, label in wins:
+            t, load = by[(arm, f"w{w}_{label}_step_s")], by.get((arm, f"w{w}_{label}_router_max_over_mean"))
+            if t.status in ("measured", "degraded") and load is not None and load.status in ("measured", "degraded"):
+                pts.append({"arm": arm, "window": w, "routers": label, "step_s": t.value, "load": load.value,
+                            "degraded": "degraded" in (t.status, load.status),
+                            "ids": [prov_id(t, run.name), prov_id(load, run.name)]})
+        if not any(p["arm"] == arm for p in pts):
+            bad = by.get((arm, "calibrated_over_raw_step_s")) or next(r for r in rows if r.arm == arm)
+            gaps.append(f"{arm}: {bad.status}: {bad.reason}")
+    return pts, gaps
+
+
+def fig_routing(run: Run, out: Path, **_):
+    pts, gaps = routing_points(run)
+    fig, (ax,) = figure()
+    why = "" if pts else ("no routing A/B in this run (config routing_ab.arms is empty, or no window measured)"
+                          + (": " + "; ".join(gaps) if gaps else ""))
+    if why:
+        empty(ax, why)
+    else:
+        for i, arm in enumerate(arm_order({p["arm"] for p in pts})):
+            for label, marker in (("raw", "o"), ("calibrated", "s")):
+                mine = [p for p in pts if p["arm"] == arm and p["routers"] == label]
+                ax.plot([p["load"] for p in mine], [p["step_s"] for p in mine], marker, color=f"C{i}",
+                        fillstyle="none" if label == "raw" else "full", label=f"{arm}, {label} routers")
+        ax.set_xlabel("router load in the window: max/mean tokens per expert (mean over layers)")
+        ax.set_ylabel("median step time in the window (s)")
+        ax.legend()
+    ax.set_title(f"{run.name}: step time against expert load, raw and calibrated routers in one process")
+    write_notes(fig, gaps if pts else [])
+    rows = [[p["arm"], str(p["window"]), p["routers"], num(p["load"]), num(p["step_s"]),
+             lit(", ".join(p["ids"])) + (" (degraded)" if p["degraded"] else "")] for p in pts]
+    cap = (f"Numbers drawn — run ``{run.name}``, stage ``routing_ab`` (windows alternate raw and calibrated routers "
+           "in one process per arm)." + (f" {lit(why)}." if why else "") + "\n\n"
+           + rst_table(["arm", "window", "routers", "load max/mean", "s/step", "provenance ids"], rows))
+    save(fig, out, "routing", {"run": run.name, "points": pts, "gaps": gaps, "why_empty": why or None}, cap)
+
+
 FIGURES = {"throughput": fig_throughput, "speedup": fig_speedup, "memory": fig_memory, "frontier": fig_frontier,
-           "energy": fig_energy, "loss": fig_loss, "shapes": fig_shapes}
+           "energy": fig_energy, "loss": fig_loss, "shapes": fig_shapes, "routing": fig_routing}
 __all__ = ["FIGURES", "GAP_COLOR", "frontier_points", "loss_curves"]
