@@ -253,3 +253,25 @@ def test_other_families_train_with_expert_lora_and_report_router_load(draws, nam
     assert rows["expert_lora_nonzero_grad"].value == rows["expert_lora_tensors"].value == 4 * 2
     assert rows["router_max_over_mean"].value >= 1.0 and 0 < rows["router_entropy_norm"].value <= 1.0
     assert run_arm(draws[name], "e4b_4bit", draw=2)[0]["step_s"].status == "skipped"  # needs CUDA
+
+
+def test_frozen_warmup_sets_lr_0_before_the_first_step(tmp_path, monkeypatch):
+    """plan frozen_warmup: the optimizer is frozen before any step (so the calibrated routing never drifts) and
+    both flags say so in the draw's rows."""
+    import logging
+
+    from moebench import bench
+
+    tier = tiny_workdir(tmp_path, seq_len=16, batch=1, warmup_steps=1, warmup_max=1, timed_steps=2,
+                        frozen_warmup=True)
+    events, step, freeze = [], harness.train_step, harness.freeze
+    monkeypatch.setattr(harness, "train_step", lambda m, o, x: events.append(("step", o.param_groups[0]["lr"]))
+                        or step(m, o, x))
+    monkeypatch.setattr(harness, "freeze", lambda o: events.append(("freeze", None)) or freeze(o))
+    cfg = cfgmod.load(ROOT / "config" / "config.yaml")
+    ctx = harness.Ctx("r", "cpu", "tiny", "hf_bf16", "bf16", 1, str(tmp_path / "draw" / "run.log"))
+    bench.run(ctx, arms.get("hf_bf16"), cfg, tier, str(tmp_path / "model"), str(tmp_path / "data" / "train.jsonl"),
+              logging.getLogger("t"), bare_loop=False)
+    assert events[0] == ("freeze", None) and all(lr == 0.0 for kind, lr in events if kind == "step")
+    rows = {r.metric: r for r in ctx.rows}
+    assert rows["frozen_warmup"].value == 1.0 and rows["frozen_timed"].value == 1.0

@@ -256,7 +256,7 @@ def test_router_load_without_drift_or_routers():
 def test_frozen_timed_window_does_the_work_but_moves_no_weight():
     import torch
 
-    from moebench import bench
+    from moebench import harness
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(4, 4)
@@ -265,7 +265,7 @@ def test_frozen_timed_window_does_the_work_but_moves_no_weight():
     layer(x).pow(2).sum().backward()
     opt.step()  # a trained step: the weights move
     before = [p.detach().clone() for p in layer.parameters()]
-    bench.freeze(opt)
+    harness.freeze(opt)
     for _ in range(3):
         opt.zero_grad()
         layer(x).pow(2).sum().backward()

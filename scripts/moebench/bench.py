@@ -41,14 +41,18 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, data_path: str, lo
     load = routing.RouterLoad.of(model)
     load.counting = True
     first_load: dict = {}  # the first step's router tallies: the routing the saved model gives this token stream
+    frozen_all = bool(plan.get("frozen_warmup"))  # lr 0 from the first step: the model's routing holds throughout
+    if frozen_all:
+        harness.freeze(opt)
+    ctx.add("frozen_warmup", float(frozen_all), "flag")
     warm_s = warmup(model, opt, xs[:warm.max_steps], losses, log, warm, cuda, progress,
                     after_first=lambda: first_load.update(load.snapshot()))
     if warm_s:  # compile/autotune cost a user pays once per process: a first step can take minutes
         ctx.add("first_step_s", warm_s[0], "s")
     ctx.add("warmup_steps_used", len(warm_s), "steps", reason=warm.outcome(warm_s)[1])
-    frozen = bool(plan.get("frozen_timed"))
+    frozen = frozen_all or bool(plan.get("frozen_timed"))
     if frozen:
-        freeze(opt)
+        harness.freeze(opt)
     ctx.add("frozen_timed", float(frozen), "flag")
     timed_xs = xs[warm.max_steps:]
     times, window_s, meter, zeus = timed_window(model, opt, timed_xs, losses, load, window, backend, cuda, log,
@@ -101,13 +105,6 @@ def idle_before_cuda(cfg: dict, tier: dict, log):
     log.info("idle baseline over %.1f s after %s s settling: %s W %s", cfg["idle_baseline_s"], idle.settle_s,
              idle.mean_w, idle.settle_note or idle.reason)
     return idle
-
-
-def freeze(opt) -> None:
-    """Learning rate 0: AdamW still computes every update (same kernels, same work), but no weight moves, so
-    the routing, and with it the step time, cannot drift over the window."""
-    for group in opt.param_groups:
-        group["lr"] = 0.0
 
 
 def timed_window(model, opt, xs, losses: list, load, policy, backend: str, cuda: bool, log,

@@ -5,7 +5,9 @@ with the raw and the calibrated router tensors swapped in place (A B A B ...), s
 The two router sets come from the model rule's model.routers.safetensors (`raw/<name>`, `saved/<name>`; see
 router_calibration.save_routers). Each window warms up one step after its swap (an arm that compiles or autotunes
 per expert-load shape pays that outside the timing), then times `steps` LoRA training steps; its rows carry the
-step time, peak memory and the load the routers really routed in that window.
+step time, peak memory and the load the routers really routed in that window. The learning rate is 0 throughout
+(every step does a training step's full work, AdamW included, but no weight moves): random-init training skews
+the routing within a few steps, which would blur the two sets' loads into one.
 """
 from __future__ import annotations
 
@@ -110,6 +112,8 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, routers_path: str,
     torch.manual_seed(cfg["seed"])
     model = harness.load_model(ctx, arm, cfg, plan, model_dir, log, cuda)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    harness.freeze(opt)  # lr 0: each window routes its own set's load, not what earlier windows' training made it
+    ctx.conditions["learning_rate"] = "0 (frozen: the full training step's work, no weight moves)"
     xs = harness.make_inputs(model_dir, data_path, plan, windows * (steps + 1), cfg["seed"], cuda)
     model.train()
     load = routing.RouterLoad.of(model)

@@ -27,7 +27,7 @@ from ..io import package_versions
 from ..metrics import Row
 from .console import (ConsoleMatcher, ConsoleTap, arm_patterns, console_reason, console_watch,  # noqa: F401
                       degraded_matches, draw_console, mark_degraded)
-from .steps import (batches, load_model, lora_spec, make_inputs, read_texts, token_stream,  # noqa: F401
+from .steps import (batches, freeze, load_model, lora_spec, make_inputs, read_texts, token_stream,  # noqa: F401
                     train_step)
 
 PACKAGES = ["torch", "transformers", "peft", "accelerate", "bitsandbytes", "unsloth", "unsloth_zoo", "trl",
