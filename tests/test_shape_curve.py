@@ -84,3 +84,19 @@ def test_the_shape_figure_draws_single_draws_beside_the_verdict_point(tmp_path, 
     r = side["render"]
     assert 1 / 3 <= r["width_px"] / r["height_px"] <= 3 and r["min_font_pt"] >= 9
     assert "single draw" in (tmp_path / "plots" / "shapes.caption.rst").read_text()
+
+
+def test_a_probe_keeps_its_process_console_beside_its_run_log(tmp_path, monkeypatch):
+    """Unsloth prints its fallbacks only on stdout: a shape or sweep point keeps what its process printed, as a
+    bench draw does, so a reader can check the degraded lines the bench matched."""
+    import argparse
+    import logging
+
+    printed = "Unsloth: Using default MoE kernel configurations\n"
+    monkeypatch.setattr(probe, "run_bounded", lambda cmd, timeout: (1, printed))
+    args = argparse.Namespace(config=f"{RUN}/config.yaml", tier=f"{RUN}/tier.json", model="m", data="d",
+                              arm="unsloth_4bit")
+    plog = tmp_path / "shapes" / "unsloth_4bit_1x2048" / "run.log"
+    out, rows = probe.bench_probe(args, {"batch": 1, "seq_len": 2048}, tmp_path, plog, logging.getLogger("t"))
+    assert (plog.parent / "console.log").read_text() == printed
+    assert rows == [] and out.startswith("failed: no result (exit 1)")

@@ -34,6 +34,9 @@ def bench_probe(args, plan_change: dict, workdir: Path, plog: Path, log, timing:
            args.model, "--data", args.data, "--arm", args.arm, "--draw", str(draw), "--out", str(out), "--log",
            str(plog)]
     code, text = run_bounded(cmd, cfg["arm_timeout_s"] + 60)
+    plog.parent.mkdir(parents=True, exist_ok=True)
+    # what the process printed (Unsloth announces its fallbacks only on stdout), beside its run.log, as a draw's
+    (plog.parent / "console.log").write_text(text)
     rows = read_rows(out) if out.exists() else []
     result = outcome(rows, code, text)
     log.info("probe %s -> %s", plan_change, result)
