@@ -196,7 +196,7 @@ def test_defaults_are_the_schema_defaults():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("v")
-    tier = tiny_workdir(d, conversations=40)
+    tier = tiny_workdir(d, conversations=12)
     cfg = cfgmod.load(ROOT / "config" / "config.yaml")
     cfg["validate"] = {**cfg.get("validate", {}), "cpu_steps": 8, "grad_accum": 1, "cpu_seq_len": 64, "lr": 3e-3,
                        "window": 3, "min_loss_drop": 0.005, "warmup_ratio": 0.0, "reload_tokens": 32}
