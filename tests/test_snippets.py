@@ -45,12 +45,39 @@ def tiny(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("mode", ["none", "expert_offload"])
-def test_transformers_snippet_trains_the_tiny_model_on_cpu(tiny, tmp_path, mode):
-    code = recipe.render_snippet(setting("hf_bf16", mode), CFG, PLAN, model=str(tiny / "model"),
-                                 data=str(tiny / "data" / "train.jsonl"), out=str(tmp_path / "out"), max_steps=2)
-    (tmp_path / "train.py").write_text(code)
+MODES = ["none", "expert_offload"]
+# Both snippets run as scripts (runpy, run_name "__main__", fresh globals each) in one interpreter: a second
+# process would only pay torch/transformers/peft's imports again (~7 CPU-s). Each script's own outcome is kept.
+RUNNER = """import runpy, sys, traceback
+for path in sys.argv[1:]:
+    print("=== start", path, flush=True)
+    try:
+        runpy.run_path(path, run_name="__main__")
+        print("=== passed", path, flush=True)
+    except BaseException:
+        traceback.print_exc()
+        print("=== failed", path, flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """mode -> (its directory, the runner's whole output): every snippet rendered and run once."""
+    runs = {}
+    for mode in MODES:
+        d = tmp_path_factory.mktemp(mode)
+        code = recipe.render_snippet(setting("hf_bf16", mode), CFG, PLAN, model=str(tiny / "model"),
+                                     data=str(tiny / "data" / "train.jsonl"), out=str(d / "out"), max_steps=2)
+        (d / "train.py").write_text(code)
+        runs[mode] = d
     env = {**os.environ, "PYTHONPATH": str(ROOT / "scripts"), "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run([sys.executable, "train.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert (tmp_path / "out" / "adapter_config.json").exists()
+    r = subprocess.run([sys.executable, "-c", RUNNER, *(str(d / "train.py") for d in runs.values())],
+                       cwd=tmp_path_factory.mktemp("run"), capture_output=True, text=True, timeout=300, env=env)
+    return {mode: (d, r.stdout + r.stderr) for mode, d in runs.items()}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_transformers_snippet_trains_the_tiny_model_on_cpu(trained, mode):
+    d, out = trained[mode]
+    assert f"=== passed {d / 'train.py'}" in out, out[-5000:]
+    assert (d / "out" / "adapter_config.json").exists()
