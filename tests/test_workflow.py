@@ -215,5 +215,13 @@ def test_dry_run_fans_the_matrix_out_over_the_tiers(fanned):
                          for d in range(1, n_draws(plan, arm) + 1))
     assert any(n_draws(plan, arm) == 3 for plan in plans.values() for arm in arms)  # the H100 pair: 3 draws
     assert all(j["resources"]["slurm_partition"] == FANNED[j["wildcards"]["run"]] for j in bench)
+    # every job of every rule the cluster profile sends to a GPU node lands on its run's partition (the Slurm
+    # fan-out in test_slurm runs detect, model and bench for real; validate, offload and sweep are checked here)
+    profile = yaml.safe_load((ROOT / "slurm-gpu" / "config.yaml").read_text())["set-resources"]
+    gpu_rules = {rule for rule, res in profile.items() if res.get("gpu") == 1}
+    placed = {rule: [(j["wildcards"]["run"], j["resources"].get("slurm_partition")) for j in _jobs(r.stdout, rule)]
+              for rule in gpu_rules}
+    assert placed["validate"] and placed["model"], sorted(k for k, v in placed.items() if v)
+    assert all(part == FANNED[run] for jobs in placed.values() for run, part in jobs), placed
     assert sorted(j["wildcards"]["run"] for j in _jobs(r.stdout, "aggregate")) == sorted(FANNED)
     assert not (root / "results" / "local").exists()  # no run named plain `local` when the tiers fan out
