@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Re-aggregate a committed run on any machine: aggregate -> claims -> provenance (a new revision) -> stamp, the
-# commands the rules run, without Snakemake (which would plan a model rebuild: weights are never committed).
+# Re-aggregate a committed run on any machine: aggregate -> recipe -> claims -> provenance (a new revision) ->
+# stamp, the commands the rules run, without Snakemake (which would plan a model rebuild: weights are never
+# committed).
 # For GPU rows brought back from a lent machine, or after a change to the aggregate/verdict rules.
 #   devtools/reaggregate.sh RUN [RUN ...]
 set -euo pipefail
@@ -17,6 +18,8 @@ for run in "$@"; do
   python -m moebench.aggregate --config "$R/config.yaml" --inputs "${draws[@]}" --gates "${gates[@]}" \
     --metrics "$R/metrics.csv" --comparison "$R/comparison.csv" --markdown "$R/comparison.md" \
     --verdict "$R/verdict.json" > "$R/logs/aggregate.log"
+  python -m moebench.recipe --config "$R/config.yaml" --tier "$R/tier.json" --metrics "$R/metrics.csv" \
+    --out "$R/recipe.json" --markdown "$R/recipe.md" --out-html "$R/report/recipe.html" --log "$R/logs/recipe.log"
   python -m moebench.claims --ledger config/claims.yaml --run-dir "$R" --out-json "$R/claims.json" \
     --out-md "$R/claims.md" --out-html "$R/report/claims.html" --out-caption "$R/report/claims.caption.rst" \
     --log "$R/logs/claims.log"

@@ -71,7 +71,7 @@ def test_cross_run_ratios_have_their_provenance(figures):
 
 # Numbers a template may write literally: settings, versions, shapes and expectations, never a measured result.
 LITERAL = {"3.11", "1.5x", "10–12x", "2e-4", "0.16.0", "2026.10.7", "1.0", "100", "3", "2", "20", "24", "48", "64", "16", "128",
-           "512", "2048", "4096", "80", "1849", "4", "8", "1", "0"}
+           "512", "2048", "4096", "16384", "80", "1849", "4", "8", "1", "0"}
 FIGURE = re.compile(r"(?<![\w.`/-])(\d+(?:\.\d+)?(?:–\d+(?:\.\d+)?)?(?:x|%| ?GB| ?s\b)?)(?![\w.`/-])")
 
 

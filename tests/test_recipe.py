@@ -170,12 +170,17 @@ def test_main_writes_json_and_a_page_with_a_snippet(tmp_path):
     (tmp_path / "tier.json").write_text(json.dumps(TIER))
     recipe.main(["--config", str(ROOT / "config" / "config.yaml"), "--tier", str(tmp_path / "tier.json"),
                  "--metrics", str(tmp_path / "metrics.csv"), "--out", str(tmp_path / "recipe.json"),
-                 "--markdown", str(tmp_path / "recipe.md"), "--log", str(tmp_path / "recipe.log")])
+                 "--markdown", str(tmp_path / "recipe.md"), "--out-html", str(tmp_path / "recipe.html"),
+                 "--log", str(tmp_path / "recipe.log")])
     doc = json.loads((tmp_path / "recipe.json").read_text())
     assert doc["picks"]["fastest"]["status"] == "measured" and doc["headroom"] == 0.1
     md = (tmp_path / "recipe.md").read_text()
     assert "| the fastest configuration that fits with headroom | unsloth_bf16 · batch 2 × seq 4096 · unsloth |" in md
     assert "from unsloth import FastLanguageModel" in md and "SEQ_LEN, BATCH, MAX_STEPS = 4096, 2, 100" in md
+    page = (tmp_path / "recipe.html").read_text()  # the report's page: the picks, their ids, the snippet
+    assert "<td>unsloth_bf16 · batch 2 × seq 4096 · unsloth</td>" in page
+    assert all(f"<code>{i}</code>" in page for i in doc["picks"]["fastest"]["ids"])
+    assert "from unsloth import FastLanguageModel" in page and "1 setting(s)" in page
 
 
 # ---------------------------------------------------------------- capacity sweeps (the grid's sweep points)

@@ -14,6 +14,7 @@ with a ready-to-paste training snippet per pick (scripts/moebench/snippets/).
 from __future__ import annotations
 
 import argparse
+import html
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -408,6 +409,45 @@ def render_md(doc: dict, cfg: dict, plan: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_html(doc: dict, cfg: dict, plan: dict) -> str:
+    """The report's recipe page: the picks (with the provenance ids each rests on), what was left out and why,
+    and each pick's training snippet."""
+    from .report.tables import html_page, html_table
+
+    esc, card = html.escape, doc["card"]
+    head = (f"Card {esc(str(card['name'] or 'CPU'))}"
+            + (f", {card['memory_gib']:.1f} GiB; headroom {doc['headroom']:.0%} leaves {doc['limit_gib']:.1f} GiB"
+               if doc["limit_gib"] is not None else "") + ". " + esc(doc.get("note") or "")
+            + f" Each pick is a measured setting, the median over fresh-process draws (min–max beside it); a pick "
+            f"needs {doc['rules']['min_draws']} draws ({doc['rules']['close_draws']} within "
+            f"{doc['rules']['close']:.0%} of the runner-up). Grid searched: {len(doc['grid'])} setting(s).")
+    rows, classes = [], []
+    for p, v in doc["picks"].items():
+        if v["status"] == "none":
+            rows.append([esc(v["question"]), "—", "—", "—", esc(f"none: {v['reason']}"), ""])
+        else:
+            rows.append([esc(v["question"]), esc(v["label"]), esc(_fmt(v["value"], v["unit"])),
+                         esc(f"{v['n']} ({_fmt(v['min'])}–{_fmt(v['max'])})"),
+                         esc(v["status"] + (f": {v['missing']}" if v.get("missing") else "")),
+                         "<br>".join(f"<code>{esc(i)}</code>" for i in v.get("ids", []))])
+        classes.append(v["status"] if v["status"] in ("degraded", "skipped", "failed") else "")
+    body = f"<p>{head}</p>" + html_table(["pick", "setting", "value", "draws (min–max)", "status", "provenance ids"],
+                                        rows, classes, raw=True)
+    for title, items in (("Arms that cannot win a pick", [f"{x['arm']}: {x['why']}" for x in doc["pruned"]]),
+                         ("Still to measure", [f"{x['label']}: {x['draws_needed']} more draw(s) (for {x['pick']})"
+                                               for x in doc["next"]]),
+                         ("Worth measuring next", [x["label"] for x in doc.get("refine") or []])):
+        if items:
+            body += f"<h3>{title}</h3><ul>" + "".join(f"<li>{esc(i)}</li>" for i in items) + "</ul>"
+    seen = set()
+    for p, v in doc["picks"].items():
+        if v["status"] != "none" and v["label"] not in seen:
+            seen.add(v["label"])
+            body += (f"<h3>Training snippet: {esc(v['label'])} ({p})</h3>"
+                     f"<pre>{esc(render_snippet(v['setting'], cfg, plan).rstrip())}</pre>")
+    return html_page(f"{doc['run']}: the recipe for this card", body)
+
+
 def main(argv=None):
     from . import config as cfgmod
 
@@ -417,6 +457,7 @@ def main(argv=None):
     ap.add_argument("--metrics", nargs="+", required=True, help="tidy metrics tables (the run's metrics.csv)")
     ap.add_argument("--out", required=True, help="recipe.json")
     ap.add_argument("--markdown", required=True, help="recipe.md")
+    ap.add_argument("--out-html", help="the report's recipe page")
     ap.add_argument("--log", required=True)
     a = ap.parse_args(argv)
     log = logger("recipe", a.log)
@@ -426,6 +467,8 @@ def main(argv=None):
         log.info("%s: %s", p, v.get("label") or v.get("reason"))
     write_json(a.out, doc)
     atomic_write(a.markdown, render_md(doc, cfg, tier["plan"]))
+    if a.out_html:
+        atomic_write(a.out_html, render_html(doc, cfg, tier["plan"]))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@
 # A committed run's claims.json is what its provenance recorded (judged against the ledger of that day) and is never
 # rewritten here: the report re-judges committed runs against today's ledger into results/<run>/report/ (not
 # committed), so editing the ledger cannot change a committed run's files or break its audit.
-_COMMITTED = sorted(set(REPORT_RUNS) - set(RUNS))
-_COMMITTED_RE = "|".join(_re.escape(r) for r in _COMMITTED) or "(?!)"  # (?!) matches nothing
 _CLAIMS_CMD = ("python -m moebench.claims --ledger {input.ledger} --run-dir results/{wildcards.run}"
                " --out-json {output.json} --out-md {output.md} --out-html {output.page} --out-caption {output.caption}"
                " --log {log}")
@@ -47,7 +45,7 @@ rule claims_committed:
         page=_claims_page(),
         caption="results/{run}/report/claims.caption.rst",
     wildcard_constraints:
-        run=_COMMITTED_RE,
+        run=COMMITTED_RE,
     conda:
         "../../environment.yml"
     log:
@@ -57,4 +55,4 @@ rule claims_committed:
 
 
 CLAIMS_TARGETS = expand("results/{run}/claims.json", run=RUNS) + expand("results/{run}/report/claims.json",
-                                                                      run=_COMMITTED)
+                                                                      run=COMMITTED_RUNS)

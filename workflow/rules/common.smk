@@ -83,6 +83,17 @@ def fp8_checkpoint(wildcards):
     return [f"results/{wildcards.run}/model-fp8"]
 
 
+# Runs under results/ that this invocation does not make (committed ones): the report re-derives their claims
+# ledger and recipe pages into results/<run>/report/, never rewriting the run's own files.
+COMMITTED_RUNS = sorted(set(REPORT_RUNS) - set(RUNS))
+COMMITTED_RE = "|".join(_re.escape(r) for r in COMMITTED_RUNS) or "(?!)"  # (?!) matches nothing
+
+
+def _recipe_page():
+    return report("results/{run}/report/recipe.html", category="Recipe", subcategory="{run}",
+                  caption="../report/recipe.rst", labels={"run": "{run}", "item": "recipe"})
+
+
 def _claims_page():
     return report("results/{run}/report/claims.html", category="Claims", subcategory="{run}",
                   caption="../report/claims.rst", labels={"run": "{run}", "item": "claims ledger"})
