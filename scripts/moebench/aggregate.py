@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import config as cfgmod
-from .grid import parse_shape_metric
+from .grid import parse_shape_metric, parse_window_metric
 from .io import atomic_write, read_json, shorten, write_json
 from .metrics import VALUED, Row, read_many, write_rows
 from .verdict import Draw, beside, mark_superseded, overall_verdict, speed_verdict
@@ -291,12 +291,15 @@ def routing_ab(rows: list[Row]) -> list[dict]:
             bad = ratio or next(iter(mine.values()))
             out.append({"arm": arm, "status": bad.status, "reason": bad.reason})
             continue
+        win: dict[tuple[str, str], list[float]] = {}  # (router set, metric) -> its windows' values
+        for k, r in mine.items():
+            if (p := parse_window_metric(k)) and r.status in VALUED:
+                win.setdefault((p[2], p[0]), []).append(r.value)
         cell = {"arm": arm, "status": ratio.status, "reason": ratio.reason, "ratio": ratio.value}
         for label in ("raw", "calibrated"):
-            def win(m: str, label=label) -> list[float]:  # this set's per-window values of one metric
-                return [r.value for k, r in mine.items() if re.fullmatch(rf"w\d+_{label}_{m}", k) and r.status in VALUED]
-            loads, peaks = win("router_max_over_mean"), win("peak_alloc_gb") or win("peak_rss_gb")
-            cell[label] = {"step_s": mine[f"{label}_step_s"].value, "windows": len(win("step_s")),
+            loads = win.get((label, "router_max_over_mean"), [])
+            peaks = win.get((label, "peak_alloc_gb")) or win.get((label, "peak_rss_gb"), [])
+            cell[label] = {"step_s": mine[f"{label}_step_s"].value, "windows": len(win.get((label, "step_s"), [])),
                            "peak_gb": max(peaks) if peaks else None,
                            "max_over_mean": sum(loads) / len(loads) if loads else None}
         out.append(cell)

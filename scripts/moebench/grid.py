@@ -24,6 +24,21 @@ def parse_shape_metric(name: str) -> tuple[str, int, int, float | None] | None:
     return m["metric"], int(m["batch"]), int(m["seq"]), float(m["cap"]) if m["cap"] else None
 
 
+# A routing A/B window's rows (stage routing_ab) carry their window and router set in the metric name:
+# `w3_raw_step_s` is the median step time of window 3, run with the raw routers.
+_WINDOWED = re.compile(r"^w(?P<window>\d+)_(?P<routers>raw|calibrated)_(?P<metric>[a-z0-9_]+)$")
+
+
+def window_metric(metric: str, window: int, routers: str) -> str:
+    return f"w{int(window)}_{routers}_{metric}"
+
+
+def parse_window_metric(name: str) -> tuple[str, int, str] | None:
+    """(metric, window, router set) of a routing A/B window's metric name, or None for any other."""
+    m = _WINDOWED.match(name)
+    return (m["metric"], int(m["window"]), m["routers"]) if m else None
+
+
 def is_capped(name: str) -> bool:
     """A measurement under a per-process memory cap (offload's `x@cap24[...]`, sweep's `x@1x8192@cap24`)."""
     return "@cap" in name

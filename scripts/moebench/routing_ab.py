@@ -15,11 +15,13 @@ import argparse
 import re
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 from . import arms as arm_registry
 from . import config as cfgmod
 from . import harness, measure, routing
+from .grid import window_metric
 from .harness import Ctx, Progress
 from .io import logger, read_json, write_json
 from .metrics import log_row, write_rows
@@ -87,16 +89,16 @@ def window(model, opt, xs, load, cuda: bool) -> tuple[list[float], dict, dict]:
     return times, measure.memory_peak(cuda), counts
 
 
-def load_rows(ctx: Ctx, prefix: str, counts: dict) -> None:
-    """The load one window routed, averaged over layers (n = layers)."""
+def load_rows(ctx: Ctx, name, counts: dict) -> None:
+    """The load one window routed, averaged over layers (n = layers); `name(metric)` is the window's row name."""
     per = [routing.summary(c) for c in counts.values()]
     per = [s for s in per if s["max_over_mean"] is not None]
     if not per:
-        ctx.add(f"{prefix}_router_max_over_mean", status="unavailable",
+        ctx.add(name("router_max_over_mean"), status="unavailable",
                 reason="no router reported its top-k choice in this window")
         return
     for k, unit in (("max_over_mean", "ratio"), ("entropy_norm", "fraction of log E"), ("unused", "count")):
-        ctx.add(f"{prefix}_router_{k}", sum(s[k] for s in per) / len(per), unit, n=len(per))
+        ctx.add(name(f"router_{k}"), sum(s[k] for s in per) / len(per), unit, n=len(per))
 
 
 def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, routers_path: str, data_path: str, log,
@@ -127,10 +129,11 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, routers_path: str,
         t, mem, counts = window(model, opt, xs[w * (steps + 1):(w + 1) * (steps + 1)], load, cuda)
         s = measure.summary(t)
         log.info("window %d/%d %s: median step %.4f s, %s", w + 1, windows, label, s["median"], mem)
-        ctx.add(f"w{w + 1}_{label}_step_s", s["median"], "s", n=s["n"], spread=s["iqr"])
+        name = partial(window_metric, window=w + 1, routers=label)  # this window's row names
+        ctx.add(name("step_s"), s["median"], "s", n=s["n"], spread=s["iqr"])
         for k, v in mem.items():
-            ctx.add(f"w{w + 1}_{label}_{k}", v, "GB")
-        load_rows(ctx, f"w{w + 1}_{label}", counts)
+            ctx.add(name(k), v, "GB")
+        load_rows(ctx, name, counts)
         times[label] += t
     load.remove()
     summary_rows(ctx, times)

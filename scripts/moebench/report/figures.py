@@ -3,11 +3,12 @@ memory/speed frontier, energy and loss. Each writes its PNG with sidecars (draw.
 rows still renders and says why."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pandas as pd
 
+from ..grid import parse_window_metric
+from ..metrics import VALUED, Row
 from .draw import GAP_COLOR, MIN_FONT_PT, dotbar, empty, figure, note, save, write_notes
 from .runs import Run, Series, arm_order, card_gb, gap_reason, pick_metric, prov_id, series, split_arm, stage_arms, \
     validation_absent_reason
@@ -272,19 +273,21 @@ def routing_points(run: Run) -> tuple[list[dict], list[str]]:
     """Each routing A/B window (stage `routing_ab`) as a point: arm, router set, step time and the load it routed;
     and why each arm without windows has none."""
     rows = [r for r in run.rows if r.stage == "routing_ab"]
-    by = {(r.arm, r.metric): r for r in rows}
+    windows: dict[tuple[str, int, str], dict[str, Row]] = {}  # (arm, window, router set) -> its rows by metric
+    for r in rows:
+        if p := parse_window_metric(r.metric):
+            windows.setdefault((r.arm, p[1], p[2]), {})[p[0]] = r
     pts, gaps = [], []
     for arm in arm_order({r.arm for r in rows}):
-        wins = sorted((int(m.group(1)), m.group(2)) for a, k in by if a == arm
-                      for m in [re.fullmatch(r"w(\d+)_(raw|calibrated)_step_s", k)] if m)
-        for w, label in wins:
-            t, load = by[(arm, f"w{w}_{label}_step_s")], by.get((arm, f"w{w}_{label}_router_max_over_mean"))
-            if t.status in ("measured", "degraded") and load is not None and load.status in ("measured", "degraded"):
+        for (a, w, label), m in sorted(windows.items(), key=lambda kv: kv[0][1]):
+            t, load = m.get("step_s"), m.get("router_max_over_mean")
+            if a == arm and t and load and t.status in VALUED and load.status in VALUED:
                 pts.append({"arm": arm, "window": w, "routers": label, "step_s": t.value, "load": load.value,
                             "degraded": "degraded" in (t.status, load.status),
                             "ids": [prov_id(t, run.name), prov_id(load, run.name)]})
         if not any(p["arm"] == arm for p in pts):
-            bad = by.get((arm, "calibrated_over_raw_step_s")) or next(r for r in rows if r.arm == arm)
+            bad = next((r for r in rows if r.arm == arm and r.metric == "calibrated_over_raw_step_s"), None) \
+                or next(r for r in rows if r.arm == arm)
             gaps.append(f"{arm}: {bad.status}: {bad.reason}")
     return pts, gaps
 
