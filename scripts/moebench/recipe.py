@@ -369,6 +369,26 @@ def _fmt(v, unit="") -> str:
     return (f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}") + (f" {unit}" if unit else "")
 
 
+def follow_ups(doc: dict) -> list[tuple[str, list[str]]]:
+    """The page's lists after the picks, (title, items), each only where it has items."""
+    out = [("Arms that cannot win a pick (not refined further)", [f"{x['arm']}: {x['why']}" for x in doc["pruned"]]),
+           ("Still to measure before these picks stand",
+            [f"{x['label']}: {x['draws_needed']} more draw(s) (for {x['pick']})" for x in doc["next"]]),
+           ("Worth measuring next (unmeasured neighbours of the fastest pick)",
+            [x["label"] for x in doc.get("refine") or []])]
+    return [(t, items) for t, items in out if items]
+
+
+def snippets(doc: dict, cfg: dict, plan: dict) -> list[tuple[str, str]]:
+    """(title, code) of one training snippet per distinct picked setting."""
+    out, seen = [], set()
+    for p, v in doc["picks"].items():
+        if v["status"] != "none" and v["label"] not in seen:
+            seen.add(v["label"])
+            out.append((f"Training snippet: {v['label']} ({p})", render_snippet(v["setting"], cfg, plan).rstrip()))
+    return out
+
+
 def render_md(doc: dict, cfg: dict, plan: dict) -> str:
     card = doc["card"]
     lines = [f"# Recipe: {doc['run']} on {card['name'] or 'CPU'}", ""]
@@ -390,22 +410,10 @@ def render_md(doc: dict, cfg: dict, plan: dict) -> str:
         status = v["status"] + (f": {v['missing']}" if v.get("missing") else "")
         lines.append(f"| {v['question']} | {v['label']} | {_fmt(v['value'], v['unit'])}{extra} | "
                      f"{v['n']} ({_fmt(v['min'])}–{_fmt(v['max'])}) | {status} |")
-    if doc["pruned"]:
-        lines += ["", "Arms that cannot win a pick (not refined further):", ""]
-        lines += [f"- {x['arm']}: {x['why']}" for x in doc["pruned"]]
-    if doc["next"]:
-        lines += ["", "Still to measure before these picks stand:", ""]
-        lines += [f"- {x['label']}: {x['draws_needed']} more draw(s) (for {x['pick']})" for x in doc["next"]]
-    if doc.get("refine"):
-        lines += ["", "Worth measuring next (unmeasured neighbours of the fastest pick):", ""]
-        lines += [f"- {x['label']}" for x in doc["refine"]]
-    seen = set()
-    for p, v in doc["picks"].items():
-        if v["status"] == "none" or v["label"] in seen:
-            continue
-        seen.add(v["label"])
-        lines += ["", f"## Training snippet: {v['label']} ({p})", "", "```python",
-                  render_snippet(v["setting"], cfg, plan).rstrip(), "```"]
+    for title, items in follow_ups(doc):
+        lines += ["", f"{title}:", ""] + [f"- {i}" for i in items]
+    for title, code in snippets(doc, cfg, plan):
+        lines += ["", f"## {title}", "", "```python", code, "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -433,18 +441,10 @@ def render_html(doc: dict, cfg: dict, plan: dict) -> str:
         classes.append(v["status"] if v["status"] in ("degraded", "skipped", "failed") else "")
     body = f"<p>{head}</p>" + html_table(["pick", "setting", "value", "draws (min–max)", "status", "provenance ids"],
                                         rows, classes, raw=True)
-    for title, items in (("Arms that cannot win a pick", [f"{x['arm']}: {x['why']}" for x in doc["pruned"]]),
-                         ("Still to measure", [f"{x['label']}: {x['draws_needed']} more draw(s) (for {x['pick']})"
-                                               for x in doc["next"]]),
-                         ("Worth measuring next", [x["label"] for x in doc.get("refine") or []])):
-        if items:
-            body += f"<h3>{title}</h3><ul>" + "".join(f"<li>{esc(i)}</li>" for i in items) + "</ul>"
-    seen = set()
-    for p, v in doc["picks"].items():
-        if v["status"] != "none" and v["label"] not in seen:
-            seen.add(v["label"])
-            body += (f"<h3>Training snippet: {esc(v['label'])} ({p})</h3>"
-                     f"<pre>{esc(render_snippet(v['setting'], cfg, plan).rstrip())}</pre>")
+    for title, items in follow_ups(doc):
+        body += f"<h3>{esc(title)}</h3><ul>" + "".join(f"<li>{esc(i)}</li>" for i in items) + "</ul>"
+    for title, code in snippets(doc, cfg, plan):
+        body += f"<h3>{esc(title)}</h3><pre>{esc(code)}</pre>"
     return html_page(f"{doc['run']}: the recipe for this card", body)
 
 
