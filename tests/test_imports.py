@@ -36,7 +36,7 @@ STAGES = {
     "claims", "provenance", "stamp", "audit", "plots", "unlock", "inputs", "quantcheck", "interleave",
     "routing_ab", "shape_curve",
 }
-ARM_COMMON = {"arms", "arms.base"}  # what every arm may import; arms.<x> never imports arms.<y>
+ARM_COMMON = {"arms", "arms.base", "arms.unsloth_runtime"}  # what every arm may import; arms.<x> never imports arms.<y>
 
 
 def module_name(path: Path, pkg: Path) -> str:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from ..inspect import census, expert_lora_coverage, trainable_summary
 from ..io import package_versions
 from .base import Arm, ArmUnavailable, Loaded, LoRASpec
+from .unsloth_runtime import observe_backend, preimport_unsloth, prewarm_if_triton
 
 # Unsloth's own default; get_peft_model maps gate/up/down onto the expert tensors of a MoE.
 EXPERT_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -39,12 +39,7 @@ class _UnslothArm(Arm):
     four_bit = False
 
     def preimport(self) -> None:
-        # Unsloth must be imported before transformers/peft to patch them; offline: no stats ping.
-        os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        # its compiled kernels go to a cache dir, not into the working directory (the repo under Snakemake)
-        os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", os.path.join(tempfile.gettempdir(), "unsloth_compiled_cache"))
-        import unsloth  # noqa: F401
+        preimport_unsloth()
 
     def checkpoint(self, model_dir: str, plan: dict) -> str:
         """What to load: GPT-OSS in 4-bit needs Unsloth's per-expert bnb layout (made by `make-bnb4`)."""
@@ -91,6 +86,7 @@ class _UnslothArm(Arm):
         info = {"loader": f"FastLanguageModel.from_pretrained({kw})", "moe_backend_requested": requested,
                 "checkpoint": source, "unsloth_env": switches}
         info["census_after_load"] = census(model)
+        info["moe_autotune_prewarm"] = prewarm_if_triton(model)
         gc = plan.get("gradient_checkpointing", "unsloth")
         targets = list(lora.attention) + (list(EXPERT_TARGETS) if lora.experts else [])
         model = FastLanguageModel.get_peft_model(
@@ -109,27 +105,6 @@ class _UnslothArm(Arm):
             info.setdefault("warnings", []).append(
                 "experts are NOT 4-bit after load_in_4bit=True (see census_after_load)")
         return Loaded(model, info)
-
-
-def observe_backend() -> dict:
-    """The MoE backend unsloth_zoo selected, and its GPT-OSS view (interleaved gate/up). Call after a step too:
-    the grouped-QLoRA counters say whether the bnb experts ran grouped or fell back to the per-expert loop."""
-    out = {}
-    try:
-        from unsloth_zoo.temporary_patches import moe_utils
-
-        out["moe_backend_selected"] = moe_utils.select_moe_backend()
-        out["moe_backend_gpt_oss"] = moe_utils.select_moe_backend_for_interleaved_gate_up()
-    except Exception as exc:  # report, never guess
-        out["moe_backend_error"] = repr(exc)
-    try:
-        from unsloth_zoo.temporary_patches import gpt_oss_grouped_qlora as gq
-
-        out["grouped_qlora_calls"] = dict(gq.CALLS)
-        out["grouped_qlora_last_decline"] = gq.LAST_DECLINE.get("reason")
-    except Exception:
-        pass
-    return out
 
 
 # ---------------------------------------------------------------- the pre-quantized GPT-OSS checkpoint

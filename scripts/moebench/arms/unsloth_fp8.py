@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..io import package_versions
 from .base import Arm, ArmUnavailable, Loaded, LoRASpec
+from .unsloth_runtime import preimport_unsloth, prewarm_if_triton
 
 MIN_TORCHAO = "0.15.0"  # Unsloth's own floor for load_in_fp8 (pytorch/ao#3158)
 MIN_CAPABILITY = (9, 0)  # Hopper: torch._scaled_mm's FP8 path
@@ -228,10 +229,7 @@ class UnslothFP8(Arm):
         return None
 
     def preimport(self) -> None:
-        os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", os.path.join(tempfile.gettempdir(), "unsloth_compiled_cache"))
-        import unsloth  # noqa: F401
+        preimport_unsloth()
 
     def load(self, model_dir: str, lora: LoRASpec, plan: dict) -> Loaded:
         import torch
@@ -255,6 +253,7 @@ class UnslothFP8(Arm):
         info = {"loader": f"FastLanguageModel.from_pretrained(load_in_fp8={fp8!r}, use_exact_model_name=True)",
                 "checkpoint": source, "moe_backend_requested": requested, "unsloth_env": switches,
                 "fp8_census_after_load": census(model)}
+        info["moe_autotune_prewarm"] = prewarm_if_triton(model)
         gc = plan.get("gradient_checkpointing", "unsloth")
         targets = list(lora.attention) + (list(EXPERT_TARGETS) if lora.experts else [])
         model = FastLanguageModel.get_peft_model(

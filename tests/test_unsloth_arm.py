@@ -1,0 +1,47 @@
+"""The Unsloth arms' CPU-checkable parts: the switches set before import, and the MoE autotune prewarm's arguments
+(the same ones unsloth_zoo's forward_triton_grouped_gemm passes, so the traced call finds them cached)."""
+import sys
+import types
+
+import pytest
+import torch
+
+from moebench.arms import unsloth_runtime as arm
+
+
+def _input_major(module, name, in_dim):  # unsloth_zoo's fallback rule: the last axis is not the input width
+    return getattr(module, name).shape[-1] != in_dim
+
+
+def test_preimport_sets_the_gpu_path_switch(monkeypatch):
+    monkeypatch.delenv("UNSLOTH_FORCE_GPU_PATH", raising=False)
+    monkeypatch.setitem(sys.modules, "unsloth", types.ModuleType("unsloth"))  # no GPU here: a stand-in
+    arm.preimport_unsloth()
+    import os
+
+    assert os.environ["UNSLOTH_FORCE_GPU_PATH"] == "1"
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmoe"])
+def test_prewarm_calls_match_the_forward(family):
+    if family == "qwen3":
+        from transformers import Qwen3MoeConfig as C, Qwen3MoeForCausalLM as M
+        cfg = C(vocab_size=64, hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2)
+    else:
+        from transformers import OlmoeConfig as C, OlmoeForCausalLM as M
+        cfg = C(vocab_size=64, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, num_experts=8, num_experts_per_tok=2)
+    calls = arm.moe_autotune_calls(M(cfg), _input_major, torch.bfloat16)
+    gate_up, down = calls
+    assert gate_up == dict(num_experts=8, hidden_dim=64, intermediate_dim=48, top_k=2, dtype=torch.bfloat16)
+    # the second GEMM: K = the experts' intermediate width, N = hidden (passed halved, as the autotuner doubles it)
+    assert down == dict(num_experts=8, hidden_dim=48, intermediate_dim=32, top_k=2, dtype=torch.bfloat16)
+
+
+def test_prewarm_skips_models_without_fused_experts():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=4))
+    assert arm.moe_autotune_calls(dense, _input_major, torch.bfloat16) == []
