@@ -45,3 +45,19 @@ def test_prewarm_skips_models_without_fused_experts():
     dense = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=4))
     assert arm.moe_autotune_calls(dense, _input_major, torch.bfloat16) == []
+
+
+def test_prewarm_failure_is_recorded_not_raised(monkeypatch, capsys):
+    """A prewarm that cannot run leaves the draw to Unsloth's own first-call tuning (whose fallback the console
+    check still catches) instead of failing the draw."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    m = Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                           moe_intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
+                                           num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2))
+    monkeypatch.setattr(arm, "observe_backend", lambda: {"moe_backend_selected": "unsloth_triton"})
+    out = arm.prewarm_if_triton(m)  # unsloth is not installed here: the import fails inside the prewarm
+    assert "error" in out and "unsloth" in out["error"]
+    assert "prewarm failed" in capsys.readouterr().out
+    monkeypatch.setattr(arm, "observe_backend", lambda: {"moe_backend_selected": "grouped_mm"})
+    assert arm.prewarm_if_triton(m) is None

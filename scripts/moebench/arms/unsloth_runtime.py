@@ -45,7 +45,11 @@ def prewarm_if_triton(model) -> dict | None:
     """The prewarm where Unsloth will run its Triton MoE kernels (GPT-OSS's interleaved gate/up runs grouped_mm)."""
     if model.config.model_type == "gpt_oss" or observe_backend().get("moe_backend_selected") != "unsloth_triton":
         return None
-    return prewarm_moe_autotune(model)
+    try:
+        return prewarm_moe_autotune(model)
+    except Exception as exc:  # the draw goes on: Unsloth tunes at the first call as before, its console says how
+        print(f"moebench: MoE autotune prewarm failed: {exc!r}", flush=True)
+        return {"error": repr(exc)}
 
 
 def moe_autotune_calls(model, input_major, dtype) -> list[dict]:
