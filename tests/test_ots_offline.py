@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import BACKGROUND_NICE, background, snakemake  # noqa: E402
 from ots_fixture import fakerun as fr  # noqa: E402
-from ots_fixture.servers import Calendar, Chain, Fixture  # noqa: E402
+from ots_fixture.servers import Calendar, Chain, Fixture, Served  # noqa: E402
 
 from moebench.stamp import status_from_proof  # noqa: E402
 
@@ -238,23 +239,48 @@ def _audit(root, *args):
     return r, reports[-1].read_text() if reports else ""
 
 
-def test_snakemake_ots_upgrade_and_audit_rules_reach_proven(run):
-    """The rules as a user runs them: `snakemake ots_upgrade` (the workflow's `provenance:` settings, passed as JSON)
-    stamps and then completes the proof; `snakemake audit` prints the level, writes it, and is PROVEN with a node."""
-    root, run_dir = run
-    sm = fr.snakemake_harness(root)
-    with Fixture() as fx:
+@background("ots_rules")
+def ots_rules(tmp_path_factory):
+    """The Snakemakes of test_snakemake_ots_upgrade_and_audit_rules_reach_proven, in order, beside the unit tests
+    (niced; the calendar and node in a process of their own, servers.Served). Returns {step: (what ran, the
+    stamp status or audit level it left)}."""
+    root = tmp_path_factory.mktemp("ots_rules")
+    run_dir = fr.make_run(root)
+    seen = {"provenance": (fr.moebench(root, "provenance", *fr.provenance_args(run_dir)), None)}
+    fr.snakemake_harness(root)  # its files; its Snakemakes run here
+    level = root / "audits" / "level.txt"
+
+    def sm(*args):
+        return snakemake(root, "--cores", "1", *args, env=fr.env(root), timeout=120, nice=BACKGROUND_NICE)
+
+    def status():
+        stamp = run_dir / "provenance_stamp.json"
+        return fr.read(stamp)["status"] if stamp.is_file() else None
+
+    with Served() as fx:
         block = (f"provenance={{calendars: ['{fx.calendar.url}'], min_calendars: 1, timeout_s: 3, "
                  f"whitelist: ['{fx.calendar.url}']}}")
-        r = sm("ots_upgrade", "--config", block)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert fr.read(run_dir / "provenance_stamp.json")["status"] == "pending"
+        seen["stamped"] = (sm("ots_upgrade", "--config", block), status())
         fx.calendar.mine()
-        assert sm("ots_upgrade", "--config", block).returncode == 0
-        assert fr.read(run_dir / "provenance_stamp.json")["status"] == "complete"
+        seen["upgraded"] = (sm("ots_upgrade", "--config", block), status())
         node = block.replace("}", f", bitcoin_node: '{fx.bitcoind.url}'}}")
-        r = sm("audit", "--config", node)
-        assert r.returncode == 0 and "AUDIT PROVEN: " in r.stdout + r.stderr, r.stderr[-3000:]
-        assert (root / "audits" / "level.txt").read_text().startswith("PROVEN\n")
-        r = sm("audit", "--config", block)  # no node: ATTESTED, which the rule reports without failing
-        assert r.returncode == 0 and (root / "audits" / "level.txt").read_text().startswith("ATTESTED\n")
+        seen["audit_node"] = (sm("audit", "--config", node), level.read_text() if level.is_file() else "")
+        seen["audit"] = (sm("audit", "--config", block), level.read_text() if level.is_file() else "")
+    return seen
+
+
+def test_snakemake_ots_upgrade_and_audit_rules_reach_proven(ots_rules):
+    """The rules as a user runs them: `snakemake ots_upgrade` (the workflow's `provenance:` settings, passed as JSON)
+    stamps and then completes the proof; `snakemake audit` prints the level, writes it, and is PROVEN with a node."""
+    r, _ = ots_rules["provenance"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    r, status = ots_rules["stamped"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert status == "pending"
+    r, status = ots_rules["upgraded"]  # after the calendar put it in a block
+    assert r.returncode == 0 and status == "complete", r.stderr[-3000:]
+    r, level = ots_rules["audit_node"]
+    assert r.returncode == 0 and "AUDIT PROVEN: " in r.stdout + r.stderr, r.stderr[-3000:]
+    assert level.startswith("PROVEN\n")
+    r, level = ots_rules["audit"]  # no node: ATTESTED, which the rule reports without failing
+    assert r.returncode == 0 and level.startswith("ATTESTED\n")

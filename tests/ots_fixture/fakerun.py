@@ -112,17 +112,13 @@ def make_run(root: Path, run: str = RUN) -> Path:
 
 
 def aggregate_run(root: Path, run_dir: Path) -> None:
-    """aggregate.py over every stage's metrics.csv, as rule aggregate runs it (again after a row changed)."""
+    """aggregate.py over every stage's metrics.csv, as rule aggregate runs it (again after a row changed). Every
+    path is absolute, so it runs where it is (no chdir): the background tests call it from a thread."""
     inputs = [str(p) for pattern in ("arms/*/draw*/metrics.csv", "validate/*/metrics.csv", "offload/*/*/metrics.csv")
               for p in sorted(run_dir.glob(pattern))]
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        aggregate.main(["--config", str(run_dir / "config.yaml"), "--inputs", *inputs,
-                        "--metrics", str(run_dir / "metrics.csv"), "--comparison", str(run_dir / "comparison.csv"),
-                        "--markdown", str(run_dir / "comparison.md"), "--verdict", str(run_dir / "verdict.json")])
-    finally:
-        os.chdir(cwd)
+    aggregate.main(["--config", str(run_dir / "config.yaml"), "--inputs", *inputs,
+                    "--metrics", str(run_dir / "metrics.csv"), "--comparison", str(run_dir / "comparison.csv"),
+                    "--markdown", str(run_dir / "comparison.md"), "--verdict", str(run_dir / "verdict.json")])
 
 
 def _other_stages(run_dir: Path) -> list[Path]:
@@ -191,9 +187,9 @@ rule all:
 '''
 
 
-def snakemake_harness(root: Path, run: str = RUN):
-    """workflow/rules/provenance.smk under a small Snakefile in root (HARNESS); returns sm(*args) running snakemake
-    there with one core."""
+def snakemake_harness(root: Path, run: str = RUN) -> None:
+    """workflow/rules/provenance.smk under a small Snakefile in root (HARNESS), for conftest.snakemake to run there
+    with one core and env(root)."""
     import shutil
 
     (root / "workflow" / "rules").mkdir(parents=True, exist_ok=True)
@@ -203,10 +199,3 @@ def snakemake_harness(root: Path, run: str = RUN):
     (root / "results" / run / "claims.json").write_text('{"claims": []}\n')  # the claims rule is not here
     (root / "config").mkdir(exist_ok=True)
     (root / "config" / "test.yaml").write_text(f"run: {run}\n")
-    snake = [str(Path(sys.executable).parent / "snakemake"), "--cores", "1"]
-
-    def sm(*args, timeout: float = 120):
-        return subprocess.run(snake + list(args), cwd=root, env=env(root), capture_output=True, text=True,
-                              timeout=timeout)
-
-    return sm

@@ -16,9 +16,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 from bitcoin.core import CBlockHeader, b2lx, lx
 from opentimestamps.core.notary import BitcoinBlockHeaderAttestation, PendingAttestation
@@ -217,7 +220,60 @@ class Fixture:
         self.bitcoind.stop()
 
 
-if __name__ == "__main__":  # run by hand: python tests/ots_fixture/servers.py
+class Served:
+    """A Fixture in a process of its own (`python servers.py --serve`), for a test run beside others in a
+    background thread: its servers answer at once, where threads of the test process would wait for the GIL the
+    running test holds (against the client's timeout of a few seconds). The same names as Fixture: calendar.url,
+    calendar.mine(), bitcoind.url; stop() (or the with block's end) ends the process."""
+
+    def __init__(self, timeout: float = 30):
+        self.timeout = timeout
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        urls = self._reply()
+        self.calendar = SimpleNamespace(url=urls["calendar"], mine=self.mine)
+        self.bitcoind = SimpleNamespace(url=urls["bitcoind"])
+
+    def _reply(self):
+        line = self.proc.stdout.readline()  # the servers answer in milliseconds; an empty line: the process died
+        if not line:
+            raise RuntimeError(f"the fixture's servers (pid {self.proc.pid}) exited: {self.proc.wait(self.timeout)}")
+        return json.loads(line)
+
+    def mine(self) -> int | None:
+        self.proc.stdin.write("mine\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def stop(self):
+        try:
+            self.proc.stdin.close()  # end of input: the servers stop
+            self.proc.wait(timeout=self.timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+
+
+def serve() -> None:
+    """Served's other end: prints the servers' URLs as one JSON line, then answers each "mine" line on stdin with
+    the new block's height (JSON); stops at the end of stdin."""
+    with Fixture() as fx:
+        print(json.dumps({"calendar": fx.calendar.url, "bitcoind": fx.bitcoind.url}), flush=True)
+        for line in sys.stdin:
+            if line.strip() == "mine":
+                print(json.dumps(fx.calendar.mine()), flush=True)
+
+
+if __name__ == "__main__":  # run by hand: python tests/ots_fixture/servers.py (Served runs it with --serve)
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+        sys.exit()
     with Fixture() as fx:
         print(f"calendar {fx.calendar.url}\nbitcoind {fx.bitcoind.url}\nEnter mines a block, Ctrl-D stops.")
         try:
