@@ -4,7 +4,8 @@
 chain reads that run (or a `clone` of it) instead of building its own.
 `in_background(fixture)`: work started as soon as collection shows a selected test uses `fixture` (the CPU chain,
 the Slurm module's workflows), so it overlaps the unit tests instead of adding to them.
-`snakemake(...)`: the venv's Snakemake in its own process group, killed whole on overrun or at the session's end.
+`snakemake(...)`: the venv's Snakemake in its own process group, killed whole on overrun or at the session's end;
+`process(...)` runs any other command so.
 `tiny_workdir(...)`: a tiny model, its data and a CPU tier.json for tests that call a stage directly; the model is
 built once per session and family and copied.
 moebench itself is importable because `make setup` installs it (`pip install -e .`, pyproject.toml).
@@ -90,6 +91,9 @@ _ENDED = threading.Event()  # set at the session's end: a background thread star
 # Niceness of background work (in_background): the test being run keeps a core to itself instead of sharing it
 # with every job of the background workflows, which take what it leaves.
 BACKGROUND_NICE = 10
+# Niceness of a test's own processes run in the background (a stage's `python -m`, a snippet) without a timeout of
+# seconds to meet: their tests come last, so they take what the others leave, the CPU run's first.
+SLACK_NICE = 15
 
 
 def snakemake(cwd: Path, *args: str, timeout: float = 600, env: dict | None = None, wait: bool = True,
@@ -98,17 +102,26 @@ def snakemake(cwd: Path, *args: str, timeout: float = 600, env: dict | None = No
     at niceness `nice` (BACKGROUND_NICE for background work). Returns a Ran; past `timeout` the whole group gets
     SIGKILL (a hung Snakemake ignores SIGTERM) and returncode is None. wait=False starts it and returns the Popen
     (output to cwd/snakemake.out), for tests that kill it."""
+    if wait:
+        return process([str(BIN / "snakemake"), *args], cwd, timeout=timeout, env=env, nice=nice)
     cmd = [*(["nice", "-n", str(nice)] if nice else []), str(BIN / "snakemake"), *args]  # nice execs: same pid
     if _ENDED.is_set():  # a background() thread of a stopped session: nothing would kill this one
         raise RuntimeError(f"the test session has ended; not starting {cmd}")
+    with open(Path(cwd) / "snakemake.out", "w") as log:
+        p = subprocess.Popen(cmd, cwd=cwd, env=venv_env() if env is None else env, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    _LIVE.add(p)
+    renice_session(p.pid, nice)
+    return p
+
+
+def process(cmd: list[str], cwd: Path, timeout: float = 600, env: dict | None = None, nice: int = 0) -> Ran:
+    """Run `cmd` as snakemake() runs Snakemake (its own process group, niceness `nice`, killed whole past
+    `timeout` or at the session's end): for other background work, e.g. a stage run as `python -m`."""
+    cmd = [*(["nice", "-n", str(nice)] if nice else []), *cmd]  # nice execs: same pid
+    if _ENDED.is_set():  # a background() thread of a stopped session: nothing would kill this one
+        raise RuntimeError(f"the test session has ended; not starting {cmd}")
     env = venv_env() if env is None else env
-    if not wait:
-        with open(Path(cwd) / "snakemake.out", "w") as log:
-            p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        _LIVE.add(p)
-        renice_session(p.pid, nice)
-        return p
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     _LIVE.add(p)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import background
 from moebench import grid, provenance, recipe
 from moebench.metrics import Row, write_rows
 
@@ -307,30 +308,41 @@ def test_peak_memory_prefers_reserved_then_alloc_then_host_rss():
     assert s.peak() == pytest.approx(2e9 / 2**30)
 
 
-def test_sweep_process_chain_on_a_pretend_gpu_tier(tiny, tmp_path):
+@background("sweep_chain")
+def sweep_chain(tmp_path_factory):
+    """The sweep of test_sweep_process_chain_on_a_pretend_gpu_tier, run beside the unit tests: a tiny workdir, then
+    `python -m moebench.sweep` at SLACK_NICE (its ladder and bench processes inherit it). Returns (its directory,
+    the tier, the finished process)."""
+    import sys
+
+    import yaml
+
+    from conftest import ROOT, SLACK_NICE, process, tiny_workdir
+
+    d = tmp_path_factory.mktemp("sweep_chain")
+    tier = tiny_workdir(d, conversations=12)
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    cfg.update(capacity={"seq_min": 32, "seq_max": 64, "steps": 2}, lora={**cfg["lora"], "r": 4, "alpha": 8})
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    args = _sweep_args(d, {**tier, "gpu": {"name": "pretend", "memory_gb": 1.0}})
+    args[1] = str(d / "config.yaml")
+    return d, tier, process([sys.executable, "-m", "moebench.sweep", *args], d, nice=SLACK_NICE)
+
+
+def test_sweep_process_chain_on_a_pretend_gpu_tier(sweep_chain):
     """The whole chain on CPU with a tier that claims a GPU: the ladder in its own process, the boundary in a
     fresh bench process, rows the recipe reads as two draws of one setting. (On CPU nothing runs out of memory,
     so the ladder reaches its search limit.)"""
-    import yaml
-
-    from conftest import ROOT
     from moebench.metrics import read_rows
 
-    src, tier = tiny
-    for sub in ("model", "data"):
-        (tmp_path / sub).symlink_to(src / sub)
-    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    cfg.update(capacity={"seq_min": 32, "seq_max": 64, "steps": 2}, lora={**cfg["lora"], "r": 4, "alpha": 8})
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    args = _sweep_args(tmp_path, {**tier, "gpu": {"name": "pretend", "memory_gb": 1.0}})
-    args[1] = str(tmp_path / "config.yaml")
-    sweep.main(args)
-    rows = read_rows(tmp_path / "seq.csv")
+    d, tier, ran = sweep_chain
+    assert ran.returncode == 0, ran.out[-3000:]
+    rows = read_rows(d / "seq.csv")
     by = {(r.metric, r.draw): r for r in rows}
     assert by[("tokens_per_s@1x32", 0)].source.endswith("seq_ladder.log")
-    assert by[("tokens_per_s@1x64", 1)].source == str(tmp_path / "seq.log")  # the fresh bench process, relabelled
+    assert by[("tokens_per_s@1x64", 1)].source == str(d / "seq.log")  # the fresh bench process, relabelled
     answer = by[("max_seq_len", None)]
     assert answer.value == 64 and "fresh processes: 64 measured" in answer.reason
-    assert (tmp_path / "probe_seq_batch1_seq_len64" / "run.log").exists()
+    assert (d / "probe_seq_batch1_seq_len64" / "run.log").exists()
     point = recipe.collect(rows, tier["plan"])[("hf_bf16", "bf16", 1, 64, "none")]
     assert len(point.ran()) == 2  # two processes measured batch 1 x seq 64
