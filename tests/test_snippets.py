@@ -2,12 +2,11 @@
 and e4b ones need a GPU and run during the GPU campaign); every template renders and compiles."""
 import ast
 import os
-import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, tiny_workdir
+from conftest import ROOT, SLACK_NICE, background, process, tiny_workdir
 from moebench import recipe
 
 CFG = {"lora": {"r": 4, "alpha": 8, "attention": ["q_proj", "v_proj"], "experts": True}}
@@ -38,13 +37,6 @@ def test_every_snippet_renders_valid_python_with_its_settings(arm, mode, kind):
         assert "BitsAndBytesConfig(load_in_4bit=True" in code and "gradient_checkpointing=True" in code
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    tiny_workdir(d, conversations=12)
-    return d
-
-
 MODES = ["none", "expert_offload"]
 # Both snippets run as scripts (runpy, run_name "__main__", fresh globals each) in one interpreter: a second
 # process would only pay torch/transformers/peft's imports again (~7 CPU-s). Each script's own outcome is kept.
@@ -60,9 +52,12 @@ for path in sys.argv[1:]:
 """
 
 
-@pytest.fixture(scope="module")
-def trained(tiny, tmp_path_factory):
-    """mode -> (its directory, the runner's whole output): every snippet rendered and run once."""
+@background("trained")
+def trained(tmp_path_factory):
+    """mode -> (its directory, the runner's whole output): every snippet rendered and run once, on a tiny workdir,
+    beside the unit tests (the runner at SLACK_NICE)."""
+    tiny = tmp_path_factory.mktemp("tiny")
+    tiny_workdir(tiny, conversations=12)
     runs = {}
     for mode in MODES:
         d = tmp_path_factory.mktemp(mode)
@@ -71,9 +66,9 @@ def trained(tiny, tmp_path_factory):
         (d / "train.py").write_text(code)
         runs[mode] = d
     env = {**os.environ, "PYTHONPATH": str(ROOT / "scripts"), "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run([sys.executable, "-c", RUNNER, *(str(d / "train.py") for d in runs.values())],
-                       cwd=tmp_path_factory.mktemp("run"), capture_output=True, text=True, timeout=300, env=env)
-    return {mode: (d, r.stdout + r.stderr) for mode, d in runs.items()}
+    r = process([sys.executable, "-c", RUNNER, *(str(d / "train.py") for d in runs.values())],
+                tmp_path_factory.mktemp("run"), timeout=300, env=env, nice=SLACK_NICE)
+    return {mode: (d, r.out) for mode, d in runs.items()}
 
 
 @pytest.mark.parametrize("mode", MODES)
