@@ -331,6 +331,12 @@ def _tiny_model(model: str) -> Path:
         return _TINY_MODELS.get(model) or _build_tiny_model(model)
 
 
+def tiny_model(model: str = "gpt-oss-20b") -> Path:
+    """The session's tiny random-init `model` (models.build with seed 42 on data.corpus_text(60, 42)), for tests
+    that only read it: never write there (tiny_workdir copies it)."""
+    return _tiny_model(model)
+
+
 def _build_tiny_model(model: str) -> Path:
     from moebench import config as cfgmod
     from moebench import data, models

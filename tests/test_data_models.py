@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, tiny_model
 from moebench import config as cfgmod
 from moebench import data, models
 from moebench.io import logger
@@ -12,10 +12,9 @@ SPEC = cfgmod.load_yaml("models.yaml")["gpt-oss-20b"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("m") / "model"
-    models.build(SPEC, "tiny", "random-init", str(d), 42, data.corpus_text(60, 42), logger("t"))
-    return d
+def tiny():
+    """The session's tiny GPT-OSS (conftest.tiny_model: models.build of SPEC, seed 42): the tests only read it."""
+    return tiny_model("gpt-oss-20b")
 
 
 def test_conversations_are_deterministic_harmony_with_several_templates():
@@ -158,7 +157,7 @@ def test_build_calibrates_routers_records_the_load_and_keeps_both_router_sets(ti
 
     from moebench import router_calibration
 
-    convs = data.split(data.conversations(20, 42), 0.1, 42)
+    convs = data.split(data.conversations(10, 42), 0.1, 42)  # 9 to calibrate on (2560 tokens), 1 held out (256)
     info = models.build(SPEC, "tiny", "random-init", str(tmp_path / "m"), 42, data.corpus_text(60, 42),
                         logger("t"), router_load="balanced", calib_convs=convs,
                         routers_out=str(tmp_path / "routers.safetensors"))
