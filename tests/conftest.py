@@ -215,9 +215,12 @@ def background(fixture: str, scope: str = "module"):
                     box["value"] = work(tmp_path_factory)
                 except BaseException as e:  # handed to the fixture
                     box["error"] = e
+                finally:
+                    _mark(fixture, done=_now())
 
             box["thread"] = threading.Thread(target=run, name=fixture, daemon=True)
             _THREADS[fixture] = box
+            _mark(fixture, started=_now())
             box["thread"].start()
 
         in_background(fixture)(start)
@@ -225,13 +228,61 @@ def background(fixture: str, scope: str = "module"):
         @pytest.fixture(scope=scope, name=fixture)
         def waited(tmp_path_factory):
             start(tmp_path_factory)  # a no-op when collection started it
-            box = _THREADS[fixture]
+            box, t = _THREADS[fixture], time.time()
             box["thread"].join()
+            _mark(fixture, waited=round(time.time() - t, 1))
             if "error" in box:
                 raise box["error"]
             return box["value"]
         return waited
     return wrap
+
+
+# ---- where the session's time went: printed at its end --------------------------------------------------------
+_T0 = time.time()
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, all) CPU time of this host since boot, in ticks (/proc/stat; zeros where there is none)."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # idle, iowait
+
+
+_CPU0 = _cpu_times()
+_TIMELINE: dict[str, dict] = {"unit tests": {"started": 0.0}}  # what -> started/done/waited, s since _T0
+
+
+def _now() -> float:
+    return round(time.time() - _T0, 1)
+
+
+def _mark(what: str, **times: float) -> None:
+    _TIMELINE.setdefault(what, {}).update(times)
+
+
+def pytest_runtest_setup(item):
+    """The first test that needs background work (they run last): the unit tests are done."""
+    if "done" not in _TIMELINE["unit tests"] and any(f in _STARTERS for f in getattr(item, "fixturenames", ())):
+        _mark("unit tests", done=_now())
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How busy the host's cores were, when the background work finished and how long the tests waited for it:
+    the session's critical path (the tests' own durations: --durations)."""
+    busy, total = (now - then for now, then in zip(_cpu_times(), _CPU0))
+    if len(_TIMELINE) == 1 or not total:
+        return
+    wall, cores = time.time() - _T0, os.cpu_count() or 1
+    tr = terminalreporter
+    tr.write_sep("-", "time line (s since conftest was imported)")
+    tr.write_line(f"{cores} cores busy {busy / total:.0%} of {wall:.0f} s: {(total - busy) / total * wall * cores:.0f} "
+                  "core-s idle (the whole host)")
+    for what, t in _TIMELINE.items():
+        tr.write_line(f"{what}: started {t.get('started', '?')}, done {t.get('done', '?')}"
+                      + (f", a test waited {t['waited']} s for it" if t.get("waited") else ""))
 
 
 # ---- the one CPU chain ---------------------------------------------------------------------------------------
@@ -246,6 +297,8 @@ def _start_cpu_run(tmp_path_factory=None) -> None:  # its own temp dir: removed 
     _CPU_RUN.update(root=root, t0=time.time(),
                     proc=snakemake(root, "--cores", "2", "--prioritize", CPU_RUN_FIRST, *QUICK, wait=False,
                                    nice=BACKGROUND_NICE))
+    _mark("cpu_run", started=_now())
+    threading.Thread(target=lambda p=_CPU_RUN["proc"]: (p.wait(), _mark("cpu_run", done=_now())), daemon=True).start()
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture scope
@@ -282,7 +335,10 @@ def cpu_run() -> Path:
     _start_cpu_run()  # a no-op when collection started it
     if _CPU_RUN["proc"].poll() is None:  # the tests waiting on it run last: nothing else is in the foreground now
         boost(_CPU_RUN["proc"].pid)
-    return wait_cpu_run()
+    t = time.time()
+    root = wait_cpu_run()
+    _mark("cpu_run", waited=round(time.time() - t, 1))
+    return root
 
 
 def boost(pid: int) -> None:
