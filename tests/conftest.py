@@ -92,6 +92,25 @@ def venv_env(**extra: str) -> dict:
 # Snakemakes still running: the session's end kills them (a background one may outlive an early stop, e.g. -x).
 _LIVE: set[subprocess.Popen] = set()
 _ENDED = threading.Event()  # set at the session's end: a background thread starts no Snakemake after it
+_WORK = threading.local()  # .fixture: the background() work this thread runs
+_OWNED: dict[str, list[subprocess.Popen]] = {}  # background() work -> the processes it started
+_WAITED_ON: set[str] = set()  # background() work a test waits on: what it starts from then on runs at nice 0
+
+
+def _niceness(nice: int) -> int:
+    return 0 if getattr(_WORK, "fixture", None) in _WAITED_ON else nice
+
+
+def _started(p: subprocess.Popen, nice: int) -> None:
+    """A process snakemake() or process() started: killed at the session's end, its session reniced, and owned by
+    the background() work that started it (boosted when a test waits on that work)."""
+    _LIVE.add(p)
+    renice_session(p.pid, nice)
+    work = getattr(_WORK, "fixture", None)
+    if work:
+        _OWNED.setdefault(work, []).append(p)
+        if nice and work in _WAITED_ON:  # the test began to wait while it started (the waiter may not see it)
+            boost(p.pid)
 
 
 # Niceness of background work (in_background): the test being run keeps a core to itself instead of sharing it
@@ -110,28 +129,28 @@ def snakemake(cwd: Path, *args: str, timeout: float = 600, env: dict | None = No
     (output to cwd/snakemake.out), for tests that kill it."""
     if wait:
         return process([str(BIN / "snakemake"), *args], cwd, timeout=timeout, env=env, nice=nice)
+    nice = _niceness(nice)
     cmd = [*(["nice", "-n", str(nice)] if nice else []), str(BIN / "snakemake"), *args]  # nice execs: same pid
     if _ENDED.is_set():  # a background() thread of a stopped session: nothing would kill this one
         raise RuntimeError(f"the test session has ended; not starting {cmd}")
     with open(Path(cwd) / "snakemake.out", "w") as log:
         p = subprocess.Popen(cmd, cwd=cwd, env=venv_env() if env is None else env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
-    _LIVE.add(p)
-    renice_session(p.pid, nice)
+    _started(p, nice)
     return p
 
 
 def process(cmd: list[str], cwd: Path, timeout: float = 600, env: dict | None = None, nice: int = 0) -> Ran:
     """Run `cmd` as snakemake() runs Snakemake (its own process group, niceness `nice`, killed whole past
     `timeout` or at the session's end): for other background work, e.g. a stage run as `python -m`."""
+    nice = _niceness(nice)
     cmd = [*(["nice", "-n", str(nice)] if nice else []), *cmd]  # nice execs: same pid
     if _ENDED.is_set():  # a background() thread of a stopped session: nothing would kill this one
         raise RuntimeError(f"the test session has ended; not starting {cmd}")
     env = venv_env() if env is None else env
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
-    _LIVE.add(p)
-    renice_session(p.pid, nice)
+    _started(p, nice)
     try:
         out, err = p.communicate(timeout=timeout)
         return Ran(cmd, p.returncode, out, err)
@@ -208,7 +227,8 @@ def background(fixture: str, scope: str = "module"):
     """Decorator: `work(tmp_path_factory)` becomes the fixture `fixture`, whose work starts in a thread at the end of
     collection (in_background) and whose value the fixture waits for. For a test's Snakemake runs (started with
     nice=BACKGROUND_NICE) that need nothing from other tests: they overlap the unit tests, and the test asserts
-    on what they returned. An exception in `work` is raised by the fixture."""
+    on what they returned. An exception in `work` is raised by the fixture. Once a test waits on the work, the
+    processes it started with snakemake() or process() run at nice 0 (boost), and so do those it starts later."""
     def wrap(work):
         def start(tmp_path_factory) -> None:
             if fixture in _THREADS:
@@ -217,6 +237,7 @@ def background(fixture: str, scope: str = "module"):
             box: dict = {}
 
             def run():
+                _WORK.fixture = fixture
                 try:
                     box["value"] = work(tmp_path_factory)
                 except BaseException as e:  # handed to the fixture
@@ -235,6 +256,11 @@ def background(fixture: str, scope: str = "module"):
         def waited(tmp_path_factory):
             start(tmp_path_factory)  # a no-op when collection started it
             box, t = _THREADS[fixture], time.time()
+            if box["thread"].is_alive():  # the test waits on it: it runs first from now on
+                _WAITED_ON.add(fixture)
+                for p in _OWNED.get(fixture, []):
+                    if p.poll() is None:
+                        boost(p.pid)
             box["thread"].join()
             _mark(fixture, waited=round(time.time() - t, 1))
             if "error" in box:
