@@ -31,9 +31,12 @@ def prewarm_moe_autotune(model) -> dict:
     traced call then reads, with the arguments that forward passes (its two GEMMs, the activations' bf16)."""
     import torch
     from unsloth.kernels.moe.autotune_cache import get_or_autotune_moe_kernels
-    from unsloth_zoo.temporary_patches.moe_utils import _experts_are_input_major
+    from unsloth_zoo.temporary_patches import moe_utils
 
-    calls = moe_autotune_calls(model, _experts_are_input_major, torch.bfloat16)
+    calls = moe_autotune_calls(model, torch.bfloat16, moe_utils._logical_expert_shape,
+                               lambda m: _declared_input_major(moe_utils, m))
+    if not calls:
+        return {"calls": [], "skipped": "no fused experts with a usable logical shape"}
     t0 = time.perf_counter()
     for kw in calls:
         get_or_autotune_moe_kernels(**kw)
@@ -52,15 +55,30 @@ def prewarm_if_triton(model) -> dict | None:
         return {"error": repr(exc)}
 
 
-def moe_autotune_calls(model, input_major, dtype) -> list[dict]:
+def _declared_input_major(moe_utils, module) -> bool | None:
+    """The layout flags unsloth_zoo reads before it guesses from the shape (its _experts_are_input_major)."""
+    if bool(moe_utils._module_flag(module, "_unsloth_grouped_mm_format", False)):
+        return True
+    declared = moe_utils._module_flag(module, "is_transposed", None)
+    return declared if isinstance(declared, bool) else None
+
+
+def moe_autotune_calls(model, dtype, logical_shape=lambda p: tuple(p.shape), declared=lambda m: None) -> list[dict]:
     """The two get_or_autotune_moe_kernels calls unsloth_zoo makes for the first fused-experts module (every
-    layer of one model has the same shape): gate/up (K = hidden) and down (K = intermediate)."""
+    layer of one model has the same shape): gate/up (K = hidden) and down (K = intermediate). The shape is the
+    logical one: a 4-bit expert stack is stored packed (the Qwen3 4-bit arm: bitsandbytes (n, 1) data), and
+    its stored shape would give a zero width (sitting 5's prewarm did: "cannot reshape tensor of 0 elements")."""
     experts = next((m for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "num_experts")), None)
     if experts is None:
         return []
     hidden = int(model.config.hidden_size)
-    shape = experts.gate_up_proj.shape
-    inter = (shape[-1] if input_major(experts, "gate_up_proj", hidden) else shape[1]) // 2
+    shape = tuple(int(x) for x in logical_shape(experts.gate_up_proj))
+    major = declared(experts)
+    if major is None:
+        major = shape[-1] != hidden
+    inter = (shape[-1] if major else shape[1]) // 2 if len(shape) == 3 else 0
+    if inter <= 0:
+        return []
     top_k = int(model.config.num_experts_per_tok)
     n = int(experts.num_experts)
     return [dict(num_experts=n, hidden_dim=hidden, intermediate_dim=inter, top_k=top_k, dtype=dtype),
