@@ -330,7 +330,12 @@ def _start_cpu_run(tmp_path_factory=None) -> None:  # its own temp dir: removed 
                     proc=snakemake(root, "--cores", "2", "--prioritize", CPU_RUN_FIRST, *QUICK, wait=False,
                                    nice=CPU_RUN_NICE))
     _mark("cpu_run", started=_now())
-    threading.Thread(target=lambda p=_CPU_RUN["proc"]: (p.wait(), _mark("cpu_run", done=_now())), daemon=True).start()
+    threading.Thread(target=_note_end, args=(_CPU_RUN["proc"], "cpu_run"), daemon=True).start()
+
+
+def _note_end(p: subprocess.Popen, what: str) -> None:
+    p.wait()
+    _mark(what, done=_now())
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture scope
@@ -379,6 +384,9 @@ def boost(pid: int) -> None:
     only (raising a priority is); elsewhere it keeps its niceness."""
     try:
         Path(f"/proc/{pid}/autogroup").write_text("0")
+    except OSError:  # no autogroups here (then the process group's nice is what counts) or not root
+        pass
+    try:
         os.setpriority(os.PRIO_PGRP, pid, 0)  # start_new_session: its process group id is its pid
     except OSError:
         pass
