@@ -69,7 +69,7 @@ if [ -e /tmp/moebench-gpu-tests.log ]; then
 fi
 # shellcheck disable=SC2086
 tar czf "$out/results.tgz" --exclude='*/model' --exclude='*/model.partial' --exclude='*/adapter' \
-  --exclude='*-unsloth-bnb4' $(for r in $runs; do [ -d "$r" ] && echo "$r"; done) .snakemake/log 2>/dev/null
+  --exclude='*-unsloth-bnb4' --exclude='*.routers.safetensors' $(for r in $runs; do [ -d "$r" ] && echo "$r"; done) .snakemake/log 2>/dev/null
 cp "$log" "$out/queue.log"
 [ -e /tmp/moebench-gpu-tests.log ] && cp /tmp/moebench-gpu-tests.log "$out/gpu-tests.log" && tail -3 /tmp/moebench-gpu-tests.log
 grep -E "^== |^\[interleave|steps \(|Error|rror:|quantcheck:|Finished job" "$log" | tail -40

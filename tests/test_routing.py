@@ -141,22 +141,47 @@ def _ab(tmp_path, calibrated):
 
 
 def test_routing_ab_swaps_router_sets_in_place_and_measures_each_window(tmp_path):
-    """A strongly skewed second set must show in its windows' measured load: the swap really happened, A B A B."""
+    """A strongly skewed second set must show in its windows' measured load: the swap really happened, A B B A,
+    every window on the same token blocks (at learning rate 0 a set's two windows route exactly the same load)."""
     rows = _ab(tmp_path, lambda m: routing.apply_skew(m, 4.0, 1))
     assert {r.stage for r in rows.values()} == {"routing_ab"}
-    for w, label in ((1, "raw"), (2, "calibrated"), (3, "raw"), (4, "calibrated")):
+    windows = ((1, "raw"), (2, "calibrated"), (3, "calibrated"), (4, "raw"))
+    for w, label in windows:
         assert rows[f"w{w}_{label}_step_s"].status == "measured" and rows[f"w{w}_{label}_step_s"].n == 2
-    mm = {w: rows[f"w{w}_{label}_router_max_over_mean"].value
-          for w, label in ((1, "raw"), (2, "calibrated"), (3, "raw"), (4, "calibrated"))}
-    assert min(mm[2], mm[4]) > max(mm[1], mm[3])  # the skewed set routed more unevenly, each time
+    mm = {w: rows[f"w{w}_{label}_router_max_over_mean"].value for w, label in windows}
+    assert min(mm[2], mm[3]) > max(mm[1], mm[4])  # the skewed set routed more unevenly, each time
+    assert mm[1] == mm[4] and mm[2] == mm[3]  # same blocks, no weight moved: the data is not a second variable
     assert rows["calibrated_over_raw_step_s"].status == "measured" and rows["calibrated_over_raw_step_s"].value > 0
     # aggregate's per-arm summary of those rows: each set's windows, its mean load, the ratio, in comparison.md
     from moebench import aggregate
     (ab,) = aggregate.routing_ab(list(rows.values()))
     assert ab["ratio"] == rows["calibrated_over_raw_step_s"].value
     assert ab["raw"]["windows"] == ab["calibrated"]["windows"] == 2
-    assert ab["calibrated"]["max_over_mean"] == pytest.approx((mm[2] + mm[4]) / 2)
-    assert ab["raw"]["peak_gb"] > 0 and "| hf_bf16 |" in aggregate.routing_note([ab])
+    assert ab["calibrated"]["max_over_mean"] == pytest.approx((mm[2] + mm[3]) / 2)
+    assert ab["raw"]["peak_gb"] > 0 and "| hf_bf16 | A B B A, same blocks |" in aggregate.routing_note([ab])
+
+
+def test_routing_ab_order_is_abba():
+    from moebench import routing_ab
+
+    assert routing_ab.order(6) == ["raw", "calibrated", "calibrated", "raw", "raw", "calibrated"]
+
+
+def test_routing_ab_console_fallback_makes_its_rows_degraded(tmp_path):
+    """The A/B's console is read like a draw's: sitting 5's unsloth_4bit A/B printed Unsloth's autotune fallback."""
+    from moebench import aggregate
+    from moebench.metrics import Row
+
+    d = tmp_path / "routing_ab" / "unsloth_4bit"
+    d.mkdir(parents=True)
+    (d / "console.log").write_text("[unsloth.kernels.moe.autotune_cache|ERROR]MoE kernel auto-tuning failed: "
+                                   "'Autotuner' object has no attribute 'best_config'\n")
+    row = lambda arm: Row("r", "t", "m", arm, "nf4", "routing_ab", "calibrated_over_raw_step_s", 0.9, "ratio",
+                          source=str(d / "run.log"))
+    cfg = {"degraded_patterns": {"unsloth_4bit": ["MoE kernel auto-tuning failed"]}, "recompile_limit": 8}
+    out = aggregate.console_degraded([row("unsloth_4bit"), row("hf_bf16")], [], cfg, [d])
+    assert out[0].status == "degraded" and "auto-tuning failed" in out[0].reason
+    assert out[1].status == "measured"  # another arm's rows: its own console decides
 
 
 def test_routing_ab_with_identical_sets_is_skipped(tmp_path):

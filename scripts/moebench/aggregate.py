@@ -54,7 +54,7 @@ def arm_summary(arm: str, rows: list[Row]) -> dict:
 def compare(rows: list[Row], arms: list[str], baselines: list[str]) -> tuple[list[dict], list[Row]]:
     """Comparison lines, plus `compare` rows (speedups) so the provenance holds every derived number too. A ratio
     with a degraded side is itself degraded."""
-    lines = [arm_summary(a, rows) for a in arms if any(r.arm == a for r in rows)]
+    lines = [arm_summary(a, rows) for a in arms if any(r.arm == a and r.stage == "bench" for r in rows)]  # A/B-only runs: none
     by_arm = {l["arm"]: l for l in lines}
     derived = []
     for line in lines:
@@ -86,21 +86,22 @@ def step_times(draw_dir: Path) -> list[float]:
     return [float(m.group(2)) for m in TIMED_STEP.finditer(log.read_text())] if log.exists() else []
 
 
-def console_degraded(rows: list[Row], draw_dirs: list[Path], cfg: dict) -> list[Row]:
-    """Re-read each draw's console for the fallback lines its arm declares: a draw measured before the process
-    looked for them (committed runs) is degraded all the same. Rows are returned, not changed."""
+def console_degraded(rows: list[Row], draw_dirs: list[Path], cfg: dict, ab_dirs: list[Path] = ()) -> list[Row]:
+    """Re-read each draw's (and each routing A/B process's) console for the fallback lines its arm declares: a
+    process measured before moebench looked for them (committed runs) is degraded all the same. Rows are
+    returned, not changed."""
     from .harness import arm_patterns, console_reason, degraded_matches, draw_console
 
     hits = {}
-    for d in draw_dirs:
-        text = draw_console(d)
-        if text:
-            arm, k = d.parent.name, int(d.name.removeprefix("draw"))
-            why = console_reason(degraded_matches(text, arm_patterns(cfg, arm), cfg.get("recompile_limit")))
-            if why:
-                hits[(arm, k)] = why
-    return [replace(r, status="degraded", reason=hits[(r.arm, r.draw)])
-            if r.status == "measured" and r.stage == "bench" and (r.arm, r.draw) in hits else r for r in rows]
+    consoles = [(("bench", d.parent.name, int(d.name.removeprefix("draw"))), draw_console(d)) for d in draw_dirs]
+    consoles += [(("routing_ab", d.name, None), (d / "console.log").read_text(errors="replace"))
+                 for d in ab_dirs if (d / "console.log").is_file()]
+    for key, text in consoles:
+        why = text and console_reason(degraded_matches(text, arm_patterns(cfg, key[1]), cfg.get("recompile_limit")))
+        if why:
+            hits[key] = why
+    return [replace(r, status="degraded", reason=hits[(r.stage, r.arm, r.draw)])
+            if r.status == "measured" and (r.stage, r.arm, r.draw) in hits else r for r in rows]
 
 
 def read_draws(rows: list[Row], draw_dirs: list[Path]) -> dict[str, list[Draw]]:
@@ -295,7 +296,11 @@ def routing_ab(rows: list[Row]) -> list[dict]:
         for k, r in mine.items():
             if (p := parse_window_metric(k)) and r.status in VALUED:
                 win.setdefault((p[2], p[0]), []).append(r.value)
-        cell = {"arm": arm, "status": ratio.status, "reason": ratio.reason, "ratio": ratio.value}
+        labels = dict(sorted((p[1], p[2]) for k in mine if (p := parse_window_metric(k)) and p[0] == "step_s"))
+        same = mine.get("windows_same_blocks")  # absent: sitting 5's A/B fed every window new blocks
+        cell = {"arm": arm, "status": ratio.status, "reason": ratio.reason, "ratio": ratio.value,
+                "windows": " ".join("A" if labels[w] == "raw" else "B" for w in sorted(labels))
+                + (", same blocks" if same and same.value else ", new blocks each")}
         for label in ("raw", "calibrated"):
             loads = win.get((label, "router_max_over_mean"), [])
             peaks = win.get((label, "peak_alloc_gb")) or win.get((label, "peak_rss_gb"), [])
@@ -310,16 +315,16 @@ def routing_note(ab: list[dict]) -> str:
     if not ab:
         return ""
     f = lambda v, spec: "—" if v is None else format(v, spec)
-    out = ["**Router load A/B** (one process per arm, raw and calibrated routers swapped in place, windows A B A B; "
-           "load = max/mean tokens per expert in those windows, mean over layers):", "",
-           "| arm | raw s/step | calibrated s/step | calibrated / raw | raw load | calibrated load | peak GB raw / cal |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["**Router load A/B** (one process per arm, raw (A) and calibrated (B) routers swapped in place between "
+           "timed windows; load = max/mean tokens per expert in those windows, mean over layers):", "",
+           "| arm | windows | raw s/step | calibrated s/step | calibrated / raw | raw load | calibrated load "
+           "| peak GB raw / cal |", "|---|---|---|---|---|---|---|---|"]
     for c in ab:
         if "ratio" not in c:
-            out.append(f"| {c['arm']} | {c['status']}: {c['reason']}"[:200] + " |  |  |  |  |  |")
+            out.append(f"| {c['arm']} | {c['status']}: {c['reason']}"[:200] + " |  |  |  |  |  |  |")
             continue
         r, k = c["raw"], c["calibrated"]
-        out.append(f"| {c['arm']} | {r['step_s']:.4g} | {k['step_s']:.4g} | {c['ratio']:.3f}"
+        out.append(f"| {c['arm']} | {c['windows']} | {r['step_s']:.4g} | {k['step_s']:.4g} | {c['ratio']:.3f}"
                    + (" (degraded)" if c["status"] == "degraded" else "")
                    + f" | {f(r['max_over_mean'], '.2f')} | {f(k['max_over_mean'], '.2f')}"
                    f" | {f(r['peak_gb'], '.1f')} / {f(k['peak_gb'], '.1f')} |")
@@ -364,7 +369,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     cfg = cfgmod.load(a.config)
     draw_dirs = [Path(m).parent for m in a.inputs if Path(m).parent.parent.parent.name == "arms"]
-    rows = console_degraded(read_many(a.inputs), draw_dirs, cfg)
+    ab_dirs = [Path(m).parent for m in a.inputs if Path(m).parent.parent.name == "routing_ab"]
+    rows = console_degraded(read_many(a.inputs), draw_dirs, cfg, ab_dirs)
     lines, derived = compare(rows, cfg["arms"], cfg.get("baselines", []))
     cols = COLUMNS + [f"speedup_vs_{b}" for b in cfg.get("baselines", [])]
     buf = io.StringIO()

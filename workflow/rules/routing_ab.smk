@@ -1,5 +1,5 @@
 # Raw against calibrated routers inside one process (issue 20): one arm loaded once, the two router sets of
-# model.routers.safetensors swapped in place, timed windows A B A B, for the arms of config routing_ab.arms
+# model.routers.safetensors swapped in place, timed windows A B B A, for the arms of config routing_ab.arms
 # (their rows reach aggregate beside the draws); any arm's results/<run>/routing_ab/<arm>/metrics.csv on request.
 rule routing_ab:
     input:
