@@ -176,14 +176,19 @@ def test_two_tier_table_matches_each_runs_comparison():
                     "h200-qwen3-30b-a3b-skew"}
 
 
-def test_qwen_bf16_over_4bit_ratios_are_the_verdicts():
+def test_qwen_figures_are_the_runs_and_no_verdict():
+    """One draw per arm on both cards: no verdict. The H100's 4-bit-vs-bf16 step times and the re-measured H200's
+    unsloth_bf16-vs-hf_bf16 ratio are quoted as the runs hold them."""
     text = " ".join(RESULTS.read_text().split())
-    for run, card in (("h100-qwen3-30b-a3b", "H100"), ("h200-qwen3-30b-a3b", "H200")):
+    for run in ("h100-qwen3-30b-a3b", "h200-qwen3-30b-a3b"):
         v = json.loads((ROOT / "results" / run / "verdict.json").read_text())
-        assert v["speed_verdict"] == "NOT TESTABLE"  # one draw per arm (and degraded on the H200): no verdict
-        c = comparison(run)
-        ratio = float(c["unsloth_4bit"]["step_s"]) / float(c["unsloth_bf16"]["step_s"])
-        assert re.search(rf"{ratio:.2f}x( \(degraded\))? (unsloth_4bit's speed )?on the {card}", text), run
+        assert v["speed_verdict"] == "NOT TESTABLE", run
+    h100, h200 = comparison("h100-qwen3-30b-a3b"), comparison("h200-qwen3-30b-a3b")
+    assert (f"ran *faster* than its bf16 Split LoRA ({float(h100['unsloth_4bit']['step_s']):.3f} vs "
+            f"{float(h100['unsloth_bf16']['step_s']):.3f} s/step)") in text
+    assert h200["unsloth_bf16"]["status"] == "measured" and h200["unsloth_4bit"]["status"] == "degraded"
+    assert (f"unsloth_bf16 ({float(h200['unsloth_bf16']['step_s']):.3f} s/step, no fallback) runs at "
+            f"{float(h200['unsloth_bf16']['speedup_vs_hf_bf16'].rstrip('x')):.2f}x the speed of") in text
 
 
 def _metric(run, arm, metric):
@@ -205,15 +210,13 @@ def test_tier_ratios_and_skew_figures_are_the_runs():
                                                                                  ["tokens_per_s"])
              for arm in ("unsloth_4bit", "unsloth_bf16")}
     mark = {arm: " (degraded)" if med["h200-qwen3-30b-a3b"][arm]["status"] == "degraded" else "" for arm in ratio}
-    assert f"unsloth_4bit only {ratio['unsloth_4bit']:.2f}x{mark['unsloth_4bit']} and unsloth_bf16 " \
-           f"{ratio['unsloth_bf16']:.2f}x{mark['unsloth_bf16']}" in text
+    assert f"unsloth_bf16 {ratio['unsloth_bf16']:.2f}x{mark['unsloth_bf16']} and unsloth_4bit " \
+           f"{ratio['unsloth_4bit']:.2f}x{mark['unsloth_4bit']}" in text
     plain, skew = "h200-qwen3-30b-a3b", "h200-qwen3-30b-a3b-skew"
-    assert f"max/mean {_metric(plain, 'hf_bf16', 'router_max_over_mean'):.1f} to " \
-           f"{_metric(skew, 'hf_bf16', 'router_max_over_mean'):.1f}" in text
-    assert f"{_shown(plain, 'unsloth_bf16', 'step_s', '.3f')} → {_shown(skew, 'unsloth_bf16', 'step_s', '.3f')} s/step" \
-        in text
-    assert f"first step costs {_shown(plain, 'unsloth_bf16', 'first_step_s', '.1f')} s (unsloth_bf16) and " \
-           f"{_shown(plain, 'unsloth_4bit', 'first_step_s', '.1f')} s (unsloth_4bit)" in text
+    assert f"in warm-up was max/mean {_metric(skew, 'hf_bf16', 'router_max_over_mean'):.1f}, with " \
+           f"{_metric(skew, 'hf_bf16', 'router_unused_experts'):.0f} experts unused" in text
+    assert f"load time, {_shown(plain, 'unsloth_bf16', 'load_s', '.0f')} s), and the first step still " \
+           f"{_shown(plain, 'unsloth_bf16', 'first_step_s', '.0f')} s (compile)" in text
 
 
 def test_zeus_range_is_the_rows():
