@@ -17,7 +17,7 @@ for run in "$@"; do
   shopt -u nullglob
   python -m moebench.aggregate --config "$R/config.yaml" --inputs "${draws[@]}" --gates "${gates[@]}" \
     --metrics "$R/metrics.csv" --comparison "$R/comparison.csv" --markdown "$R/comparison.md" \
-    --verdict "$R/verdict.json" > "$R/logs/aggregate.log"
+    --verdict "$R/verdict.json" --model-sha "$R/model.sha256" > "$R/logs/aggregate.log"
   python -m moebench.recipe --config "$R/config.yaml" --tier "$R/tier.json" --metrics "$R/metrics.csv" \
     --out "$R/recipe.json" --markdown "$R/recipe.md" --out-html "$R/report/recipe.html" --log "$R/logs/recipe.log"
   python -m moebench.claims --ledger config/claims.yaml --run-dir "$R" --out-json "$R/claims.json" \

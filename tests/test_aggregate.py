@@ -146,3 +146,28 @@ def test_validation_note_names_shape_length_and_sitting():
     assert "unsloth_4bit: PASS, TRL SFT 100 steps x 4 micro-batches of 2 x 4096 tokens; held-out loss 12.9 -> 0.31; " \
            "NVIDIA H200, 2026-12-02" in note and "unsloth_bf16: FAIL" in note
     assert validation_note({}) == ""
+
+
+def test_model_record_rows_are_the_calibration_and_the_audit_derives_them_again(tmp_path):
+    """The tier run's balanced build (committed): its calibration record becomes `model` rows sourced from
+    model.sha256, which the audit re-derives from the same file; a raw build has none."""
+    import json
+    from pathlib import Path
+
+    from moebench import router_calibration
+    from moebench.audit.logs import parse_log
+    from moebench.audit.levels import Findings
+    from moebench.ids import row_id
+
+    root = Path(__file__).resolve().parents[1]
+    sha = root / "results/h200-gptoss20b-tier/model.sha256"
+    cal = json.loads(sha.read_text())["routing"]["calibration"]
+    rows = {r.metric: r for r in router_calibration.record_rows(
+        str(sha), "h200-gptoss20b-tier", "h200_141gb", "gpt-oss-20b", source="results/h200-gptoss20b-tier/model.sha256")}
+    assert rows["router_heldout_max_over_mean_after"].value == cal["max_over_mean"]
+    assert rows["router_target_reached"].value == 0.0 and rows["router_uniform_floor"].value == cal["uniform_floor"]
+    assert all(r.stage == "model" and r.arm == "all" and r.n == len(cal["layers"]) for r in rows.values())
+    audited = parse_log(sha, Findings())
+    assert {row_id(r): r for r in rows.values()} == audited
+    raw = root / "results/h200-qwen3-30b-a3b/model.sha256"  # raw routers: nothing was fitted
+    assert router_calibration.record_rows(str(raw), "r", "t", "m") == []

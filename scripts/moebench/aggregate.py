@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from . import config as cfgmod
+from . import router_calibration
 from .grid import parse_shape_metric, parse_window_metric
 from .io import atomic_write, read_json, shorten, write_json
 from .metrics import VALUED, Row, read_many, write_rows
@@ -366,11 +367,14 @@ def main(argv=None):
     ap.add_argument("--comparison", required=True)
     ap.add_argument("--markdown", required=True)
     ap.add_argument("--verdict", required=True)
+    ap.add_argument("--model-sha", help="results/<run>/model.sha256: its router calibration becomes `model` rows")
     a = ap.parse_args(argv)
     cfg = cfgmod.load(a.config)
     draw_dirs = [Path(m).parent for m in a.inputs if Path(m).parent.parent.parent.name == "arms"]
     ab_dirs = [Path(m).parent for m in a.inputs if Path(m).parent.parent.name == "routing_ab"]
     rows = console_degraded(read_many(a.inputs), draw_dirs, cfg, ab_dirs)
+    if a.model_sha and rows:
+        rows += router_calibration.record_rows(a.model_sha, cfg["run"], rows[0].tier, cfg["model"]["name"])
     lines, derived = compare(rows, cfg["arms"], cfg.get("baselines", []))
     cols = COLUMNS + [f"speedup_vs_{b}" for b in cfg.get("baselines", [])]
     buf = io.StringIO()

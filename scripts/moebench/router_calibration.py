@@ -295,3 +295,34 @@ def _verdict(layers: dict, target, floor: float) -> dict:
 
 def _mean(layers: dict, when: str) -> float:
     return sum(s[when]["max_over_mean"] for s in layers.values()) / len(layers)
+
+
+# ---- the calibration record as rows (aggregate puts them in metrics.csv; the audit re-derives them) ---------
+RECORD_ROWS = (  # metric, unit, how to read it from routing.calibration
+    ("router_heldout_max_over_mean_before", "ratio", lambda c: _mean(c["layers"], "before")),
+    ("router_heldout_max_over_mean_after", "ratio", lambda c: c["max_over_mean"]),
+    ("router_heldout_worst_layer_after", "ratio", lambda c: c["worst_layer_max_over_mean"]),
+    ("router_uniform_floor", "ratio", lambda c: c["uniform_floor"]),
+    ("router_unused_experts_before", "count", lambda c: sum(v["before"]["unused"] for v in c["layers"].values())),
+    ("router_unused_experts_after", "count", lambda c: c["unused_experts"]),
+    ("router_target_reached", "flag", lambda c: int(bool(c["reached"]))),
+    ("router_calibration_s", "s", lambda c: c["seconds"]),
+)
+
+
+def record_rows(model_sha: str, run: str, tier: str, model: str, source: str | None = None) -> list:
+    """The model build's router calibration (results/<run>/model.sha256, `routing.calibration`) as stage `model`
+    rows, sourced from that file: none for raw routers or a from_pretrained model (nothing was fitted)."""
+    import json
+    from pathlib import Path
+
+    from .metrics import Row
+
+    p = Path(model_sha)
+    cal = ((json.loads(p.read_text()).get("routing") or {}).get("calibration") or {}) if p.is_file() else {}
+    if not cal.get("layers"):
+        return []
+    n = len(cal["layers"])
+    return [Row(run, tier, model, "all", "", "model", metric, float(get(cal)), unit, n=n,
+                source=source or str(model_sha))
+            for metric, unit, get in RECORD_ROWS]

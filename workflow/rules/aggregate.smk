@@ -3,6 +3,7 @@ rule aggregate:
         run_config=ancient(RUN_CONFIG),  # made by rule run_config; its rewrite alone reruns nothing
         draws=draws,
         gates=lambda w: [f"results/{w.run}/validate/{arm}/gates.json" for arm in wl.validate_arms(RUNS[w.run])],
+        model_sha=f"{R}/model.sha256",  # its router calibration record becomes `model` rows
     output:
         metrics=f"{R}/metrics.csv",
         comparison=report(f"{R}/comparison.csv", category="Throughput", subcategory="{run}",
@@ -18,4 +19,4 @@ rule aggregate:
         f"{R}/logs/aggregate.log",
     shell:
         "python -m moebench.aggregate --config {params.config} --inputs {input.draws} --metrics {output.metrics}"
-        " --gates {input.gates} --comparison {output.comparison} --markdown {output.markdown} --verdict {output.verdict} > {log}"
+        " --gates {input.gates} --model-sha {input.model_sha} --comparison {output.comparison} --markdown {output.markdown} --verdict {output.verdict} > {log}"

@@ -22,8 +22,11 @@ FIELDS = ("value", "unit", "status", "reason", "n", "spread")
 
 
 def parse_log(path: Path, F: Findings) -> dict[str, Row]:
-    """{id: Row} of a log's MOEBENCH_ROW lines; a malformed line or a repeated id is a failure naming the line."""
+    """{id: Row} of a log's MOEBENCH_ROW lines; a malformed line or a repeated id is a failure naming the line.
+    A model record (model.sha256) is read as its router-calibration rows, derived again from the file."""
     out: dict[str, Row] = {}
+    if path.name == "model.sha256":
+        return {row_id(r): r for r in model_record_rows(path)}
     for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if LOG_TAG + " " not in line:
             continue
@@ -169,3 +172,18 @@ def check_metrics_csv(doc: dict, run_dir: Path, F: Findings) -> None:
     for nid, n in by_id.items():
         if n.get("stage") not in ("comparison", "compare") and nid not in seen:
             F.fail(f"{path}: row {nid} of the provenance is missing from it")
+
+
+def model_record_rows(path: Path) -> list[Row]:
+    """The calibration rows of a run's model.sha256 as aggregate made them (run, tier and model from the run's
+    config.yaml and tier.json beside it; the source as the repository-relative path aggregate was given)."""
+    import yaml
+
+    from ..router_calibration import record_rows
+
+    run_dir = path.parent
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {} if (run_dir / "config.yaml").is_file() else {}
+    tier = read_json(run_dir / "tier.json").get("tier", "") if (run_dir / "tier.json").is_file() else ""
+    src = f"results/{run_dir.name}/{path.name}"
+    return record_rows(str(path), cfg.get("run", run_dir.name), tier, (cfg.get("model") or {}).get("name", ""),
+                       source=src)
