@@ -58,6 +58,8 @@ def write_fixture(root, run="fx-gpu", gpu=True, energy=True, loss=True):
                     4.0 if label == "raw" else 1.3, "ratio")]
     rows.append(_r(run, "hf_bf16", "routing_ab", "calibrated_over_raw_step_s", status="skipped",
                    reason="raw and calibrated routers are identical"))
+    rows += [_r(run, "all", "model", "router_heldout_max_over_mean_after", 1.3, "ratio"),  # the build's calibration
+             _r(run, "all", "model", "router_uniform_floor", 1.1, "ratio")]
     rows += [_r(run, "hf_bf16", "validate", "gate_loss_decreases", 1.0, "bool"),
              _r(run, "unsloth_bf16", "validate", "gate_loss_decreases", status="skipped", reason="no GPU")]
     write_rows(d / "metrics.csv", rows)
@@ -110,7 +112,12 @@ def test_routing_ab_windows_are_points_and_a_skipped_arm_a_gap(gpu_run):
     assert side["points"][0]["ids"] == ["fx-gpu/routing_ab/unsloth_bf16/all/w1_raw_step_s",
                                         "fx-gpu/routing_ab/unsloth_bf16/all/w1_raw_router_max_over_mean"]
     assert side["gaps"] == ["hf_bf16: skipped: raw and calibrated routers are identical"]
-    assert "w4_calibrated_step_s" in (gpu_run / "plots" / "routing.caption.rst").read_text()
+    cap = (gpu_run / "plots" / "routing.caption.rst").read_text()
+    assert "w4_calibrated_step_s" in cap
+    # the build's calibrated load, with its provenance id: what the run's draws start from
+    assert [(b["label"], b["value"]) for b in side["build"]] == [("held-out max/mean, saved routers", 1.3),
+                                                                ("a uniform router's floor", 1.1)]
+    assert "fx-gpu/model/all/all/router_heldout_max_over_mean_after" in cap
 
 
 def test_skipped_arm_is_a_gap_with_reason_not_a_zero(tmp_path):

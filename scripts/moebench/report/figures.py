@@ -292,19 +292,41 @@ def routing_points(run: Run) -> tuple[list[dict], list[str]]:
     return pts, gaps
 
 
+BUILD_ROWS = (("router_heldout_max_over_mean_before", "held-out max/mean, raw routers"),
+              ("router_heldout_max_over_mean_after", "held-out max/mean, saved routers"),
+              ("router_heldout_worst_layer_after", "worst layer, saved routers"),
+              ("router_uniform_floor", "a uniform router's floor"),
+              ("router_unused_experts_before", "experts unused, raw (all layers)"),
+              ("router_unused_experts_after", "experts unused, saved (all layers)"),
+              ("router_target_reached", "target reached (1 yes, 0 no)"))
+
+
+def build_load(run: Run) -> list[tuple[str, Row]]:
+    """The model build's router calibration (stage `model` rows from model.sha256): what load the saved model
+    routes with, before any draw trains it; empty for raw routers."""
+    rows = {r.metric: r for r in run.rows if r.stage == "model"}
+    return [(label, rows[m]) for m, label in BUILD_ROWS if m in rows]
+
+
 def fig_routing(run: Run, out: Path, **_):
     pts, gaps = routing_points(run)
+    build = build_load(run)
     fig, (ax,) = figure()
     why = "" if pts else ("no routing A/B in this run (config routing_ab.arms is empty, or no window measured)"
                           + (": " + "; ".join(gaps) if gaps else ""))
     if why:
         empty(ax, why)
     else:
+        for label, r in build:
+            if r.metric in ("router_heldout_max_over_mean_after", "router_uniform_floor"):
+                ax.axvline(r.value, color="0.5", ls=":" if r.metric == "router_uniform_floor" else "--", lw=1,
+                           label=f"build: {label}")
         for i, arm in enumerate(arm_order({p["arm"] for p in pts})):
             for label, marker in (("raw", "o"), ("calibrated", "s")):
                 mine = [p for p in pts if p["arm"] == arm and p["routers"] == label]
                 ax.plot([p["load"] for p in mine], [p["step_s"] for p in mine], marker, color=f"C{i}",
-                        fillstyle="none" if label == "raw" else "full", label=f"{arm}, {label} routers")
+                        fillstyle="none" if label == "raw" else "full",
+                        label=f"{arm}, {label} routers" + (" (degraded)" if any(p["degraded"] for p in mine) else ""))
         ax.set_xlabel("router load in the window: max/mean tokens per expert (mean over layers)")
         ax.set_ylabel("median step time in the window (s)")
         ax.legend()
@@ -315,7 +337,14 @@ def fig_routing(run: Run, out: Path, **_):
     cap = (f"Numbers drawn — run ``{run.name}``, stage ``routing_ab`` (windows alternate raw and calibrated routers "
            "in one process per arm)." + (f" {lit(why)}." if why else "") + "\n\n"
            + rst_table(["arm", "window", "routers", "load max/mean", "s/step", "provenance ids"], rows))
-    save(fig, out, "routing", {"run": run.name, "points": pts, "gaps": gaps, "why_empty": why or None}, cap)
+    cap += ("\n\nThe build's routers (``model.sha256``, the load the saved model routes with before any draw trains "
+            "it; dashed and dotted lines above):\n\n" + rst_table(
+                ["", "value", "provenance id"], [[label, num(r.value), lit(prov_id(r, run.name))] for label, r in build])
+            if build else "\n\nThe build's routers: raw random-init (``model.router_load`` raw) or a checkpoint's own: "
+            "nothing was calibrated.")
+    save(fig, out, "routing", {"run": run.name, "points": pts, "gaps": gaps, "why_empty": why or None,
+                               "build": [{"label": label, "value": r.value, "id": prov_id(r, run.name)}
+                                         for label, r in build]}, cap)
 
 
 FIGURES = {"throughput": fig_throughput, "speedup": fig_speedup, "memory": fig_memory, "frontier": fig_frontier,
