@@ -251,7 +251,7 @@ def ots_rules(tmp_path_factory):
     level = root / "audits" / "level.txt"
 
     def sm(*args):
-        return snakemake(root, "--cores", "1", *args, env=fr.env(root), timeout=120, nice=BACKGROUND_NICE)
+        return snakemake(root, "--cores", "1", *args, env=fr.env(root), timeout=400, nice=BACKGROUND_NICE)
 
     def status():
         stamp = run_dir / "provenance_stamp.json"

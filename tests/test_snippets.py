@@ -67,7 +67,7 @@ def trained(tmp_path_factory):
         runs[mode] = d
     env = {**os.environ, "PYTHONPATH": str(ROOT / "scripts"), "CUDA_VISIBLE_DEVICES": ""}
     r = process([sys.executable, "-c", RUNNER, *(str(d / "train.py") for d in runs.values())],
-                tmp_path_factory.mktemp("run"), timeout=300, env=env, nice=SLACK_NICE)
+                tmp_path_factory.mktemp("run"), timeout=900, env=env, nice=SLACK_NICE)
     return {mode: (d, r.out) for mode, d in runs.items()}
 
 
