@@ -44,7 +44,7 @@ def test_unknown_arm_and_unknown_key():
 
 def test_unsloth_env_takes_unsloth_switches_only():
     """A run may set Unsloth's own switches (e.g. keeping experts out of its compile region), nothing else."""
-    from moebench.arms.unsloth import run_env
+    from moebench.arms.unsloth_runtime import run_env
 
     c = copy.deepcopy(BASE)
     c["plan_overrides"] = {"unsloth_env": {"UNSLOTH_BLOCK_MOE": "outside"}}

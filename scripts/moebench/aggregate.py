@@ -294,10 +294,12 @@ def routing_ab(rows: list[Row]) -> list[dict]:
             out.append({"arm": arm, "status": bad.status, "reason": bad.reason})
             continue
         win: dict[tuple[str, str], list[float]] = {}  # (router set, metric) -> its windows' values
+        labels: dict[int, str] = {}  # window -> its router set
         for k, r in mine.items():
-            if (p := parse_window_metric(k)) and r.status in VALUED:
-                win.setdefault((p[2], p[0]), []).append(r.value)
-        labels = dict(sorted((p[1], p[2]) for k in mine if (p := parse_window_metric(k)) and p[0] == "step_s"))
+            if p := parse_window_metric(k):
+                labels[p[1]] = p[2]
+                if r.status in VALUED:
+                    win.setdefault((p[2], p[0]), []).append(r.value)
         same = mine.get("windows_same_blocks")  # absent: sitting 5's A/B fed every window new blocks
         cell = {"arm": arm, "status": ratio.status, "reason": ratio.reason, "ratio": ratio.value,
                 "windows": " ".join("A" if labels[w] == "raw" else "B" for w in sorted(labels))

@@ -19,16 +19,10 @@ from pathlib import Path
 from ..inspect import census, expert_lora_coverage, trainable_summary
 from ..io import package_versions
 from .base import Arm, ArmUnavailable, Loaded, LoRASpec
-from .unsloth_runtime import observe_backend, preimport_unsloth, prewarm_if_triton
+from .unsloth_runtime import apply_switches, observe_backend, preimport_unsloth, prewarm_if_triton
 
 # Unsloth's own default; get_peft_model maps gate/up/down onto the expert tensors of a MoE.
 EXPERT_TARGETS = ("gate_proj", "up_proj", "down_proj")
-
-
-def run_env(plan: dict) -> dict[str, str]:
-    """Unsloth's own switches a run sets in its plan (`unsloth_env`), e.g. UNSLOTH_BLOCK_MOE=outside to keep
-    the experts out of the per-layer torch.compile region (the schema allows UNSLOTH_* names only)."""
-    return {str(k): str(v) for k, v in (plan.get("unsloth_env") or {}).items()}
 
 
 # ---------------------------------------------------------------- the arms
@@ -67,12 +61,7 @@ class _UnslothArm(Arm):
     def load(self, model_dir: str, lora: LoRASpec, plan: dict) -> Loaded:
         import torch
 
-        requested = plan.get("moe_backend") or "grouped_mm"
-        # Read lazily by unsloth_zoo at the first MoE call (and the block-compile switches at the first layer
-        # call), so setting them here, after import, is in time; each draw's env.json records them.
-        switches = run_env(plan)
-        os.environ.update(switches)
-        os.environ["UNSLOTH_MOE_BACKEND"] = requested
+        requested, switches = apply_switches(plan)
         from unsloth import FastLanguageModel
 
         kw = dict(load_in_4bit=True) if self.four_bit else dict(load_in_4bit=False, load_in_16bit=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..io import package_versions
 from .base import Arm, ArmUnavailable, Loaded, LoRASpec
-from .unsloth_runtime import preimport_unsloth, prewarm_if_triton
+from .unsloth_runtime import apply_switches, preimport_unsloth, prewarm_if_triton
 
 MIN_TORCHAO = "0.15.0"  # Unsloth's own floor for load_in_fp8 (pytorch/ao#3158)
 MIN_CAPABILITY = (9, 0)  # Hopper: torch._scaled_mm's FP8 path
@@ -237,10 +237,7 @@ class UnslothFP8(Arm):
         why = host_reason(True, tuple(torch.cuda.get_device_capability())) or self.refusal(model_dir, plan)
         if why:
             raise ArmUnavailable(why)
-        requested = plan.get("moe_backend") or "grouped_mm"
-        switches = {str(k): str(v) for k, v in (plan.get("unsloth_env") or {}).items()}
-        os.environ.update(switches)
-        os.environ["UNSLOTH_MOE_BACKEND"] = requested
+        requested, switches = apply_switches(plan)
         from unsloth import FastLanguageModel
 
         source = self.checkpoint(model_dir, plan)

@@ -22,6 +22,23 @@ def preimport_unsloth() -> None:
     import unsloth  # noqa: F401
 
 
+def run_env(plan: dict) -> dict[str, str]:
+    """Unsloth's own switches a run sets in its plan (`unsloth_env`), e.g. UNSLOTH_BLOCK_MOE=outside to keep
+    the experts out of the per-layer torch.compile region (the schema allows UNSLOTH_* names only)."""
+    return {str(k): str(v) for k, v in (plan.get("unsloth_env") or {}).items()}
+
+
+def apply_switches(plan: dict) -> tuple[str, dict[str, str]]:
+    """Set the plan's Unsloth switches and its MoE backend in this process; returns (backend requested, switches).
+    unsloth_zoo reads them lazily at the first MoE call (the block-compile switches at the first layer call), so
+    setting them after import is in time; each draw's env.json records them."""
+    requested = plan.get("moe_backend") or "grouped_mm"
+    switches = run_env(plan)
+    os.environ.update(switches)
+    os.environ["UNSLOTH_MOE_BACKEND"] = requested
+    return requested, switches
+
+
 def prewarm_moe_autotune(model) -> dict:
     """Tune Unsloth's Triton MoE kernels once, eagerly, before the first step.
 
