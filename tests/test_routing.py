@@ -161,6 +161,36 @@ def test_routing_ab_swaps_router_sets_in_place_and_measures_each_window(tmp_path
     assert ab["raw"]["peak_gb"] > 0 and "| hf_bf16 | A B B A, same blocks |" in aggregate.routing_note([ab])
 
 
+def test_swap_reaches_router_tensors_held_in_a_child_module():
+    """Unsloth's GPT-OSS router keeps weight/bias in `router.linear` behind properties: the swap must copy them
+    (sitting 6 would otherwise have timed raw against raw), and a model with nothing to swap is an error."""
+    from torch import nn
+
+    from moebench import routing_ab
+
+    class Wrapped(nn.Module):  # the shape of unsloth_zoo's GptOssTopKRouter
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        weight = property(lambda self: self.linear.weight)
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Module()
+            self.mlp.router = Wrapped()
+
+    model = nn.Module()
+    model.layers = nn.ModuleList([Layer(), Layer()]).requires_grad_(False)
+    sets = {i: {"weight": torch.full((3, 4), float(i + 1)), "bias": torch.full((3,), -1.0)} for i in (0, 1)}
+    assert routing_ab.swap(model, sets) == 4
+    assert torch.equal(model.layers[1].mlp.router.linear.weight, sets[1]["weight"])
+    assert torch.equal(model.layers[0].mlp.router.linear.bias, sets[0]["bias"])
+    with pytest.raises(RuntimeError, match="no router tensor"):
+        routing_ab.swap(nn.Linear(2, 2), sets)
+
+
 def test_routing_ab_order_is_abba():
     from moebench import routing_ab
 

@@ -50,13 +50,17 @@ def router_sets(path: str) -> dict[str, dict[int, dict[str, object]]]:
 
 def swap(model, routers: dict[int, dict]) -> int:
     """Copy one router set into the loaded model's routers in place (whatever wraps them: PEFT, Unsloth).
-    Returns the number of tensors copied; a router the file lacks, or a trainable one, is an error."""
+    Returns the number of tensors copied; a router the file lacks, a trainable one, or a model whose routers hold
+    no tensor the file names (nothing would be swapped: both "sets" would time the same load) is an error."""
     import torch
 
     n = 0
     with torch.no_grad():
         for layer, mod in routing.routers(model):
-            for k, p in mod.named_parameters(recurse=False):
+            # recurse: Unsloth's GPT-OSS router keeps its tensors in a child (`router.linear.weight`) behind a
+            # `weight` property, so the router module itself owns no parameter
+            for name, p in mod.named_parameters():
+                k = name.rsplit(".", 1)[-1]
                 if k not in routers.get(layer, {}):
                     raise KeyError(f"routers file has no layer {layer} router {k}: was it written for this model?")
                 if p.requires_grad:
@@ -64,6 +68,8 @@ def swap(model, routers: dict[int, dict]) -> int:
                                      "the optimizer")
                 p.copy_(routers[layer][k].to(p.device, p.dtype))
                 n += 1
+    if n == 0:
+        raise RuntimeError("no router tensor found to swap in this model: the A/B would compare a set with itself")
     return n
 
 
