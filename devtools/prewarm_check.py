@@ -8,7 +8,10 @@ the console if the traced first call still tunes. Needs CUDA and unsloth:
 Cold, the tuning alone takes minutes (Triton benchmarks every configuration): give it 6-10 minutes. First tried
 2026-12-02 with the session's last 3 GPU-minutes: built 15 s, loaded 38 s, then the prewarm was still tuning when
 the time ran out at 170 s, with no error printed (sitting 5's packed-shape bug failed within seconds). Not yet
-a confirmation.
+a confirmation. Second try 2026-12-02 (8 GPU-minutes, after sitting 6): built 18 s, loaded 41 s, the prewarm
+tuned both expert GEMMs in 256 s, then one LoRA step (loss 8.395) at 325 s, with no "auto-tuning failed" or other
+fallback in the console (results/h200-qwen3-30b-a3b/logs/prewarm-check-sitting6-2026-12-02.log): the packed-shape
+fix works on a GPU; a full-size unsloth_4bit draw has yet to confirm it.
 """
 import logging
 import os
