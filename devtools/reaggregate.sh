@@ -12,7 +12,7 @@ for run in "$@"; do
   mkdir -p "$R/logs" "$R/report"
   shopt -s nullglob
   draws=("$R"/arms/*/draw*/metrics.csv "$R"/validate/*/metrics.csv "$R"/offload/*/*/metrics.csv "$R"/sweep/*/*.csv
-         "$R"/shapes/*.csv "$R"/routing_ab/*/metrics.csv)
+         "$R"/shapes/*.csv "$R"/routing_ab/*/metrics.csv "$R"/points/*.csv)
   gates=("$R"/validate/*/gates.json)
   shopt -u nullglob
   python -m moebench.aggregate --config "$R/config.yaml" --inputs "${draws[@]}" --gates "${gates[@]}" \

@@ -163,6 +163,20 @@ def test_sweep_points_compete_with_bench_points():
     assert (p["setting"]["batch"], p["setting"]["seq_len"], p["n"]) == (1, 16384, 2)
 
 
+def test_shape_curve_and_recipe_points_are_draws_of_their_setting():
+    """A shape-curve point and a recipe point at the same setting are two fresh processes: together they give a
+    pick its two draws; alone, the pick is named with the config line that measures what it lacks."""
+    at = "@4x4096"
+    shape = draw("a", 1, 1500, 60, stage="shape", metric_at=at)
+    alone = recipe.search(draw("a", 1, 1000, 50) + draw("a", 2, 1000, 50) + shape, TIER)
+    assert alone["picks"]["fastest"]["status"] == "needs draws"
+    assert alone["next"][0]["point"] == "a:4x4096"
+    assert "config `recipe.points: [a:4x4096]`" in recipe.render_md(alone, {"model": {"name": "m"}}, TIER["plan"])
+    both = recipe.search(draw("a", 1, 1000, 50) + draw("a", 2, 1000, 50) + shape
+                         + draw("a", 1, 1480, 61, stage="point", metric_at=at), TIER)["picks"]["fastest"]
+    assert (both["setting"]["batch"], both["n"], both["status"]) == (4, 2, "measured")
+
+
 def test_main_writes_json_and_a_page_with_a_snippet(tmp_path):
     from conftest import ROOT
 
@@ -346,3 +360,15 @@ def test_sweep_process_chain_on_a_pretend_gpu_tier(sweep_chain):
     assert (d / "probe_seq_batch1_seq_len64" / "run.log").exists()
     point = recipe.collect(rows, tier["plan"])[("hf_bf16", "bf16", 1, 64, "none")]
     assert len(point.ran()) == 2  # two processes measured batch 1 x seq 64
+
+
+def test_recipe_point_targets_spread_draws_and_name_a_foreign_arm():
+    from moebench import workflowlib as wl
+
+    cfg = {"arms": ["a", "b"], "recipe": {"points": ["a:4x4096", "b:1x2048", "a:2x8192"], "point_draws": 2}}
+    assert wl.recipe_points(cfg) == {"a": ["4x4096", "2x8192"], "b": ["1x2048"]}
+    assert wl.point_targets(cfg, "R") == ["R/points/a_d1.csv", "R/points/b_d1.csv", "R/points/a_d2.csv",
+                                          "R/points/b_d2.csv"]
+    assert wl.point_targets({"arms": ["a"], "recipe": {}}, "R") == []
+    with pytest.raises(ValueError, match="names arm 'c'.*add it to `arms`"):
+        wl.recipe_points({"arms": ["a"], "recipe": {"points": ["c:1x1024"]}})

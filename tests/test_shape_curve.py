@@ -27,14 +27,24 @@ def fake_probe(max_batch, seen):
     return run
 
 
-def _main(tmp_path, monkeypatch, arm, limit=2):
+def _main(tmp_path, monkeypatch, arm, limit=2, extra=()):
     seen = []
     monkeypatch.setattr(probe, "bench_probe", fake_probe(limit, seen))
     monkeypatch.setattr(harness, "unavailable", lambda *a, **k: None)
     out = tmp_path / f"{arm}.csv"
     shape_curve.main(["--config", f"{RUN}/config.yaml", "--tier", f"{RUN}/tier.json", "--model", "m", "--data", "d",
-                      "--arm", arm, "--out", str(out), "--log", str(tmp_path / f"{arm}.log")])
+                      "--arm", arm, "--out", str(out), "--log", str(tmp_path / f"{arm}.log"), *extra])
     return read_rows(out), seen
+
+
+def test_recipe_points_are_their_own_stage_and_draw(tmp_path, monkeypatch):
+    """config recipe.points runs through the shape curve's code: only the points asked for, rows of stage `point`
+    with the rule's draw number, so a second draw has ids of its own beside the shape curve's."""
+    rows, seen = _main(tmp_path, monkeypatch, "unsloth_bf16",
+                       extra=["--stage", "point", "--shapes", "4x4096", "--draw", "2"], limit=8)
+    assert [c for _, c, _ in seen] == [{"batch": 4, "seq_len": 4096}]
+    assert {(r.stage, r.draw) for r in rows} == {("point", 2)}
+    assert "tokens_per_s@4x4096" in {r.metric for r in rows}
 
 
 def test_each_shape_is_its_own_process_and_an_oom_is_a_row(tmp_path, monkeypatch):

@@ -24,7 +24,8 @@ from .metrics import Row, read_many
 from .report.recipe_page import render_html, render_md, render_snippet, snippet_kind  # noqa: F401 (API)
 
 DEFAULTS = {"headroom": 0.10, "min_draws": 2, "close_draws": 3, "close": 0.05, "allow_degraded": False}
-STAGES = ("bench", "energy", "offload", "sweep")
+# shape: the shape curve's fresh-process points; point: the settings config recipe.points asked for
+STAGES = ("bench", "energy", "offload", "sweep", "shape", "point")
 GIB, GB = 2**30, 1e9
 PEAKS = ("peak_reserved_gb", "peak_alloc_gb", "peak_rss_gb")  # preferred first
 
@@ -309,11 +310,16 @@ def search(rows: list[Row], tier: dict, rules: dict | None = None) -> dict:
             excluded.append({"label": s.label, "setting": s.spec(), "why": whys})
     nxt = [{"pick": p, "label": v["label"], "setting": v["setting"], "draws_needed": v["draws_needed"]}
            for p, v in picks.items() if v.get("draws_needed")]
+    more = refine(grid, picks)
+    for x in nxt + more:  # what config recipe.points measures: settings at the arm's own checkpointing mode
+        s = x["setting"]
+        if s["mode"] == mode_of(plan.get("gradient_checkpointing"), s["arm"]):
+            x["point"] = f"{s['arm']}:{s['batch']}x{s['seq_len']}"
     return {"run": rows[0].run_id if rows else None, "tier": tier.get("tier"),
             "card": {"name": (gpu or {}).get("name"), "memory_gib": card},
             "headroom": rules["headroom"], "limit_gib": limit, "rules": rules, "picks": picks,
             "grid": [_summary(s) for s in sorted(grid.values(), key=lambda s: s.label)],
-            "pruned": prune(grid), "excluded": excluded, "next": nxt, "refine": refine(grid, picks),
+            "pruned": prune(grid), "excluded": excluded, "next": nxt, "refine": more,
             "note": None if gpu else "CPU tier: no card memory, so no headroom limit; the picks describe the CPU run"}
 
 

@@ -5,6 +5,9 @@ the usual steady warm-up and a short timed window (`shape_curve.timed_steps`, `m
 draws: the figures label them so, and no verdict rests on them. An out-of-memory at a shape is a recorded result
 (a failed `step_s@BxS` row "OOM ..."), not a crash; so is any other failure, with its reason.
 
+The recipe's points (config `recipe.points`) run through the same code as stage `point`, with their own shapes
+and draw number: `--stage point --shapes 4x4096 --draw 2`.
+
     python -m moebench.shape_curve --config C --tier T --model M --data D --arm unsloth_bf16 \\
         --out results/<run>/shapes/unsloth_bf16.csv --log results/<run>/shapes/unsloth_bf16.log
 """
@@ -38,10 +41,11 @@ def shapes(spec: list[str]) -> list[tuple[int, int]]:
 
 
 def point(args, ctx, batch: int, seq: int, timing: dict, workdir: Path, log) -> str:
-    """One shape in its own process; its rows join ctx as shape rows. Returns the probe's outcome."""
+    """One shape in its own process; its rows join ctx as rows of ctx's stage and draw. Returns the outcome."""
     plog = Path(args.log).with_name(f"{Path(args.out).stem}_{batch}x{seq}") / "run.log"
-    out, rows = probe.bench_probe(args, {"batch": batch, "seq_len": seq}, workdir, plog, log, timing=timing)
-    kept = probe.relabel(rows, batch, seq, args.log, "shape", KEEP)
+    out, rows = probe.bench_probe(args, {"batch": batch, "seq_len": seq}, workdir, plog, log, timing=timing,
+                                  draw=ctx.draw)
+    kept = probe.relabel(rows, batch, seq, args.log, ctx.stage, KEEP, draw=ctx.draw)
     if not any(r.metric == shape_metric("step_s", batch, seq) for r in kept):  # no step row: say why, at the shape
         ctx.add(shape_metric("step_s", batch, seq), status="failed", reason=out)
     ctx.rows.extend(kept)
@@ -52,14 +56,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for a in ("--config", "--tier", "--model", "--data", "--arm", "--out", "--log"):
         ap.add_argument(a, required=True)
+    ap.add_argument("--shapes", help="comma-separated BxS, instead of config shape_curve.shapes")
+    ap.add_argument("--draw", type=int, default=1, help="this draw's number (the recipe's points repeat)")
+    ap.add_argument("--stage", default="shape", choices=("shape", "point"))
     args = ap.parse_args(argv)
     log = logger("shape_curve", args.log)
     cfg, tier = cfgmod.load(args.config), read_json(args.tier)
     arm, sc = arm_registry.get(args.arm), cfg["shape_curve"]  # the schema fills its defaults
-    ctx = harness.Ctx(cfg["run"], tier["tier"], cfg["model"]["name"], arm.name, arm.precision, 1, args.log,
-                      stage="shape")
+    ctx = harness.Ctx(cfg["run"], tier["tier"], cfg["model"]["name"], arm.name, arm.precision, args.draw, args.log,
+                      stage=args.stage)
     skip = harness.unavailable(arm, tier["plan"], tier.get("gpu") is not None, args.model)
-    todo = shapes(sc["shapes"])
+    todo = shapes(args.shapes.split(",") if args.shapes else sc["shapes"])
     if skip:
         log.info("skipped: %s", skip)
         for b, s in todo:
@@ -68,8 +75,8 @@ def main(argv=None):
         timing = {"timed_steps": sc["timed_steps"], "min_timed_s": sc["min_timed_s"]}
         with tempfile.TemporaryDirectory() as tmp:
             for i, (b, s) in enumerate(todo, 1):
-                log.info("shape %d/%d: %s at batch %d x seq %d (%d tokens per step), a fresh process", i, len(todo),
-                         arm.name, b, s, b * s)
+                log.info("%s %d/%d (draw %d): %s at batch %d x seq %d (%d tokens per step), a fresh process",
+                         args.stage, i, len(todo), args.draw, arm.name, b, s, b * s)
                 log.info("shape %dx%d -> %s", b, s, point(args, ctx, b, s, timing, Path(tmp), log))
     for r in ctx.rows:
         log_row(log, r)

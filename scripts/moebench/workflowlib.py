@@ -166,6 +166,26 @@ def validate_arms(config: dict) -> list[str]:
     return list(config["arms"]) if chosen is None else [a for a in config["arms"] if a in chosen]
 
 
+def recipe_points(config: dict) -> dict[str, list[str]]:
+    """arm -> its `recipe.points` shapes ("BxS"), for arms the run has; a point naming another arm is an error."""
+    out: dict[str, list[str]] = {}
+    for spec in (config.get("recipe") or {}).get("points") or []:
+        arm, shape = spec.split(":")
+        if arm not in config["arms"]:
+            raise ValueError(f"recipe.points: {spec!r} names arm {arm!r}, which is not in this run's arms "
+                             f"{config['arms']}: add it to `arms` or drop the point")
+        out.setdefault(arm, []).append(shape)
+    return out
+
+
+def point_targets(config: dict, results: str) -> list[str]:
+    """One file per arm and draw (each draw measures all of that arm's points, one fresh process per point);
+    draw 1 of every arm before draw 2, so a lease that ends early has spread its draws."""
+    pts = recipe_points(config)
+    n = (config.get("recipe") or {}).get("point_draws", 2)
+    return [f"{results}/points/{arm}_d{k}.csv" for k in range(1, n + 1) for arm in pts]
+
+
 def draw_targets(tier_json: str, results: str, arms: list[str]) -> list[str]:
     plan = json.loads(Path(tier_json).read_text())["plan"]
     # the verdict pair gets the plan's verdict_draws (>= 3 on GPU tiers), every other arm its draws

@@ -10,6 +10,7 @@ def draws(wildcards):
     targets += [f"results/{run}/shapes/{arm}.csv" for arm in (cfg.get("shape_curve") or {}).get("arms") or []]
     ab = (cfg.get("routing_ab") or {}).get("arms") or []  # raw vs calibrated routers, in one process per arm
     targets += [f"results/{run}/routing_ab/{arm}/metrics.csv" for arm in ab]
+    targets += wl.point_targets(cfg, f"results/{run}")  # settings the recipe asked to measure (recipe.points)
     for spec in cfg["offload"]["runs"]:  # arm:mode
         arm, mode = spec.split(":")
         targets.append(f"results/{run}/offload/{arm}/{mode}/metrics.csv")

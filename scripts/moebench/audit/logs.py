@@ -10,6 +10,7 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
+from .. import workflowlib as wl
 from ..chain import resolve_source
 from ..harness import draw_console
 from ..ids import number_id, row_id
@@ -75,7 +76,7 @@ def console_degraded(number: dict, row: dict, log: Path) -> bool:
 
 # Every stage's own logs (rule logs under logs/ echo them and are not sources).
 STAGE_LOGS = ("arms/*/draw*/run.log", "validate/*/run.log", "offload/*/*/run.log", "sweep/*/*.log",
-              "shapes/*.log", "routing_ab/*/run.log")
+              "shapes/*.log", "routing_ab/*/run.log", "points/*.log")
 
 
 def expected_logs(doc: dict, run_dir: Path) -> list[Path]:
@@ -96,6 +97,7 @@ def expected_logs(doc: dict, run_dir: Path) -> list[Path]:
         out += [run_dir / "sweep" / a / f"{k}.log" for a in arms for k in ("seq", "batch")]
     out += [run_dir / "shapes" / f"{a}.log" for a in (cfg.get("shape_curve") or {}).get("arms") or []]
     out += [run_dir / "routing_ab" / a / "run.log" for a in (cfg.get("routing_ab") or {}).get("arms") or []]
+    out += [run_dir / Path(t).with_suffix(".log").relative_to("r") for t in wl.point_targets(cfg, "r")]
     return out
 
 

@@ -51,12 +51,18 @@ def _fmt(v, unit="") -> str:
     return (f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}") + (f" {unit}" if unit else "")
 
 
+def _points_hint(items) -> str:
+    """The config that measures these settings (those at the arm's own checkpointing mode): recipe.points."""
+    specs = sorted({x["point"] for x in items or [] if x.get("point")})
+    return f"; config `recipe.points: [{', '.join(specs)}]` measures them" if specs else ""
+
+
 def follow_ups(doc: dict) -> list[tuple[str, list[str]]]:
     """The page's lists after the picks, (title, items), each only where it has items."""
     out = [("Arms that cannot win a pick (not refined further)", [f"{x['arm']}: {x['why']}" for x in doc["pruned"]]),
-           ("Still to measure before these picks stand",
+           ("Still to measure before these picks stand" + _points_hint(doc["next"]),
             [f"{x['label']}: {x['draws_needed']} more draw(s) (for {x['pick']})" for x in doc["next"]]),
-           ("Worth measuring next (unmeasured neighbours of the fastest pick)",
+           ("Worth measuring next (unmeasured neighbours of the fastest pick)" + _points_hint(doc.get("refine")),
             [x["label"] for x in doc.get("refine") or []])]
     return [(t, items) for t, items in out if items]
 
