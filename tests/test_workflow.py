@@ -225,3 +225,18 @@ def test_dry_run_fans_the_matrix_out_over_the_tiers(fanned):
     assert all(part == FANNED[run] for jobs in placed.values() for run, part in jobs), placed
     assert sorted(j["wildcards"]["run"] for j in _jobs(r.stdout, "aggregate")) == sorted(FANNED)
     assert not (root / "results" / "local").exists()  # no run named plain `local` when the tiers fan out
+
+
+def test_jobs_get_the_interpreter_that_runs_snakemake(monkeypatch):
+    """`.venv/bin/snakemake` without an activated venv: a job's `python` must still be the venv's (a recipe point
+    run that way read "transformers not installed" from the system python)."""
+    import os
+    import sys
+
+    from moebench import workflowlib as wl
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("PYTHONPATH", "")
+    wl.put_package_on_pythonpath()
+    assert os.environ["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)
+    assert "/usr/bin" in os.environ["PATH"].split(os.pathsep)

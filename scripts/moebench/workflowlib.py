@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import yaml
@@ -21,6 +22,11 @@ def put_package_on_pythonpath() -> str:
     scripts = str(Path(__file__).resolve().parents[1])
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != scripts]
     os.environ["PYTHONPATH"] = os.pathsep.join([scripts, *parts])
+    # and `python` in a job is the interpreter running Snakemake (`.venv/bin/snakemake` without activating the
+    # venv would otherwise hand jobs the system python, which lacks torch: arms then read "not installed")
+    here = os.path.dirname(sys.executable)
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != here]
+    os.environ["PATH"] = os.pathsep.join([here, *path])
     return scripts
 
 
