@@ -372,3 +372,17 @@ def test_recipe_point_targets_spread_draws_and_name_a_foreign_arm():
     assert wl.point_targets({"arms": ["a"], "recipe": {}}, "R") == []
     with pytest.raises(ValueError, match="names arm 'c'.*add it to `arms`"):
         wl.recipe_points({"arms": ["a"], "recipe": {"points": ["c:1x1024"]}})
+
+
+def test_sweeps_config_selects_arms_and_kinds():
+    from moebench import config as cfgmod, workflowlib as wl
+
+    cfg = {"arms": ["a", "b"]}
+    assert wl.sweeps({**cfg, "sweeps": False}) == []
+    assert wl.sweeps({**cfg, "sweeps": True}) == [("a", "seq"), ("a", "batch"), ("b", "seq"), ("b", "batch")]
+    assert wl.sweeps({**cfg, "sweeps": {"arms": ["b"], "kinds": ["seq"]}}) == [("b", "seq")]
+    assert wl.sweeps({**cfg, "sweeps": {"kinds": ["batch"]}}) == [("a", "batch"), ("b", "batch")]
+    base = cfgmod.load_yaml("config.yaml")
+    with pytest.raises(cfgmod.ConfigError, match="sweeps"):
+        cfgmod.validate({**base, "sweeps": {"kinds": ["width"]}})
+    assert cfgmod.validate({**base, "sweeps": {"arms": ["hf_bf16"]}})["sweeps"] == {"arms": ["hf_bf16"]}

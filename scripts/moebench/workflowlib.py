@@ -172,6 +172,16 @@ def validate_arms(config: dict) -> list[str]:
     return list(config["arms"]) if chosen is None else [a for a in config["arms"] if a in chosen]
 
 
+def sweeps(config: dict) -> list[tuple[str, str]]:
+    """(arm, kind) of each capacity sweep config `sweeps` asks for: true = every arm, both kinds."""
+    s = config.get("sweeps")
+    if not s:
+        return []
+    arms = config["arms"] if s is True or not s.get("arms") else [a for a in config["arms"] if a in s["arms"]]
+    kinds = ("seq", "batch") if s is True or not s.get("kinds") else s["kinds"]
+    return [(a, k) for a in arms for k in kinds]
+
+
 def recipe_points(config: dict) -> dict[str, list[str]]:
     """arm -> its `recipe.points` shapes ("BxS"), for arms the run has; a point naming another arm is an error."""
     out: dict[str, list[str]] = {}

@@ -4,8 +4,8 @@ def draws(wildcards):
     run, cfg = wildcards.run, RUNS[wildcards.run]
     tier = checkpoints.detect.get(run=run).output.tier
     targets = wl.draw_targets(tier, f"results/{run}", cfg["arms"])
-    if cfg["sweeps"]:  # capacity sweeps (GPU time): longest sequence and largest batch per arm
-        targets += [f"results/{run}/sweep/{arm}/{kind}.csv" for arm in cfg["arms"] for kind in ("seq", "batch")]
+    # capacity sweeps (GPU time): longest sequence at batch 1, largest batch, for the arms config `sweeps` names
+    targets += [f"results/{run}/sweep/{arm}/{kind}.csv" for arm, kind in wl.sweeps(cfg)]
     targets += [f"results/{run}/validate/{arm}/metrics.csv" for arm in wl.validate_arms(cfg)]  # training validation
     targets += [f"results/{run}/shapes/{arm}.csv" for arm in (cfg.get("shape_curve") or {}).get("arms") or []]
     ab = (cfg.get("routing_ab") or {}).get("arms") or []  # raw vs calibrated routers, in one process per arm
