@@ -47,7 +47,7 @@ if [ ! -e /tmp/moebench-queue.started ]; then
       echo "== $(date -u +%T) end $run rc=$rc"
     done
     echo "== QUEUE DONE"' queue "$@" >>"$log" 2>&1 < /dev/null &)
-  GPU_TESTS=${GPU_TESTS:-"tests/test_energy.py tests/test_offload.py -k 'cuda or nvml'"}
+  GPU_TESTS=${GPU_TESTS:-"tests/test_energy.py tests/test_offload.py tests/test_snippets.py -k 'cuda or nvml or gpu'"}
   if [ "$GPU_TESTS" != none ]; then
     # shellcheck disable=SC2086
     (cd /tmp/mb && setsid nohup bash -c "nvidia-smi -L; python -m pytest -p no:cacheprovider -rs $GPU_TESTS" \

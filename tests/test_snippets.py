@@ -1,7 +1,10 @@
-"""The recipe's ready-to-paste snippets: the transformers/PEFT ones run on CPU with the tiny model (the Unsloth
-and e4b ones need a GPU and run during the GPU campaign); every template renders and compiles."""
+"""The recipe's ready-to-paste snippets: the transformers/PEFT ones run on CPU with the tiny model, the Unsloth
+ones on a GPU (the lent GPU runs them beside each sitting's model build: devtools/lent_gpu_queue.sh GPU_TESTS);
+every template renders and compiles."""
 import ast
+import importlib.util
 import os
+import shutil
 import sys
 
 import pytest
@@ -76,3 +79,24 @@ def test_transformers_snippet_trains_the_tiny_model_on_cpu(trained, mode):
     d, out = trained[mode]
     assert f"=== passed {d / 'train.py'}" in out, out[-5000:]
     assert (d / "out" / "adapter_config.json").exists()
+
+
+GPU = pytest.mark.skipif(not (shutil.which("nvidia-smi") and importlib.util.find_spec("unsloth")),
+                         reason="needs a CUDA GPU and unsloth: runs on the lent GPU (lent_gpu_queue.sh GPU_TESTS)")
+
+
+@GPU
+@pytest.mark.parametrize("arm,model", [("unsloth_bf16", "gpt-oss-20b"), ("unsloth_4bit", "qwen3-30b-a3b")])
+def test_unsloth_snippet_trains_a_tiny_model_on_gpu(tmp_path, arm, model):
+    """The Unsloth + TRL snippet as a user pastes it, in its own process: two steps on a tiny model, adapter saved,
+    and no fallback Unsloth announces (its autotune or per-layer compile failing)."""
+    tiny_workdir(tmp_path, model, conversations=12)
+    code = recipe.render_snippet(setting(arm, "unsloth", seq=64), CFG, {"moe_backend": "grouped_mm"},
+                                 model=str(tmp_path / "model"), data=str(tmp_path / "data" / "train.jsonl"),
+                                 out=str(tmp_path / "out"), max_steps=2)
+    (tmp_path / "train.py").write_text(code)
+    r = process([sys.executable, str(tmp_path / "train.py")], tmp_path, timeout=900,
+                env={**os.environ, "PYTHONPATH": str(ROOT / "scripts")})
+    assert r.returncode == 0, r.out[-5000:]
+    assert (tmp_path / "out" / "adapter_config.json").exists()
+    assert "auto-tuning failed" not in r.out and "compile failed" not in r.out, r.out[-5000:]

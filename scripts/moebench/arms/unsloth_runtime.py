@@ -8,17 +8,22 @@ import tempfile
 import time
 
 
+# unsloth_zoo picks the MoE backend inside each compiled decoder layer on every call, and that pick probes for
+# Apple MLX with platform.system(), whose uname result TorchDynamo cannot rebuild: the per-layer compile fails
+# and Unsloth keeps the stock layer forward (Qwen3 on the H200, "block compile failed"). The probe reads this
+# switch first (unsloth_zoo.mlx.runtime.is_mlx_available) and answers "no MLX" without calling platform.
+# The recipe's Unsloth snippets set the same switches, so a pasted snippet runs what was measured.
+IMPORT_SWITCHES = {"UNSLOTH_FORCE_GPU_PATH": "1"}
+
+
 def preimport_unsloth() -> None:
     """Import unsloth before transformers/peft (it patches them), with the switches every Unsloth arm needs."""
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # offline: no stats ping
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # its compiled kernels go to a cache dir, not into the working directory (the repo under Snakemake)
     os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", os.path.join(tempfile.gettempdir(), "unsloth_compiled_cache"))
-    # unsloth_zoo picks the MoE backend inside each compiled decoder layer on every call, and that pick probes for
-    # Apple MLX with platform.system(), whose uname result TorchDynamo cannot rebuild: the per-layer compile fails
-    # and Unsloth keeps the stock layer forward (Qwen3 on the H200, "block compile failed"). The probe reads this
-    # switch first (unsloth_zoo.mlx.runtime.is_mlx_available) and answers "no MLX" without calling platform.
-    os.environ.setdefault("UNSLOTH_FORCE_GPU_PATH", "1")
+    for k, v in IMPORT_SWITCHES.items():
+        os.environ.setdefault(k, v)
     import unsloth  # noqa: F401
 
 

@@ -6,6 +6,7 @@ import html
 from pathlib import Path
 from string import Template
 
+from ..arms.unsloth_runtime import IMPORT_SWITCHES
 from ..grid import mode_of
 
 SNIPPETS = Path(__file__).resolve().parents[1] / "snippets"
@@ -20,6 +21,12 @@ def snippet_kind(setting: dict) -> str:
     return "hf_peft_offload" if mode == "expert_offload" else "hf_peft"
 
 
+# Measured on the H200 (Qwen3, 2026-12-02): tuned inside the compiled layer, Unsloth's autotune fails and falls back.
+TRITON_NOTE = ("# unsloth_triton: Unsloth tunes its Triton MoE kernels at their first call; inside torch.compile that\n"
+               "# tuning failed on the H200 ('Autotuner' ... 'best_config') and fell back to a slower path. moebench tunes\n"
+               "# them eagerly before the first step (moebench.arms.unsloth_runtime.prewarm_moe_autotune).\n")
+
+
 def render_snippet(setting: dict, cfg: dict, plan: dict, model: str = "path/to/model",
                    data: str = "train.jsonl", out: str = "lora-out", max_steps: int = 100) -> str:
     """A ready-to-paste training script with the pick's settings (the template in snippets/<kind>.py.tmpl)."""
@@ -32,7 +39,8 @@ def render_snippet(setting: dict, cfg: dict, plan: dict, model: str = "path/to/m
     load = {"unsloth_bf16": "load_in_4bit=False, load_in_16bit=True",
             "unsloth_4bit": "load_in_4bit=True",
             "unsloth_fp8": "load_in_4bit=False, load_in_fp8=True"}.get(arm, "load_in_4bit=False, load_in_16bit=True")
-    env = {"UNSLOTH_MOE_BACKEND": plan.get("moe_backend") or "grouped_mm", **(plan.get("unsloth_env") or {})}
+    env = {**IMPORT_SWITCHES, "UNSLOTH_MOE_BACKEND": plan.get("moe_backend") or "grouped_mm",
+           **(plan.get("unsloth_env") or {})}
     fields = dict(model=model, data=data, out=out, seq=setting["seq_len"], batch=setting["batch"],
                   r=lora.get("r", 64), alpha=lora.get("alpha", 64), attention=repr(attn),
                   experts="True" if lora.get("experts", True) else "False", max_steps=max_steps,
@@ -41,7 +49,8 @@ def render_snippet(setting: dict, cfg: dict, plan: dict, model: str = "path/to/m
                         "bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)"
                   if arm == "hf_bnb4" else "",
                   quant_import="from transformers import BitsAndBytesConfig\n" if arm == "hf_bnb4" else "",
-                  env=repr(env), label=f"{arm}, batch {setting['batch']} x seq {setting['seq_len']}, {mode}")
+                  env=repr(env), triton_note=TRITON_NOTE if env["UNSLOTH_MOE_BACKEND"] == "unsloth_triton" else "",
+                  label=f"{arm}, batch {setting['batch']} x seq {setting['seq_len']}, {mode}")
     return Template((SNIPPETS / f"{kind}.py.tmpl").read_text()).substitute(fields)
 
 
