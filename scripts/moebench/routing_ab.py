@@ -5,10 +5,11 @@ between draws) does not swamp what the load changes.
 The two router sets come from the model rule's model.routers.safetensors (`raw/<name>`, `saved/<name>`; see
 router_calibration.save_routers). Every window replays the same token blocks, so the windows differ in their
 routers only (the first Qwen3 A/B, sitting 5, fed each window new blocks, and the load moved with the data).
-Before any timing, each set runs one untimed window (what an arm compiles or autotunes per expert-load shape is
+Before any timing, each set runs two untimed steps (what an arm compiles or autotunes per expert-load shape is
 paid there), and the timed windows go A B B A (raw first), so a steady drift over the process (clocks, heat, a
 cache still warming: Qwen3's unsloth_bf16 windows fell 0.64 -> 0.38 s over sitting 5's A B A B) weighs on both
-sets alike. Each window warms up one step after its swap, then times `steps` LoRA training steps; its rows carry
+sets alike. Each window warms up one step after its swap, then times `steps` LoRA training steps (CUDA events,
+as the bench; sitting 6 timed with a synchronizing wall clock); its rows carry
 the step time, peak memory and the load the routers really routed in that window. The learning rate is 0
 throughout (every step does a training step's full work, AdamW included, but no weight moves): random-init
 training skews the routing within a few steps, which would blur the two sets' loads into one. Console lines that
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import time
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -89,12 +89,11 @@ def window(model, opt, xs, load, cuda: bool) -> tuple[list[float], dict, dict]:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    timer = measure.StepTimer(cuda)  # CUDA events, as the bench times its steps
     for x in xs[1:]:
-        t = time.perf_counter()
-        loss = harness.train_step(model, opt, x)
-        float(loss)  # waits for the step
-        times.append(time.perf_counter() - t)
+        with timer:
+            harness.train_step(model, opt, x)
+    times = timer.times
     after = load.counts()
     counts = {l: [a - b for a, b in zip(c, before.get(l, [0] * len(c)))] for l, c in after.items()}
     return times, measure.memory_peak(cuda), counts
@@ -135,7 +134,9 @@ def run(ctx: Ctx, arm, cfg: dict, tier: dict, model_dir: str, routers_path: str,
         if progress:
             progress.enter(f"priming ({label} routers)")
         swap(model, sets[label])
-        window(model, opt, xs, load, cuda)
+        # two steps suffice: compile and autotune happen at the first; sitting 6's full-length priming left the
+        # timed windows flat (first and last raw window within 0.3%), so more steps only spent GPU time
+        window(model, opt, xs[:2], load, cuda)
     ctx.add("windows_same_blocks", 1, "flag")  # what aggregate's note says: the data is not a second variable
     times: dict = {label: [] for label in SETS}
     for w, label in enumerate(order(windows)):
