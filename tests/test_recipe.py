@@ -6,6 +6,7 @@ import pytest
 
 from conftest import background
 from moebench import grid, provenance, recipe
+from moebench.report import recipe_page
 from moebench.metrics import Row, write_rows
 
 TIER = {"tier": "h200_141gb", "gpu": {"name": "NVIDIA H200", "memory_gb": 100.0},
@@ -386,3 +387,25 @@ def test_sweeps_config_selects_arms_and_kinds():
     with pytest.raises(cfgmod.ConfigError, match="sweeps"):
         cfgmod.validate({**base, "sweeps": {"kinds": ["width"]}})
     assert cfgmod.validate({**base, "sweeps": {"arms": ["hf_bf16"]}})["sweeps"] == {"arms": ["hf_bf16"]}
+
+
+def test_cost_sums_each_logs_span_per_stage(tmp_path):
+    """What the grid cost: each distinct source log's first-to-last timestamp, per stage; energy rows share their
+    draw's log; a log that is not here is counted as missing, not as zero."""
+    def log(name, first, last):
+        p = tmp_path / name
+        p.write_text(f"2026-12-02 10:00:{first:02d},500 bench INFO start\nno stamp here\n"
+                     f"2026-12-02 10:{last // 60:02d}:{last % 60:02d},000 bench INFO end\n")
+        return str(p)
+
+    d1, sc = log("d1.log", 0, 90), log("shape.log", 10, 250)
+    rows = [Row("r", "t", "m", "a", "bf16", "bench", "tokens_per_s", 1.0, source=d1, draw=1),
+            Row("r", "t", "m", "a", "bf16", "energy", "j_per_token", 1.0, source=d1, draw=1),
+            Row("r", "t", "m", "a", "bf16", "shape", "tokens_per_s@4x64", 1.0, source=sc, draw=1),
+            Row("r", "t", "m", "a", "bf16", "shape", "tokens_per_s@8x64", 1.0, source=sc, draw=1),
+            Row("r", "t", "m", "a", "bf16", "point", "tokens_per_s@4x64", 1.0, source=str(tmp_path / "gone.log"))]
+    c = recipe.cost(rows)
+    assert c["bench"] == {"seconds": pytest.approx(89.5), "logs": 1, "missing": 0} and "energy" not in c
+    assert c["shape"]["seconds"] == pytest.approx(239.5) and c["point"] == {"seconds": 0.0, "logs": 0, "missing": 1}
+    line = recipe_page.cost_line(c)
+    assert "shape 4.0 min (1 log)" in line and "1 not here" in line and "sweep): 4.0 min" in line

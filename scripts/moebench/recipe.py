@@ -8,15 +8,19 @@ runner-up, and says what is missing when it has fewer ("needs 1 more draw") inst
 (a fallback path a library announced) are left out unless `recipe.allow_degraded`. Arms that cannot win a pick are
 named with the reason, so a refining search spends no GPU time on them.
 
-Reads the tidy rows of bench, energy, offload (uncapped) and sweep; writes recipe.json and recipe.md, the page
-with a ready-to-paste training snippet per pick (pages and snippets: report/recipe_page.py).
+Reads the tidy rows of bench, energy, offload (uncapped), shape curve, recipe points and sweep; writes
+recipe.json and recipe.md, the page with a ready-to-paste training snippet per pick (pages and snippets:
+report/recipe_page.py). `cost` says what the grid cost: the logged wall time of the processes behind it, per stage.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 
 from .grid import is_capped, mode_of, parse_shape_metric
 from .io import atomic_write, logger, read_json, write_json
@@ -295,6 +299,41 @@ def refine(grid: dict, picks: dict) -> list[dict]:
     return out
 
 
+# ---------------------------------------------------------------- what the grid cost
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
+SEARCH_STAGES = ("offload", "shape", "point", "sweep")  # beyond the benchmark's own draws
+
+
+def log_span_s(path: str) -> float | None:
+    """Seconds from a log's first timestamped line to its last: the wall time of what it logged (None: no log)."""
+    first = last = None
+    p = Path(path)
+    if not p.is_file():
+        return None
+    with p.open(errors="replace") as f:
+        for line in f:
+            if m := LOG_TIME.match(line):
+                t = datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S").timestamp() + int(m[2]) / 1e3
+                first, last = (t if first is None else first), t
+    return last - first if first is not None else None
+
+
+def cost(rows: list[Row]) -> dict:
+    """stage -> {seconds, logs, missing}: the span of each distinct log the grid's rows come from (a draw's run.log,
+    a shape curve's, recipe point's or sweep's stage log); model builds and interpreter start-up are not in it.
+    Energy rows share their draw's log and are not counted twice."""
+    out: dict = {}
+    for stage, src in sorted({(r.stage, r.source) for r in rows if r.stage in STAGES and r.stage != "energy"}):
+        c = out.setdefault(stage, {"seconds": 0.0, "logs": 0, "missing": 0})
+        s = log_span_s(src) if src else None
+        if s is None:
+            c["missing"] += 1
+        else:
+            c["seconds"] += s
+            c["logs"] += 1
+    return out
+
+
 # ---------------------------------------------------------------- the search
 def search(rows: list[Row], tier: dict, rules: dict | None = None) -> dict:
     rules = {**DEFAULTS, **(rules or {})}
@@ -319,7 +358,7 @@ def search(rows: list[Row], tier: dict, rules: dict | None = None) -> dict:
             "card": {"name": (gpu or {}).get("name"), "memory_gib": card},
             "headroom": rules["headroom"], "limit_gib": limit, "rules": rules, "picks": picks,
             "grid": [_summary(s) for s in sorted(grid.values(), key=lambda s: s.label)],
-            "pruned": prune(grid), "excluded": excluded, "next": nxt, "refine": more,
+            "pruned": prune(grid), "excluded": excluded, "next": nxt, "refine": more, "cost": cost(rows),
             "note": None if gpu else "CPU tier: no card memory, so no headroom limit; the picks describe the CPU run"}
 
 

@@ -66,6 +66,18 @@ def _points_hint(items) -> str:
     return f"; config `recipe.points: [{', '.join(specs)}]` measures them" if specs else ""
 
 
+def cost_line(cost: dict) -> str:
+    """What the grid cost, in the logged wall time of its processes (GPU-minutes on a GPU tier)."""
+    from ..recipe import SEARCH_STAGES
+
+    part = lambda st, c: f"{st} {c['seconds'] / 60:.1f} min ({c['logs']} log{'s' if c['logs'] != 1 else ''}" + (
+        f", {c['missing']} not here)" if c["missing"] else ")")
+    search = sum(c["seconds"] for st, c in cost.items() if st in SEARCH_STAGES)
+    return ("Logged process time behind this grid (model builds and start-up not counted): "
+            + "; ".join(part(st, c) for st, c in sorted(cost.items()))
+            + f". The search beyond the benchmark's draws ({', '.join(SEARCH_STAGES)}): {search / 60:.1f} min.")
+
+
 def follow_ups(doc: dict) -> list[tuple[str, list[str]]]:
     """The page's lists after the picks, (title, items), each only where it has items."""
     out = [("Arms that cannot win a pick (not refined further)", [f"{x['arm']}: {x['why']}" for x in doc["pruned"]]),
@@ -109,6 +121,8 @@ def render_md(doc: dict, cfg: dict, plan: dict) -> str:
                      f"{v['n']} ({_fmt(v['min'])}–{_fmt(v['max'])}) | {status} |")
     for title, items in follow_ups(doc):
         lines += ["", f"{title}:", ""] + [f"- {i}" for i in items]
+    if doc.get("cost"):
+        lines += ["", cost_line(doc["cost"])]
     for title, code in snippets(doc, cfg, plan):
         lines += ["", f"## {title}", "", "```python", code, "```"]
     return "\n".join(lines) + "\n"
