@@ -301,7 +301,6 @@ def refine(grid: dict, picks: dict) -> list[dict]:
 
 # ---------------------------------------------------------------- what the grid cost
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
-SEARCH_STAGES = ("offload", "shape", "point", "sweep")  # beyond the benchmark's own draws
 
 
 def log_span_s(path: str) -> float | None:

@@ -66,10 +66,11 @@ def _points_hint(items) -> str:
     return f"; config `recipe.points: [{', '.join(specs)}]` measures them" if specs else ""
 
 
+SEARCH_STAGES = ("offload", "shape", "point", "sweep")  # the recipe's search, beyond the benchmark's own draws
+
+
 def cost_line(cost: dict) -> str:
     """What the grid cost, in the logged wall time of its processes (GPU-minutes on a GPU tier)."""
-    from ..recipe import SEARCH_STAGES
-
     part = lambda st, c: f"{st} {c['seconds'] / 60:.1f} min ({c['logs']} log{'s' if c['logs'] != 1 else ''}" + (
         f", {c['missing']} not here)" if c["missing"] else ")")
     search = sum(c["seconds"] for st, c in cost.items() if st in SEARCH_STAGES)
