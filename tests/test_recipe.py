@@ -383,6 +383,8 @@ def test_sweeps_config_selects_arms_and_kinds():
     assert wl.sweeps({**cfg, "sweeps": True}) == [("a", "seq"), ("a", "batch"), ("b", "seq"), ("b", "batch")]
     assert wl.sweeps({**cfg, "sweeps": {"arms": ["b"], "kinds": ["seq"]}}) == [("b", "seq")]
     assert wl.sweeps({**cfg, "sweeps": {"kinds": ["batch"]}}) == [("a", "batch"), ("b", "batch")]
+    with pytest.raises(ValueError, match=r"sweeps.arms names \['c'\].*add them to `arms`"):
+        wl.sweeps({**cfg, "sweeps": {"arms": ["c"]}})
     base = cfgmod.load_yaml("config.yaml")
     with pytest.raises(cfgmod.ConfigError, match="sweeps"):
         cfgmod.validate({**base, "sweeps": {"kinds": ["width"]}})

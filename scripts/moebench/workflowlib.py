@@ -177,6 +177,10 @@ def sweeps(config: dict) -> list[tuple[str, str]]:
     s = config.get("sweeps")
     if not s:
         return []
+    other = [] if s is True else [a for a in s.get("arms") or [] if a not in config["arms"]]
+    if other:
+        raise ValueError(f"sweeps.arms names {other}, not in this run's arms {config['arms']}: add them to `arms` "
+                         "or drop them from the sweep")
     arms = config["arms"] if s is True or not s.get("arms") else [a for a in config["arms"] if a in s["arms"]]
     kinds = ("seq", "batch") if s is True or not s.get("kinds") else s["kinds"]
     return [(a, k) for a in arms for k in kinds]
