@@ -245,10 +245,8 @@ def main(argv=None):
                         cfg["arm_timeout_s"], skip=skip)
     harness.spread_rows(ctx, cfg["spread_limit"], log)
     ctx.conditions["compile"] = inspect.compiled()
-    degraded = "; ".join(filter(None, [harness.console_reason(console.matches()), shared])) or None
-    if degraded:
-        log.warning("degraded: %s", degraded)
-    harness.mark_degraded(ctx, degraded)
+    harness.mark_degraded(ctx, "; ".join(filter(None, [harness.console_reason(console.matches()), shared])) or None,
+                          log)
     for r in ctx.rows:
         log_row(log, r)
     write_json(Path(a.out).parent / "env.json", {"arm": arm.name, "draw": a.draw, **harness.environment(started, tier),

@@ -197,10 +197,7 @@ def main(argv=None):
         harness.guarded(ctx, log, lambda progress: run(ctx, arm, cfg, tier, a.model, a.routers, a.data, log,
                                                        windows, steps, progress),
                         cfg["arm_timeout_s"], skip=skip, metric="calibrated_over_raw_step_s", stage="routing_ab")
-    degraded = harness.console_reason(console.matches())
-    if degraded:
-        log.warning("degraded: %s", degraded)
-    harness.mark_degraded(ctx, degraded)
+    harness.mark_degraded(ctx, harness.console_reason(console.matches()), log)
     for r in ctx.rows:
         log_row(log, r)
     write_json(Path(a.out).parent / "env.json", {"arm": arm.name, **harness.environment(started, tier),

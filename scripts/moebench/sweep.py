@@ -259,19 +259,11 @@ def ladder_outcomes(rows: list[Row], kind: str) -> tuple[int | None, int | None,
 def run_ladder(ctx, arm, cfg: dict, tier: dict, args, skip: str | None, metric: str, log) -> None:
     """The ladder under the time limit, its console watched as bench's is: a ladder that printed one of the
     arm's fallback lines (config degraded_patterns) has its measured rows `degraded`, as a bench draw would."""
-    import os
-
-    if cfg.get("recompile_limit") is not None:
-        os.environ.setdefault("TORCH_LOGS", "recompiles")
-    console = harness.ConsoleMatcher(harness.arm_patterns(cfg, arm.name), cfg.get("recompile_limit"), keep=20)
-    with harness.ConsoleTap(console):
+    with harness.console_watch(cfg, arm.name) as console:
         harness.guarded(ctx, log, lambda progress: ladder(ctx, arm, cfg, tier, args.kind, args.model, args.data, log,
                                                           progress),
                         ladder_timeout(cfg), skip=skip, metric=metric, phase=f"{args.kind} ladder")
-    degraded = harness.console_reason(console.matches())
-    if degraded:
-        log.warning("degraded: %s", degraded)
-    harness.mark_degraded(ctx, degraded)
+    harness.mark_degraded(ctx, harness.console_reason(console.matches()), log)
 
 
 def run_ladder_process(args, log) -> list[Row]:

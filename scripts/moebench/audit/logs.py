@@ -96,7 +96,7 @@ def expected_logs(doc: dict, run_dir: Path) -> list[Path]:
     out += [run_dir / "sweep" / a / f"{k}.log" for a, k in wl.sweeps({**cfg, "arms": arms})]
     out += [run_dir / "shapes" / f"{a}.log" for a in (cfg.get("shape_curve") or {}).get("arms") or []]
     out += [run_dir / "routing_ab" / a / "run.log" for a in (cfg.get("routing_ab") or {}).get("arms") or []]
-    out += [run_dir / Path(t).with_suffix(".log").relative_to("r") for t in wl.point_targets(cfg, "r")]
+    out += [Path(t).with_suffix(".log") for t in wl.point_targets(cfg, str(run_dir))]
     return out
 
 

@@ -142,9 +142,11 @@ def console_reason(matches: list[str]) -> str | None:
     return f"console: {matches[0][:300]}" + (f" (+{len(matches) - 1} more)" if len(matches) > 1 else "")
 
 
-def mark_degraded(ctx, reason: str | None) -> None:
+def mark_degraded(ctx, reason: str | None, log=None) -> None:
     """A draw measured on a fallback path (or a shared GPU): its measured rows become `degraded` with `reason`;
-    the values stay."""
+    the values stay. With `log`, the reason is logged as a warning too."""
+    if reason and log:
+        log.warning("degraded: %s", reason)
     for r in ctx.rows if reason else ():
         if r.status == "measured":
             r.status, r.reason = "degraded", reason
